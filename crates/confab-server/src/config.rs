@@ -1,0 +1,909 @@
+//! Configuration (SPEC §2): typed settings, loaded once at startup and passed down.
+//!
+//! Layers, later wins: the defaults in this file (documented key by key in
+//! `config/default.toml`) < `confab.toml` or `--config FILE` (with `${VAR}` substituted from
+//! the environment) < the SPEC's environment aliases (`DATABASE_URL`, `PORT` …) <
+//! `CONFAB__SECTION__KEY`. Unknown keys are errors. Each backend section is a `kind`-tagged
+//! enum; its factory (in confab-adapters) matches on it.
+//!
+//! Every failure is one [`ConfigError`]: the setting, what is wrong, and how to fix it.
+
+pub mod env;
+pub mod secret;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Map};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Deserializer, Serialize};
+
+pub use env::Env;
+pub use secret::{Secret, SecretUrl};
+
+/// The file read when `--config` is not given, if it exists.
+pub const DEFAULT_FILE: &str = "confab.toml";
+
+/// A setting that is wrong: printed as one line by the binary, which then exits with 2.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{setting}: {problem}. Fix: {fix}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl ConfigError {
+    pub fn new(
+        setting: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        Self {
+            setting: setting.into(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    /// An error whose fix is "set it to <what>", naming where it can be set.
+    fn invalid(setting: &str, problem: impl Into<String>, wanted: &str) -> Self {
+        Self::new(
+            setting,
+            problem,
+            format!(
+                "set {setting} to {wanted} in the config file or with {}",
+                env::how_to_set(setting)
+            ),
+        )
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    pub auth: AuthConfig,
+    pub database: DatabaseConfig,
+    pub cache: CacheConfig,
+    pub queue: QueueConfig,
+    pub media: MediaConfig,
+    pub mail: MailConfig,
+    pub ai: AiConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// Where confab runs; everything but `development` is treated as production-like
+/// (JSON logs, HSTS, a JWT secret must be given, no default CORS origins).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Environment {
+    #[default]
+    Development,
+    Test,
+    Staging,
+    Production,
+}
+
+impl Environment {
+    pub const fn is_development(self) -> bool {
+        matches!(self, Self::Development)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the HTTP and Socket.IO listener binds.
+    pub listen: SocketAddr,
+    pub environment: Environment,
+    /// Where the embedded backends keep their files.
+    pub data_dir: PathBuf,
+    /// The public URL of the product, used for links in mail.
+    pub app_url: String,
+    /// Allowed CORS origins; unset means `http://localhost:*` and `http://127.0.0.1:*` in
+    /// development and none elsewhere. An entry may end in `:*` for any port.
+    #[serde(deserialize_with = "list_or_comma_string")]
+    pub cors_origins: Option<Vec<String>>,
+    /// A request that has not produced a response by then gets 504 `TIMEOUT_ERROR`.
+    pub request_timeout_secs: u64,
+    /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
+    pub shutdown_timeout_secs: u64,
+    /// The largest JSON request body accepted.
+    pub json_body_limit_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            environment: Environment::Development,
+            data_dir: PathBuf::from("./confab-data"),
+            app_url: "http://localhost:8080".into(),
+            cors_origins: None,
+            request_timeout_secs: 30,
+            shutdown_timeout_secs: 10,
+            json_body_limit_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The CORS allow-list in force, with the environment's default applied.
+    pub fn effective_cors_origins(&self) -> Vec<String> {
+        match &self.cors_origins {
+            Some(list) => list.clone(),
+            None if self.environment.is_development() => {
+                vec!["http://localhost:*".into(), "http://127.0.0.1:*".into()]
+            }
+            None => Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Pretty in development, JSON lines elsewhere.
+    #[default]
+    Auto,
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, or `info,confab_server=debug`. `RUST_LOG` overrides it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Signs access tokens. Generated once into the data dir in development; required
+    /// (at least 32 characters) everywhere else.
+    pub jwt_secret: Option<Secret>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DatabaseConfig {
+    Sqlite {
+        /// Defaults to `<data_dir>/confab.db`.
+        #[serde(default)]
+        path: Option<PathBuf>,
+    },
+    Postgres {
+        url: SecretUrl,
+        #[serde(default)]
+        replica_url: Option<SecretUrl>,
+    },
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self::Sqlite { path: None }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CacheConfig {
+    #[default]
+    Memory,
+    Redis { url: SecretUrl },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum QueueConfig {
+    /// The durable queue kept in the database.
+    #[default]
+    Database,
+    Rabbitmq { url: SecretUrl },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum MediaConfig {
+    Local {
+        /// Defaults to `<data_dir>/media`.
+        #[serde(default)]
+        path: Option<PathBuf>,
+    },
+    S3 {
+        bucket: String,
+        #[serde(default)]
+        region: Option<String>,
+        /// For S3-compatible servers; path-style addressing is used with it.
+        #[serde(default)]
+        endpoint: Option<String>,
+        #[serde(default)]
+        access_key_id: Option<String>,
+        #[serde(default)]
+        secret_access_key: Option<Secret>,
+    },
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self::Local { path: None }
+    }
+}
+
+fn default_from() -> String {
+    "confab <no-reply@localhost>".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum MailConfig {
+    /// `.eml` files in an outbox folder.
+    File {
+        /// Defaults to `<data_dir>/outbox`.
+        #[serde(default)]
+        path: Option<PathBuf>,
+        #[serde(default = "default_from")]
+        from: String,
+    },
+    Smtp {
+        /// `smtp://user:pass@host:587` (STARTTLS) or `smtps://…:465` (TLS); or use `host` etc.
+        #[serde(default)]
+        url: Option<SecretUrl>,
+        #[serde(default)]
+        host: Option<String>,
+        #[serde(default, deserialize_with = "lenient::option")]
+        port: Option<u16>,
+        #[serde(default)]
+        user: Option<String>,
+        #[serde(default)]
+        password: Option<Secret>,
+        /// Implicit TLS (port 465) instead of STARTTLS.
+        #[serde(default, deserialize_with = "lenient::value")]
+        secure: bool,
+        #[serde(default = "default_from")]
+        from: String,
+    },
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        Self::File {
+            path: None,
+            from: default_from(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AiConfig {
+    pub openai: Option<OpenAiConfig>,
+    pub ollama: Option<OllamaConfig>,
+    pub anthropic: Option<AnthropicConfig>,
+    pub replicate: Option<ReplicateConfig>,
+}
+
+impl AiConfig {
+    /// The names of the configured providers.
+    pub fn providers(&self) -> Vec<&'static str> {
+        [
+            self.openai.as_ref().map(|_| "openai"),
+            self.ollama.as_ref().map(|_| "ollama"),
+            self.anthropic.as_ref().map(|_| "anthropic"),
+            self.replicate.as_ref().map(|_| "replicate"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenAiConfig {
+    pub api_key: Option<Secret>,
+    pub base_url: Option<String>,
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OllamaConfig {
+    pub base_url: Option<String>,
+    pub model: Option<String>,
+    pub embedding_model: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnthropicConfig {
+    pub api_key: Option<Secret>,
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicateConfig {
+    pub api_key: Option<Secret>,
+    pub api_url: Option<String>,
+    pub model_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Sentry error reporting; off when unset.
+    pub sentry_dsn: Option<Secret>,
+}
+
+/// Numbers and booleans inside `kind`-tagged sections.
+///
+/// serde buffers the content of an internally tagged enum before it picks the variant, which
+/// bypasses figment's conversion of environment strings (`EMAIL_PORT=587`) to numbers; these
+/// accept either form. Use them on every non-string field of a tagged section.
+mod lenient {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    use serde::{Deserialize, Deserializer, de};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw<T> {
+        Typed(T),
+        Text(String),
+    }
+
+    fn convert<T, E>(raw: Raw<T>) -> Result<T, E>
+    where
+        T: FromStr,
+        T::Err: Display,
+        E: de::Error,
+    {
+        match raw {
+            Raw::Typed(v) => Ok(v),
+            Raw::Text(s) => s
+                .trim()
+                .parse()
+                .map_err(|e| E::custom(format!("{s:?} is not valid here ({e})"))),
+        }
+    }
+
+    pub fn value<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr + Deserialize<'de>,
+        T::Err: Display,
+    {
+        convert(Raw::deserialize(deserializer)?)
+    }
+
+    pub fn option<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr + Deserialize<'de>,
+        T::Err: Display,
+    {
+        Ok(Some(convert(Raw::deserialize(deserializer)?)?))
+    }
+}
+
+/// Accepts `["a", "b"]` from a file and `"a,b"` from the environment.
+fn list_or_comma_string<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        Comma(String),
+    }
+    Ok(Some(match Raw::deserialize(deserializer)? {
+        Raw::List(list) => list,
+        Raw::Comma(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    }))
+}
+
+/// The config file with `${VAR}` substituted, as a figment provider naming the file.
+struct ConfigFile {
+    path: PathBuf,
+    text: String,
+}
+
+impl Provider for ConfigFile {
+    fn metadata(&self) -> Metadata {
+        Metadata::from("config file", self.path.as_path())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Toml::string(&self.text).data()
+    }
+}
+
+impl Config {
+    /// Loads the configuration from `file` (or `./confab.toml` when it exists) and `env`, and
+    /// validates it. The JWT secret is not resolved here: see [`Config::resolve_jwt_secret`].
+    pub fn load(file: Option<&Path>, env: &Env) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new().merge(Serialized::defaults(Self::default_kinds()));
+        let file = match file {
+            Some(path) => read_file(path, env, true)?,
+            None => read_file(Path::new(DEFAULT_FILE), env, false)?,
+        };
+        if let Some(file) = file {
+            figment = figment.merge(file);
+        }
+        figment = figment
+            .merge(env::AliasEnv::new(env)?)
+            .merge(env::NestedEnv::new(env));
+        let config: Self = figment.extract_lossy().map_err(from_figment)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Only the `kind` of each backend section, so that a section given partly (say only
+    /// `EMAIL_FROM`) still selects the default backend.
+    fn default_kinds() -> Dict {
+        let mut dict = Dict::new();
+        for (section, kind) in [
+            ("database", "sqlite"),
+            ("cache", "memory"),
+            ("queue", "database"),
+            ("media", "local"),
+            ("mail", "file"),
+        ] {
+            let mut inner = Dict::new();
+            inner.insert("kind".into(), kind.into());
+            dict.insert(section.into(), inner.into());
+        }
+        dict
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        check_http_url("server.app_url", &s.app_url)?;
+        for origin in s.cors_origins.iter().flatten() {
+            check_origin(origin)?;
+        }
+        if !(1..=3600).contains(&s.request_timeout_secs) {
+            return Err(ConfigError::invalid(
+                "server.request_timeout_secs",
+                format!("{} is outside 1..=3600", s.request_timeout_secs),
+                "a number of seconds between 1 and 3600",
+            ));
+        }
+        if s.shutdown_timeout_secs > 3600 {
+            return Err(ConfigError::invalid(
+                "server.shutdown_timeout_secs",
+                format!("{} is more than an hour", s.shutdown_timeout_secs),
+                "a number of seconds up to 3600",
+            ));
+        }
+        if s.json_body_limit_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "server.json_body_limit_bytes",
+                format!("{} bytes is too small for any request", s.json_body_limit_bytes),
+                "at least 1024 (the default is 1048576)",
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+            return Err(ConfigError::invalid(
+                "log.level",
+                format!("{:?} is not a log filter ({e})", self.log.level),
+                "a level such as info or debug, or a filter such as info,confab_server=debug",
+            ));
+        }
+        if let Some(secret) = &self.auth.jwt_secret {
+            if !s.environment.is_development() && secret.expose().len() < 32 {
+                return Err(ConfigError::invalid(
+                    "auth.jwt_secret",
+                    "is shorter than 32 characters, too weak to sign tokens",
+                    "a random string of at least 32 characters (e.g. the output of `openssl rand -hex 32`)",
+                ));
+            }
+        }
+        self.validate_backends()
+    }
+
+    fn validate_backends(&self) -> Result<(), ConfigError> {
+        if let DatabaseConfig::Postgres { url, replica_url } = &self.database {
+            check_scheme("database.url", url, &["postgres", "postgresql"])?;
+            if let Some(replica) = replica_url {
+                check_scheme("database.replica_url", replica, &["postgres", "postgresql"])?;
+            }
+        }
+        if let CacheConfig::Redis { url } = &self.cache {
+            check_scheme("cache.url", url, &["redis", "rediss"])?;
+        }
+        if let QueueConfig::Rabbitmq { url } = &self.queue {
+            check_scheme("queue.url", url, &["amqp", "amqps"])?;
+        }
+        if let MediaConfig::S3 {
+            bucket, endpoint, ..
+        } = &self.media
+        {
+            if bucket.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    "media.bucket",
+                    "is empty",
+                    "the name of an existing bucket",
+                ));
+            }
+            if let Some(endpoint) = endpoint {
+                check_http_url("media.endpoint", endpoint)?;
+            }
+        }
+        match &self.mail {
+            MailConfig::Smtp {
+                url, host, from, ..
+            } => {
+                if let Some(url) = url {
+                    check_scheme("mail.url", url, &["smtp", "smtps"])?;
+                } else if host.as_deref().is_none_or(|h| h.trim().is_empty()) {
+                    return Err(ConfigError::invalid(
+                        "mail.host",
+                        "SMTP mail needs a server, but neither mail.url nor mail.host is set",
+                        "the SMTP server's host name (or set mail.url / SMTP_URL)",
+                    ));
+                }
+                check_mailbox(from)?;
+            }
+            MailConfig::File { from, .. } => check_mailbox(from)?,
+        }
+        let ai = &self.ai;
+        for (setting, url) in [
+            ("ai.openai.base_url", ai.openai.as_ref().and_then(|c| c.base_url.as_ref())),
+            ("ai.ollama.base_url", ai.ollama.as_ref().and_then(|c| c.base_url.as_ref())),
+            ("ai.replicate.api_url", ai.replicate.as_ref().and_then(|c| c.api_url.as_ref())),
+        ] {
+            if let Some(url) = url {
+                check_http_url(setting, url)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The JWT secret rule (SPEC §2): the configured one; else, in development, one generated
+    /// once and kept in `<data_dir>/jwt-secret`; else an error.
+    pub fn resolve_jwt_secret(&mut self) -> Result<(), ConfigError> {
+        if self.auth.jwt_secret.is_some() {
+            return Ok(());
+        }
+        if !self.server.environment.is_development() {
+            return Err(ConfigError::invalid(
+                "auth.jwt_secret",
+                format!(
+                    "is not set, and outside development ({:?}) it must be",
+                    self.server.environment
+                ),
+                "a random string of at least 32 characters (e.g. the output of `openssl rand -hex 32`)",
+            ));
+        }
+        let path = self.server.data_dir.join("jwt-secret");
+        let secret = load_or_create_secret(&path).map_err(|e| {
+            ConfigError::invalid(
+                "server.data_dir",
+                format!("cannot keep the generated JWT secret in {} ({e})", path.display()),
+                "a writable directory",
+            )
+        })?;
+        self.auth.jwt_secret = Some(secret);
+        Ok(())
+    }
+
+    /// The configuration as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+fn load_or_create_secret(path: &Path) -> std::io::Result<Secret> {
+    use std::io::Write;
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.trim().len() >= 32 => return Ok(Secret::new(text.trim())),
+        Ok(_) => {
+            return Err(std::io::Error::other(
+                "the file exists but holds fewer than 32 characters; delete it to generate a new secret",
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    // Written to a temporary file and renamed, so a crash never leaves half a secret; a
+    // process that loses the race to create it reads the winner's.
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&tmp)?;
+        file.write_all(hex.as_bytes())?;
+        file.sync_all()?;
+    }
+    if let Err(e) = std::fs::hard_link(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return if e.kind() == std::io::ErrorKind::AlreadyExists {
+            load_or_create_secret(path)
+        } else {
+            Err(e)
+        };
+    }
+    std::fs::remove_file(&tmp)?;
+    Ok(Secret::new(hex))
+}
+
+/// Reads a config file and substitutes `${VAR}` (and `${VAR:-default}`) from `env`.
+fn read_file(path: &Path, env: &Env, required: bool) -> Result<Option<ConfigFile>, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(None),
+        Err(e) => {
+            return Err(ConfigError::new(
+                "--config",
+                format!("cannot read {} ({e})", path.display()),
+                "pass the path of a readable TOML file, or omit --config",
+            ));
+        }
+    };
+    let text = substitute(&text, env).map_err(|(line, problem)| {
+        ConfigError::new(
+            format!("{}:{line}", path.display()),
+            problem,
+            "set the variable in the environment, give a default as ${VAR:-default}, or write $${ for a literal ${",
+        )
+    })?;
+    Ok(Some(ConfigFile {
+        path: path.to_owned(),
+        text,
+    }))
+}
+
+/// `${VAR}` → its value; `${VAR:-default}` → its value or `default`; `$${` → `${`.
+/// Errors carry the 1-based line number.
+fn substitute(text: &str, env: &Env) -> Result<String, (usize, String)> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let line = text[..text.len() - rest.len() + at].matches('\n').count() + 1;
+        let after = &rest[at + 1..];
+        if let Some(tail) = after.strip_prefix("${") {
+            out.push_str("${");
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let end = body
+                .find('}')
+                .ok_or((line, "a ${ is not closed by }".to_owned()))?;
+            let (name, default) = match body[..end].split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (&body[..end], None),
+            };
+            let valid = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err((line, format!("${{{name}}} is not a variable name")));
+            }
+            match (env.get(name), default) {
+                (Some(value), _) => out.push_str(&escape_toml(value)),
+                (None, Some(default)) => out.push_str(default),
+                (None, None) => return Err((line, format!("${{{name}}} is used but {name} is not set"))),
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// A substituted value lands inside a TOML string; quotes and backslashes in it must not end
+/// or alter that string.
+fn escape_toml(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+fn from_figment(error: figment::Error) -> ConfigError {
+    use figment::error::Kind;
+    let error = error.into_iter().next().expect("a figment error holds at least one error");
+    let mut setting = error.path.join(".");
+    let source = error.metadata.as_ref().map(|m| {
+        let profile = error.profile.clone().unwrap_or_default();
+        let key = m.interpolate(&profile, &error.path);
+        match &m.source {
+            Some(src) => format!("{key} in {src}"),
+            None => key,
+        }
+    });
+    let join = |parent: &str, child: &str| {
+        if parent.is_empty() {
+            child.to_owned()
+        } else {
+            format!("{parent}.{child}")
+        }
+    };
+    let (problem, fix) = match &error.kind {
+        Kind::UnknownField(field, expected) => {
+            if error.path.last() != Some(field) {
+                setting = join(&setting, field);
+            }
+            (
+                "is not a known setting".to_owned(),
+                if expected.is_empty() {
+                    "remove it; config/default.toml lists every setting".to_owned()
+                } else {
+                    format!("remove it or use one of: {}", expected.join(", "))
+                },
+            )
+        }
+        Kind::MissingField(field) => {
+            if error.path.last().map(String::as_str) != Some(field.as_ref()) {
+                setting = join(&setting, field);
+            }
+            (
+                "is required here but not set".to_owned(),
+                format!("set it in the config file or with {}", env::how_to_set(&setting)),
+            )
+        }
+        Kind::UnknownVariant(value, expected) => (
+            format!("{value:?} is not one of: {}", expected.join(", ")),
+            format!("use one of: {}", expected.join(", ")),
+        ),
+        other => (
+            other.to_string(),
+            format!(
+                "correct it in the config file or in {}; config/default.toml documents every setting",
+                env::how_to_set(if setting.is_empty() { "section.key" } else { &setting })
+            ),
+        ),
+    };
+    if setting.is_empty() {
+        setting = "configuration".into();
+    }
+    let problem = match source {
+        Some(source) if !source.is_empty() => format!("{problem} (from {source})"),
+        _ => problem,
+    };
+    ConfigError::new(setting, problem, fix)
+}
+
+fn check_http_url(setting: &str, value: &str) -> Result<(), ConfigError> {
+    match url::Url::parse(value) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(()),
+        _ => Err(ConfigError::invalid(
+            setting,
+            format!("{value:?} is not an http(s) URL"),
+            "a URL such as https://chat.example.com",
+        )),
+    }
+}
+
+fn check_scheme(setting: &str, url: &SecretUrl, schemes: &[&str]) -> Result<(), ConfigError> {
+    if schemes.contains(&url.scheme()) {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            setting,
+            format!("the scheme {:?} is not supported here", url.scheme()),
+            &format!("a URL starting with {}://", schemes.join(":// or ")),
+        ))
+    }
+}
+
+fn check_origin(origin: &str) -> Result<(), ConfigError> {
+    let wanted = "origins such as https://app.example.com or http://localhost:*, comma separated";
+    let (base, any_port) = match origin.strip_suffix(":*") {
+        Some(base) => (base, true),
+        None => (origin, false),
+    };
+    let ok = url::Url::parse(base).is_ok_and(|url| {
+        matches!(url.scheme(), "http" | "https")
+            && url.host().is_some()
+            && url.path() == "/"
+            && !base.ends_with('/')
+            && url.query().is_none()
+            && (!any_port || url.port().is_none())
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            "server.cors_origins",
+            format!("{origin:?} is not an origin (scheme://host[:port], no path)"),
+            wanted,
+        ))
+    }
+}
+
+fn check_mailbox(from: &str) -> Result<(), ConfigError> {
+    let address = from
+        .rsplit_once('<')
+        .map_or(from, |(_, rest)| rest.trim_end_matches('>'));
+    if address.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty()) {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            "mail.from",
+            format!("{from:?} is not a mail address"),
+            "an address such as \"Chat <no-reply@example.com>\"",
+        ))
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Development => "development",
+            Self::Test => "test",
+            Self::Staging => "staging",
+            Self::Production => "production",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        Env::from_pairs(pairs.iter().copied())
+    }
+
+    #[test]
+    fn substitution_replaces_variables_defaults_and_escapes() {
+        let e = env(&[("HOST", "db"), ("QUOTE", "a\"b")]);
+        assert_eq!(substitute("x = \"${HOST}\"", &e).unwrap(), "x = \"db\"");
+        assert_eq!(substitute("${MISSING:-fallback}", &e).unwrap(), "fallback");
+        assert_eq!(substitute("$${HOST} $5", &e).unwrap(), "${HOST} $5");
+        assert_eq!(substitute("q = \"${QUOTE}\"", &e).unwrap(), "q = \"a\\\"b\"");
+        assert_eq!(substitute("a\nb ${NOPE}", &e).unwrap_err().0, 2);
+        assert!(substitute("${UNCLOSED", &e).is_err());
+    }
+
+    #[test]
+    fn origins_are_checked() {
+        assert!(check_origin("https://app.example.com").is_ok());
+        assert!(check_origin("http://localhost:3000").is_ok());
+        assert!(check_origin("http://localhost:*").is_ok());
+        assert!(check_origin("https://app.example.com/").is_err());
+        assert!(check_origin("https://app.example.com/path").is_err());
+        assert!(check_origin("app.example.com").is_err());
+        assert!(check_origin("*").is_err());
+    }
+
+    #[test]
+    fn mailboxes_are_checked() {
+        assert!(check_mailbox("Chat <no-reply@example.com>").is_ok());
+        assert!(check_mailbox("a@b").is_ok());
+        assert!(check_mailbox("nobody").is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! The confab server: configuration, telemetry, HTTP, and the wiring of ports to services.
+
+pub mod config;

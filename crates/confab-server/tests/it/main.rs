@@ -1,0 +1,3 @@
+//! The one integration-test binary (STYLE §7): every module drives confab the way a user does.
+
+mod config;
