@@ -234,14 +234,14 @@ fn mongodb_is_refused_with_a_clear_message() {
 
 #[test]
 fn variables_in_the_file_are_substituted() {
-    let toml = "[database]\nkind = \"postgres\"\nurl = \"postgres://app:${DB_PASS}@${DB_HOST:-localhost}/chat\"\n";
+    let toml = "# ${NOT_A_SETTING} in a comment is left alone\n[database]\nkind = \"postgres\"\nurl = \"postgres://app:${DB_PASS}@${DB_HOST:-localhost}/chat\"\n";
     let c = load(toml, &[("DB_PASS", "p\"w")]).unwrap();
     let DatabaseConfig::Postgres { url, .. } = c.database else { panic!("postgres") };
     assert_eq!(url.expose().host_str(), Some("localhost"));
     assert_eq!(url.expose().password(), Some("p%22w"));
 
     let err = load(toml, &[]).unwrap_err();
-    assert!(err.setting.ends_with(":3"), "names the line: {err}");
+    assert_eq!(err.setting, "database.url", "names the setting: {err}");
     assert!(err.problem.contains("DB_PASS"), "{err}");
 }
 
@@ -288,6 +288,13 @@ fn bad_values_name_the_setting_the_problem_and_the_fix() {
     assert!(!err.to_string().contains("tiny-s3cret"), "never echoes a secret: {err}");
     let err = load("", &[("DATABASE_URL", "postgres://app:hunter2@db/x"), ("DATABASE_REPLICA_URL", "mysql://app:hunter2@r/x")]).unwrap_err();
     assert!(!err.to_string().contains("hunter2"), "never echoes a password: {err}");
+}
+
+#[test]
+fn a_file_that_is_not_toml_names_the_line() {
+    let err = load("[server]\nlisten = \n", &[]).unwrap_err();
+    assert!(err.problem.contains("TOML"), "{err}");
+    assert!(err.fix.contains("line 2"), "{err}");
 }
 
 #[test]
