@@ -1,1 +1,31 @@
-fn main() {}
+//! The `confab` binary. Parses the command line, runs the command, and turns failures into
+//! one line on stderr and an exit code: 2 for configuration errors, 1 otherwise.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use confab_server::cli::Cli;
+use confab_server::commands::{self, EXIT_CONFIG, Failure};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("confab: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(code) => code,
+        Err(Failure::Config(e)) => {
+            eprintln!("confab: CONFIG_ERROR {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Other(e)) => {
+            tracing::error!(error = format!("{e:#}"), "Stopped on an error.");
+            eprintln!("confab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

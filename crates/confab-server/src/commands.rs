@@ -1,0 +1,111 @@
+//! What each subcommand does, with its exit code. Only `main` prints process-level errors.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command, ConfigAction, Role};
+use crate::config::{Config, ConfigError, DatabaseConfig, Env};
+use crate::health::Components;
+use crate::startup::{Application, shutdown_signal};
+
+/// Exit code for a configuration error (SPEC §2).
+pub const EXIT_CONFIG: u8 = 2;
+
+/// A command's failure, already mapped to how the process ends.
+pub enum Failure {
+    Config(ConfigError),
+    Other(anyhow::Error),
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Self::Config(e)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Other(e)
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    let env = Env::from_process();
+    let mut config = Config::load(cli.config.as_deref(), &env)?;
+    match cli.command {
+        Command::Serve { role, listen } => {
+            if let Some(listen) = listen {
+                config.server.listen = listen;
+            }
+            serve(config, role).await
+        }
+        Command::Config {
+            action: ConfigAction::Check,
+        } => {
+            // Checks the secret rule without creating files: `check` must not change anything.
+            if config.auth.jwt_secret.is_none() && !config.server.environment.is_development() {
+                config.resolve_jwt_secret()?;
+            }
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "# confab {} — configuration in force (secrets redacted)", env!("CARGO_PKG_VERSION"));
+            let _ = write!(out, "{}", config.to_redacted_toml());
+            let _ = writeln!(out, "# OK: the configuration is valid.");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let target = match &config.database {
+                DatabaseConfig::Sqlite { path } => path.clone().map_or_else(
+                    || config.server.data_dir.join("confab.db").display().to_string(),
+                    |p| p.display().to_string(),
+                ),
+                DatabaseConfig::Postgres { url, .. } => url.redacted(),
+            };
+            println!("database {target}: this build defines no migrations yet; nothing to apply.");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor => Ok(doctor(&config).await),
+    }
+}
+
+async fn serve(mut config: Config, role: Role) -> Result<ExitCode, Failure> {
+    config.resolve_jwt_secret()?;
+    crate::telemetry::init(&config.log, config.server.environment)?;
+    let app = Application::build(config.clone(), role).await?;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        role = ?role,
+        environment = %config.server.environment,
+        address = %app.local_addr(),
+        config = %serde_json::to_string(&config).unwrap_or_default(),
+        "Listening."
+    );
+    let token = app.shutdown_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        token.cancel();
+    });
+    app.run_until_stopped().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the component table; exit 1 when something is down.
+async fn doctor(config: &Config) -> ExitCode {
+    let report = Components::from_config(config).check().await;
+    println!("{:<10} {:<13} {:<12} {:>9}  LAST ERROR", "COMPONENT", "STATUS", "KIND", "LATENCY");
+    for (name, _, health) in &report.components {
+        println!(
+            "{:<10} {:<13} {:<12} {:>9}  {}",
+            name,
+            health.status.as_str(),
+            health.kind,
+            health.latency_ms.map_or_else(|| "-".into(), |ms| format!("{ms} ms")),
+            health.last_error.as_deref().unwrap_or("-"),
+        );
+    }
+    println!("overall: {}", report.status.as_str());
+    if report.components.iter().any(|(_, _, h)| h.status == confab_core::ports::health::HealthStatus::Down) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

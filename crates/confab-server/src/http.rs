@@ -1,0 +1,162 @@
+//! HTTP: the router, assembled from each resource's router, and the layers every request
+//! passes through (outermost first): request context (id, span, timeout, metrics, access log)
+//! → security headers → CORS → gzip → panic → body limit → the route.
+
+pub mod error;
+pub mod extract;
+pub mod middleware;
+pub mod ops;
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderValue, Method, header};
+use axum::response::{IntoResponse, Response};
+use confab_core::error::ErrorCode;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
+
+use self::error::ApiError;
+use self::middleware::{HttpSettings, X_REQUEST_ID};
+use crate::cli::Role;
+use crate::state::AppState;
+
+/// Where the OpenAPI document is served.
+pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
+/// Where the browsable API docs are served.
+pub const DOCS_PATH: &str = "/docs";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "confab",
+        description = "The backend of an AI-assisted real-time chat product. Errors always have \
+                       the ErrorBody shape; every response carries x-request-id."
+    ),
+    tags((name = "operations", description = "Probes and metrics, outside /api/v1.")),
+    components(schemas(error::ErrorBody))
+)]
+struct ApiDoc;
+
+/// The documented routes: every route the API serves is added here, so the document and the
+/// router cannot disagree.
+fn documented_routes(role: Role) -> OpenApiRouter<AppState> {
+    let ops = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(ops::live))
+        .routes(routes!(ops::ready))
+        .routes(routes!(ops::health))
+        .routes(routes!(ops::metrics));
+    match role {
+        // Resource routers join here, under /api/v1, as they land.
+        Role::All | Role::Api => ops,
+        Role::Worker => ops,
+    }
+}
+
+/// The OpenAPI document of the full API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    documented_routes(Role::All).into_openapi()
+}
+
+/// The whole HTTP application for `role`. `extra` routes are merged in unchanged (tests use it
+/// to mount handlers that panic or take long).
+pub fn router(state: AppState, role: Role, extra: Router<AppState>) -> Router {
+    let config = &state.config.server;
+    let settings = Arc::new(HttpSettings {
+        request_timeout: Duration::from_secs(config.request_timeout_secs),
+        hsts: !config.environment.is_development(),
+    });
+    let (mut router, openapi) = documented_routes(role).split_for_parts();
+    if matches!(role, Role::All | Role::Api) {
+        router = router.merge(SwaggerUi::new(DOCS_PATH).url(OPENAPI_PATH, openapi));
+    }
+    router
+        .merge(extra)
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "No such route.") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                ErrorCode::MethodNotAllowed,
+                "This route does not accept that method.",
+            )
+        })
+        .layer(DefaultBodyLimit::max(config.json_body_limit_bytes))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(CompressionLayer::new())
+        .layer(cors(config.effective_cors_origins()))
+        .layer(axum::middleware::from_fn_with_state(
+            settings.clone(),
+            middleware::security_headers,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            settings,
+            middleware::request_context,
+        ))
+        .with_state(state)
+}
+
+/// A handler panicked: the cause goes to the log, the client gets a 500 in the usual shape.
+fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let cause = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    ApiError::internal(format!("the handler panicked: {cause}")).into_response()
+}
+
+fn cors(origins: Vec<String>) -> CorsLayer {
+    let origins: Arc<[String]> = origins.into();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(move |origin: &HeaderValue, _| {
+            origin
+                .to_str()
+                .is_ok_and(|origin| origin_allowed(&origins, origin))
+        }))
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, X_REQUEST_ID.clone()])
+        .expose_headers([X_REQUEST_ID.clone(), header::RETRY_AFTER])
+        .max_age(Duration::from_secs(600))
+}
+
+/// Whether `origin` matches an entry of the allow-list; an entry ending in `:*` matches any
+/// port of that scheme and host.
+fn origin_allowed(allowed: &[String], origin: &str) -> bool {
+    allowed.iter().any(|entry| match entry.strip_suffix(":*") {
+        Some(base) => origin
+            .strip_prefix(base)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .is_some_and(|port| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())),
+        None => origin == entry,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::origin_allowed;
+
+    #[test]
+    fn origins_match_exactly_or_by_any_port() {
+        let list = ["https://app.example.com".to_owned(), "http://localhost:*".to_owned()];
+        assert!(origin_allowed(&list, "https://app.example.com"));
+        assert!(origin_allowed(&list, "http://localhost:5173"));
+        assert!(!origin_allowed(&list, "http://localhost"));
+        assert!(!origin_allowed(&list, "http://localhost:5173.evil.com"));
+        assert!(!origin_allowed(&list, "http://localhost.evil.com:80"));
+        assert!(!origin_allowed(&list, "https://app.example.com.evil.com"));
+        assert!(!origin_allowed(&[], "https://app.example.com"));
+    }
+}

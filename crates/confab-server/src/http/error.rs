@@ -1,0 +1,167 @@
+//! `ApiError`: every error response, in the SPEC §3 shape
+//! `{code, message, details, requestId}` with the matching status.
+//!
+//! A 5xx logs its whole cause chain once, here, and answers with an opaque message: internal
+//! detail never reaches a client.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use confab_core::error::{BoxError, ErrorCode, ServiceError};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::middleware::current_request_id;
+
+/// The body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    /// A stable, machine-readable code, e.g. `VALIDATION_ERROR`.
+    #[schema(example = "VALIDATION_ERROR")]
+    pub code: &'static str,
+    /// A human sentence.
+    pub message: String,
+    /// Structured detail (which field, what limit); `{}` when there is none.
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+    /// The request id, as in the `x-request-id` response header.
+    pub request_id: String,
+}
+
+/// An error a handler returns; turns into the SPEC's error response.
+#[derive(Debug)]
+pub struct ApiError {
+    code: ErrorCode,
+    message: Cow<'static, str>,
+    details: serde_json::Value,
+    retry_after_secs: Option<u64>,
+    status: Option<StatusCode>,
+    source: Option<BoxError>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            details: serde_json::Value::Object(serde_json::Map::new()),
+            retry_after_secs: None,
+            status: None,
+            source: None,
+        }
+    }
+
+    pub fn validation(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorCode::ValidationError, message)
+    }
+
+    pub fn not_found() -> Self {
+        Self::new(ErrorCode::NotFound, "No such resource.")
+    }
+
+    /// An unexpected failure: the cause is logged, the client sees an opaque message.
+    pub fn internal(source: impl Into<BoxError>) -> Self {
+        Self::new(ErrorCode::InternalError, "Something went wrong on our side.").with_source(source)
+    }
+
+    #[must_use]
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = details;
+        self
+    }
+
+    #[must_use]
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// Adds `Retry-After` (seconds) to the response.
+    #[must_use]
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
+    /// Answers with `status` instead of the code's usual one (422 for `VALIDATION_ERROR`).
+    #[must_use]
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    pub fn status(&self) -> StatusCode {
+        if let Some(status) = self.status {
+            return status;
+        }
+        StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(err: ServiceError) -> Self {
+        let retry_after = match err.kind {
+            confab_core::error::ServiceErrorKind::RateLimit { retry_after } => retry_after,
+            _ => None,
+        };
+        let message = match err.code() {
+            ErrorCode::ConfigError | ErrorCode::UnknownError => "Something went wrong on our side.",
+            ErrorCode::TimeoutError => "A service we depend on did not answer in time.",
+            ErrorCode::RateLimitError => "A service we depend on is busy; try again shortly.",
+            _ => "A service we depend on failed.",
+        };
+        let mut api = Self::new(err.code(), message)
+            .with_details(serde_json::json!({ "service": err.service }));
+        if let Some(after) = retry_after {
+            api = api.with_retry_after(after.as_secs().max(1));
+        }
+        api.with_source(err)
+    }
+}
+
+/// The error and its causes, `outer: inner: innermost`.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        let _ = write!(out, ": {cause}");
+        next = cause.source();
+    }
+    out
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            match &self.source {
+                Some(source) => tracing::error!(
+                    code = self.code.as_str(),
+                    error = %chain(source.as_ref()),
+                    "Request failed."
+                ),
+                None => tracing::warn!(code = self.code.as_str(), "Request failed."),
+            }
+        }
+        let body = ErrorBody {
+            code: self.code.as_str(),
+            message: self.message.into_owned(),
+            details: self.details,
+            request_id: current_request_id().unwrap_or_default(),
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}

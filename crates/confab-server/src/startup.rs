@@ -1,0 +1,154 @@
+//! Building and running the application: bind, wire, serve, and shut down gracefully.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Router;
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::Role;
+use crate::config::Config;
+use crate::health::Components;
+use crate::state::AppState;
+
+/// What a caller (a test, a benchmark) may put in place of the defaults.
+#[derive(Default)]
+pub struct Overrides {
+    /// Routes merged into the router unchanged (e.g. a handler that panics or takes long).
+    pub routes: Router<AppState>,
+    /// The component table, instead of the one the configuration implies.
+    pub components: Option<Components>,
+}
+
+/// A built, bound application. Tests build it on port 0 and read [`Application::port`].
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+}
+
+impl Application {
+    pub async fn build(config: Config, role: Role) -> anyhow::Result<Self> {
+        Self::build_with(config, role, Overrides::default()).await
+    }
+
+    /// Like [`Application::build`], with some parts replaced.
+    pub async fn build_with(
+        config: Config,
+        role: Role,
+        overrides: Overrides,
+    ) -> anyhow::Result<Self> {
+        let listen = config.server.listen;
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("while binding {listen} (server.listen)"))?;
+        let state = AppState {
+            components: Arc::new(
+                overrides
+                    .components
+                    .unwrap_or_else(|| Components::from_config(&config)),
+            ),
+            config: Arc::new(config),
+            metrics: crate::metrics::handle(),
+            started_at: Instant::now(),
+            shutdown: CancellationToken::new(),
+        };
+        let router = crate::http::router(state.clone(), role, overrides.routes);
+        Ok(Self {
+            listener,
+            router,
+            state,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound TCP listener has an address")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    /// Cancelling this token starts a graceful shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.state.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled; then stops accepting, lets in-flight
+    /// requests finish for up to `server.shutdown_timeout_secs`, and returns.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let token = self.state.shutdown.clone();
+        let deadline = Duration::from_secs(self.state.config.server.shutdown_timeout_secs);
+        // Without TCP_NODELAY small realtime frames wait for Nagle (DEPENDENCIES.md).
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::warn!(%error, "Could not set TCP_NODELAY.");
+            }
+        });
+        let server = axum::serve(
+            listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(token.clone().cancelled_owned());
+        let mut server = tokio::spawn(server.into_future());
+
+        tokio::select! {
+            result = &mut server => {
+                return result.context("the HTTP server task failed")?.context("while serving HTTP");
+            }
+            () = token.cancelled() => {}
+        }
+        tracing::info!(
+            deadline_secs = deadline.as_secs(),
+            "Shutting down: no new connections; waiting for in-flight requests."
+        );
+        if let Ok(result) = tokio::time::timeout(deadline, &mut server).await {
+            result
+                .context("the HTTP server task failed")?
+                .context("while serving HTTP")?;
+            tracing::info!("Stopped.");
+        } else {
+            // Connections already accepted run on their own tasks; they end when the process
+            // does, which `main` does as soon as this returns.
+            server.abort();
+            tracing::warn!("Shutdown deadline passed; closing the remaining connections.");
+        }
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "Cannot listen for SIGINT.");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "Cannot listen for SIGTERM.");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+}

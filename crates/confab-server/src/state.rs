@@ -1,0 +1,20 @@
+//! `AppState`: what every handler can reach. Cheap to clone; no globals behind it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::health::Components;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub components: Arc<Components>,
+    pub metrics: PrometheusHandle,
+    pub started_at: Instant,
+    /// Cancelled when the process begins to shut down; `/ready` then answers 503.
+    pub shutdown: CancellationToken,
+}

@@ -1,0 +1,91 @@
+//! `spawn_app()`: a confab on port 0, embedded backends in its own temp dir, and a client.
+
+use std::path::Path;
+
+use axum::Router;
+use confab_server::cli::Role;
+use confab_server::config::{Config, Environment, Secret};
+use confab_server::startup::{Application, Overrides};
+use confab_server::state::AppState;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestApp {
+    pub address: std::net::SocketAddr,
+    pub client: reqwest::Client,
+    pub shutdown: CancellationToken,
+    pub server: JoinHandle<anyhow::Result<()>>,
+    _data: tempfile::TempDir,
+}
+
+/// The configuration every test starts from: production-like (`test` environment), a fixed
+/// JWT secret, port 0, a private data dir.
+pub fn test_config(data_dir: &Path) -> Config {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().expect("a literal address");
+    config.server.environment = Environment::Test;
+    config.server.data_dir = data_dir.to_owned();
+    config.auth.jwt_secret = Some(Secret::new("test-secret-test-secret-test-secret!"));
+    config
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}, Overrides::default()).await
+}
+
+pub async fn spawn_app_with_routes(routes: Router<AppState>) -> TestApp {
+    spawn_app_with(|_| {}, Overrides { routes, ..Overrides::default() }).await
+}
+
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Config), overrides: Overrides) -> TestApp {
+    let data = tempfile::tempdir().expect("a temp dir");
+    let mut config = test_config(data.path());
+    configure(&mut config);
+    config.validate().expect("the test configuration is valid");
+    let app = Application::build_with(config, Role::All, overrides)
+        .await
+        .expect("the app builds");
+    let address = app.local_addr();
+    let shutdown = app.shutdown_token();
+    let server = tokio::spawn(app.run_until_stopped());
+    TestApp {
+        address,
+        client: reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("a client"),
+        shutdown,
+        server,
+        _data: data,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.expect("the request is answered")
+    }
+}
+
+/// Asserts the SPEC error shape and returns the body.
+pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
+    assert_eq!(response.status().as_u16(), status, "status");
+    assert!(
+        response.headers()[reqwest::header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
+    let header_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let body: serde_json::Value = response.json().await.expect("a JSON body");
+    assert_eq!(body["code"], code, "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(body["details"].is_object(), "{body}");
+    assert_eq!(body["requestId"], header_id.as_str(), "{body}");
+    let keys: Vec<&String> = body.as_object().unwrap().keys().collect();
+    assert_eq!(keys.len(), 4, "exactly code, message, details, requestId: {body}");
+    body
+}
