@@ -126,10 +126,7 @@ impl ServiceErrorKind {
 
     /// Whether the same call may succeed if tried again later.
     pub const fn is_transient(self) -> bool {
-        matches!(
-            self,
-            Self::Network | Self::RateLimit { .. } | Self::Timeout
-        )
+        matches!(self, Self::Network | Self::RateLimit { .. } | Self::Timeout)
     }
 
     /// Whether an operator must act (SPEC §8: these notify the configured webhook).

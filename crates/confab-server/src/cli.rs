@@ -15,7 +15,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(name = "confab", version, propagate_version = true)]
 pub struct Cli {
     /// A TOML config file. Without it, ./confab.toml is read if it exists.
-    #[arg(long, short = 'c', global = true, value_name = "FILE", env = "CONFAB_CONFIG")]
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        value_name = "FILE",
+        env = "CONFAB_CONFIG"
+    )]
     pub config: Option<PathBuf>,
 
     #[command(subcommand)]

@@ -47,7 +47,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 config.resolve_jwt_secret()?;
             }
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "# confab {} — configuration in force (secrets redacted)", env!("CARGO_PKG_VERSION"));
+            let _ = writeln!(
+                out,
+                "# confab {} — configuration in force (secrets redacted)",
+                env!("CARGO_PKG_VERSION")
+            );
             let _ = write!(out, "{}", config.to_redacted_toml());
             let _ = writeln!(out, "# OK: the configuration is valid.");
             Ok(ExitCode::SUCCESS)
@@ -55,7 +59,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Migrate => {
             let target = match &config.database {
                 DatabaseConfig::Sqlite { path } => path.clone().map_or_else(
-                    || config.server.data_dir.join("confab.db").display().to_string(),
+                    || {
+                        config
+                            .server
+                            .data_dir
+                            .join("confab.db")
+                            .display()
+                            .to_string()
+                    },
                     |p| p.display().to_string(),
                 ),
                 DatabaseConfig::Postgres { url, .. } => url.redacted(),
@@ -76,7 +87,7 @@ async fn serve(mut config: Config, role: Role) -> Result<ExitCode, Failure> {
         role = ?role,
         environment = %config.server.environment,
         address = %app.local_addr(),
-        config = %serde_json::to_string(&config).unwrap_or_default(),
+        backends = %config.summary(),
         "Listening."
     );
     let token = app.shutdown_token();
@@ -91,19 +102,28 @@ async fn serve(mut config: Config, role: Role) -> Result<ExitCode, Failure> {
 /// Prints the component table; exit 1 when something is down.
 async fn doctor(config: &Config) -> ExitCode {
     let report = Components::from_config(config).check().await;
-    println!("{:<10} {:<13} {:<12} {:>9}  LAST ERROR", "COMPONENT", "STATUS", "KIND", "LATENCY");
+    println!(
+        "{:<10} {:<13} {:<12} {:>9}  LAST ERROR",
+        "COMPONENT", "STATUS", "KIND", "LATENCY"
+    );
     for (name, _, health) in &report.components {
         println!(
             "{:<10} {:<13} {:<12} {:>9}  {}",
             name,
             health.status.as_str(),
             health.kind,
-            health.latency_ms.map_or_else(|| "-".into(), |ms| format!("{ms} ms")),
+            health
+                .latency_ms
+                .map_or_else(|| "-".into(), |ms| format!("{ms} ms")),
             health.last_error.as_deref().unwrap_or("-"),
         );
     }
     println!("overall: {}", report.status.as_str());
-    if report.components.iter().any(|(_, _, h)| h.status == confab_core::ports::health::HealthStatus::Down) {
+    if report
+        .components
+        .iter()
+        .any(|(_, _, h)| h.status == confab_core::ports::health::HealthStatus::Down)
+    {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

@@ -206,7 +206,9 @@ impl Default for DatabaseConfig {
 pub enum CacheConfig {
     #[default]
     Memory,
-    Redis { url: SecretUrl },
+    Redis {
+        url: SecretUrl,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,7 +217,9 @@ pub enum QueueConfig {
     /// The durable queue kept in the database.
     #[default]
     Database,
-    Rabbitmq { url: SecretUrl },
+    Rabbitmq {
+        url: SecretUrl,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -503,7 +507,10 @@ impl Config {
         if s.json_body_limit_bytes < 1024 {
             return Err(ConfigError::invalid(
                 "server.json_body_limit_bytes",
-                format!("{} bytes is too small for any request", s.json_body_limit_bytes),
+                format!(
+                    "{} bytes is too small for any request",
+                    s.json_body_limit_bytes
+                ),
                 "at least 1024 (the default is 1048576)",
             ));
         }
@@ -514,14 +521,15 @@ impl Config {
                 "a level such as info or debug, or a filter such as info,confab_server=debug",
             ));
         }
-        if let Some(secret) = &self.auth.jwt_secret {
-            if !s.environment.is_development() && secret.expose().len() < 32 {
-                return Err(ConfigError::invalid(
-                    "auth.jwt_secret",
-                    "is shorter than 32 characters, too weak to sign tokens",
-                    "a random string of at least 32 characters (e.g. the output of `openssl rand -hex 32`)",
-                ));
-            }
+        if let Some(secret) = &self.auth.jwt_secret
+            && !s.environment.is_development()
+            && secret.expose().len() < 32
+        {
+            return Err(ConfigError::invalid(
+                "auth.jwt_secret",
+                "is shorter than 32 characters, too weak to sign tokens",
+                "a random string of at least 32 characters (e.g. the output of `openssl rand -hex 32`)",
+            ));
         }
         self.validate_backends()
     }
@@ -573,9 +581,18 @@ impl Config {
         }
         let ai = &self.ai;
         for (setting, url) in [
-            ("ai.openai.base_url", ai.openai.as_ref().and_then(|c| c.base_url.as_ref())),
-            ("ai.ollama.base_url", ai.ollama.as_ref().and_then(|c| c.base_url.as_ref())),
-            ("ai.replicate.api_url", ai.replicate.as_ref().and_then(|c| c.api_url.as_ref())),
+            (
+                "ai.openai.base_url",
+                ai.openai.as_ref().and_then(|c| c.base_url.as_ref()),
+            ),
+            (
+                "ai.ollama.base_url",
+                ai.ollama.as_ref().and_then(|c| c.base_url.as_ref()),
+            ),
+            (
+                "ai.replicate.api_url",
+                ai.replicate.as_ref().and_then(|c| c.api_url.as_ref()),
+            ),
         ] {
             if let Some(url) = url {
                 check_http_url(setting, url)?;
@@ -604,12 +621,51 @@ impl Config {
         let secret = load_or_create_secret(&path).map_err(|e| {
             ConfigError::invalid(
                 "server.data_dir",
-                format!("cannot keep the generated JWT secret in {} ({e})", path.display()),
+                format!(
+                    "cannot keep the generated JWT secret in {} ({e})",
+                    path.display()
+                ),
                 "a writable directory",
             )
         })?;
         self.auth.jwt_secret = Some(secret);
         Ok(())
+    }
+
+    /// One line naming each backend in use, URLs redacted: what an operator needs at startup.
+    pub fn summary(&self) -> String {
+        let database = match &self.database {
+            DatabaseConfig::Sqlite { path } => format!(
+                "sqlite:{}",
+                path.clone()
+                    .unwrap_or_else(|| self.server.data_dir.join("confab.db"))
+                    .display()
+            ),
+            DatabaseConfig::Postgres { url, .. } => url.redacted(),
+        };
+        let cache = match &self.cache {
+            CacheConfig::Memory => "memory".to_owned(),
+            CacheConfig::Redis { url } => url.redacted(),
+        };
+        let queue = match &self.queue {
+            QueueConfig::Database => "database".to_owned(),
+            QueueConfig::Rabbitmq { url } => url.redacted(),
+        };
+        let media = match &self.media {
+            MediaConfig::Local { .. } => "local".to_owned(),
+            MediaConfig::S3 { bucket, .. } => format!("s3:{bucket}"),
+        };
+        let mail = match &self.mail {
+            MailConfig::File { .. } => "file",
+            MailConfig::Smtp { .. } => "smtp",
+        };
+        let ai = self.ai.providers();
+        let ai = if ai.is_empty() {
+            "none".to_owned()
+        } else {
+            ai.join(",")
+        };
+        format!("database={database} cache={cache} queue={queue} media={media} mail={mail} ai={ai}")
     }
 
     /// The configuration as TOML, secrets redacted.
@@ -635,7 +691,11 @@ fn load_or_create_secret(path: &Path) -> std::io::Result<Secret> {
     }
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = bytes.iter().fold(String::with_capacity(64), |mut hex, b| {
+        use std::fmt::Write as _;
+        let _ = write!(hex, "{b:02x}");
+        hex
+    });
     // Written to a temporary file and renamed, so a crash never leaves half a secret; a
     // process that loses the race to create it reads the winner's.
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -738,8 +798,8 @@ fn substitute(text: &str, env: &Env) -> Result<String, String> {
                 Some((name, default)) => (name, Some(default)),
                 None => (&body[..end], None),
             };
-            let valid = !name.is_empty()
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let valid =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 return Err(format!("${{{name}}} is not a variable name"));
             }
@@ -760,7 +820,10 @@ fn substitute(text: &str, env: &Env) -> Result<String, String> {
 
 fn from_figment(error: figment::Error) -> ConfigError {
     use figment::error::Kind;
-    let error = error.into_iter().next().expect("a figment error holds at least one error");
+    let error = error
+        .into_iter()
+        .next()
+        .expect("a figment error holds at least one error");
     let mut setting = error.path.join(".");
     let source = error.metadata.as_ref().map(|m| {
         let profile = error.profile.clone().unwrap_or_default();
@@ -797,7 +860,10 @@ fn from_figment(error: figment::Error) -> ConfigError {
             }
             (
                 "is required here but not set".to_owned(),
-                format!("set it in the config file or with {}", env::how_to_set(&setting)),
+                format!(
+                    "set it in the config file or with {}",
+                    env::how_to_set(&setting)
+                ),
             )
         }
         Kind::UnknownVariant(value, expected) => (
@@ -808,7 +874,11 @@ fn from_figment(error: figment::Error) -> ConfigError {
             other.to_string(),
             format!(
                 "correct it in the config file or in {}; config/default.toml documents every setting",
-                env::how_to_set(if setting.is_empty() { "section.key" } else { &setting })
+                env::how_to_set(if setting.is_empty() {
+                    "section.key"
+                } else {
+                    &setting
+                })
             ),
         ),
     };
@@ -874,7 +944,10 @@ fn check_mailbox(from: &str) -> Result<(), ConfigError> {
     let address = from
         .rsplit_once('<')
         .map_or(from, |(_, rest)| rest.trim_end_matches('>'));
-    if address.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty()) {
+    if address
+        .split_once('@')
+        .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
+    {
         Ok(())
     } else {
         Err(ConfigError::invalid(

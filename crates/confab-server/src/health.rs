@@ -70,11 +70,10 @@ impl Components {
             let started = std::time::Instant::now();
             let health = match tokio::time::timeout(self.deadline, c.check.health()).await {
                 Ok(health) => health,
-                Err(_) => ComponentHealth::new(HealthStatus::Down, "unknown")
-                    .with_error(format!(
-                        "the health check did not answer within {} ms",
-                        self.deadline.as_millis()
-                    )),
+                Err(_) => ComponentHealth::new(HealthStatus::Down, "unknown").with_error(format!(
+                    "the health check did not answer within {} ms",
+                    self.deadline.as_millis()
+                )),
             };
             if health.latency_ms.is_none() && health.status != HealthStatus::Unconfigured {
                 let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -107,7 +107,10 @@ mod tests {
     #[test]
     fn an_optional_component_down_only_degrades() {
         let (db, cache) = (c(HealthStatus::Ok), c(HealthStatus::Down));
-        assert_eq!(overall([(&db, true), (&cache, false)]), HealthStatus::Degraded);
+        assert_eq!(
+            overall([(&db, true), (&cache, false)]),
+            HealthStatus::Degraded
+        );
     }
 
     #[test]

@@ -27,7 +27,10 @@ impl Env {
         pairs: impl IntoIterator<Item = (K, V)>,
     ) -> Self {
         Self {
-            vars: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+            vars: pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
         }
     }
 
@@ -79,7 +82,10 @@ pub const ALIASES: &[(&str, &[&str])] = &[
     ("ai.ollama.embedding_model", &["OLLAMA_EMBEDDING_MODEL"]),
     ("ai.anthropic.api_key", &["ANTHROPIC_API_KEY"]),
     ("ai.anthropic.model", &["ANTHROPIC_MODEL"]),
-    ("ai.replicate.api_key", &["REPLICATE_API_KEY", "REPLICATE_API_TOKEN"]),
+    (
+        "ai.replicate.api_key",
+        &["REPLICATE_API_KEY", "REPLICATE_API_TOKEN"],
+    ),
     ("ai.replicate.api_url", &["REPLICATE_API_URL"]),
     ("ai.replicate.model_version", &["REPLICATE_MODEL_VERSION"]),
     ("telemetry.sentry_dsn", &["SENTRY_DSN"]),
@@ -88,7 +94,10 @@ pub const ALIASES: &[(&str, &[&str])] = &[
 /// How to set `setting` from the environment, for error messages:
 /// `CONFAB__SERVER__LISTEN (or CONFAB_LISTEN, PORT)`.
 pub fn how_to_set(setting: &str) -> String {
-    let nested = format!("CONFAB__{}", setting.replace('.', "__").to_ascii_uppercase());
+    let nested = format!(
+        "CONFAB__{}",
+        setting.replace('.', "__").to_ascii_uppercase()
+    );
     let aliases: Vec<&str> = ALIASES
         .iter()
         .filter(|(s, _)| *s == setting)
@@ -129,7 +138,11 @@ impl NestedEnv {
 impl Provider for NestedEnv {
     fn metadata(&self) -> Metadata {
         Metadata::named("environment variable").interpolater(|_: &Profile, keys: &[&str]| {
-            format!("{}{}", NestedEnv::PREFIX, keys.join("__").to_ascii_uppercase())
+            format!(
+                "{}{}",
+                NestedEnv::PREFIX,
+                keys.join("__").to_ascii_uppercase()
+            )
         })
     }
 

@@ -104,7 +104,11 @@ impl SecretUrl {
                     let sensitive = ["pass", "secret", "token", "key", "auth"]
                         .iter()
                         .any(|word| k.to_ascii_lowercase().contains(word));
-                    let v = if sensitive { "redacted".into() } else { v.into_owned() };
+                    let v = if sensitive {
+                        "redacted".into()
+                    } else {
+                        v.into_owned()
+                    };
                     (k.into_owned(), v)
                 })
                 .collect();
@@ -154,11 +158,19 @@ mod tests {
 
     #[test]
     fn a_url_keeps_its_host_and_hides_its_password_and_credential_parameters() {
-        let u = SecretUrl::parse("postgres://app:s3cr3t@db.internal:5432/chat?sslmode=require&password=p2")
-            .unwrap();
+        let u = SecretUrl::parse(
+            "postgres://app:s3cr3t@db.internal:5432/chat?sslmode=require&password=p2",
+        )
+        .unwrap();
         let shown = u.redacted();
-        assert!(!shown.contains("s3cr3t") && !shown.contains("p2"), "{shown}");
-        assert!(shown.contains("app:redacted@db.internal:5432/chat"), "{shown}");
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("p2"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("app:redacted@db.internal:5432/chat"),
+            "{shown}"
+        );
         assert!(shown.contains("sslmode=require"), "{shown}");
         assert_eq!(format!("{u:?}"), shown);
     }

@@ -64,7 +64,11 @@ impl ApiError {
 
     /// An unexpected failure: the cause is logged, the client sees an opaque message.
     pub fn internal(source: impl Into<BoxError>) -> Self {
-        Self::new(ErrorCode::InternalError, "Something went wrong on our side.").with_source(source)
+        Self::new(
+            ErrorCode::InternalError,
+            "Something went wrong on our side.",
+        )
+        .with_source(source)
     }
 
     #[must_use]
@@ -141,13 +145,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         if status.is_server_error() {
-            match &self.source {
-                Some(source) => tracing::error!(
+            if let Some(source) = &self.source {
+                tracing::error!(
                     code = self.code.as_str(),
                     error = %chain(source.as_ref()),
                     "Request failed."
-                ),
-                None => tracing::warn!(code = self.code.as_str(), "Request failed."),
+                );
+            } else {
+                tracing::warn!(code = self.code.as_str(), "Request failed.");
             }
         }
         let body = ErrorBody {

@@ -43,7 +43,9 @@ fn json_rejection(rejection: &JsonRejection) -> ApiError {
             ErrorCode::UnsupportedMediaType,
             "Send the body as JSON with Content-Type: application/json.",
         ),
-        JsonRejection::BytesRejection(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+        JsonRejection::BytesRejection(e)
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE =>
+        {
             ApiError::new(ErrorCode::PayloadTooLarge, "The request body is too large.")
         }
         other => ApiError::validation("The request body could not be read.")

@@ -104,9 +104,18 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<ReadyBody
         failing.push("shutting_down".into());
     }
     if failing.is_empty() {
-        (StatusCode::OK, Json(ReadyBody { status: "ready", failing }))
+        (
+            StatusCode::OK,
+            Json(ReadyBody {
+                status: "ready",
+                failing,
+            }),
+        )
     } else {
-        let body = ReadyBody { status: "not_ready", failing };
+        let body = ReadyBody {
+            status: "not_ready",
+            failing,
+        };
         (StatusCode::SERVICE_UNAVAILABLE, Json(body))
     }
 }
@@ -143,7 +152,10 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthBo
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     state.metrics.run_upkeep();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
 }

@@ -23,7 +23,9 @@ fn load(text: &str, vars: &[(&str, &str)]) -> Result<Config, confab_server::conf
 }
 
 fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
 }
 
 #[test]
@@ -49,21 +51,30 @@ fn the_file_overrides_defaults_and_the_environment_overrides_the_file() {
     let c = load(toml, &[]).unwrap();
     assert_eq!(c.server.listen.to_string(), "127.0.0.1:9000");
     assert_eq!(c.server.request_timeout_secs, 5);
-    assert_eq!(c.server.shutdown_timeout_secs, 10, "untouched keys keep defaults");
+    assert_eq!(
+        c.server.shutdown_timeout_secs, 10,
+        "untouched keys keep defaults"
+    );
 
     let c = load(toml, &[("CONFAB__SERVER__LISTEN", "127.0.0.1:9100")]).unwrap();
     assert_eq!(c.server.listen.to_string(), "127.0.0.1:9100");
     assert_eq!(c.server.request_timeout_secs, 5);
 
     let c = load(toml, &[("CONFAB__SERVER__REQUEST_TIMEOUT_SECS", "7")]).unwrap();
-    assert_eq!(c.server.request_timeout_secs, 7, "numbers come from env strings");
+    assert_eq!(
+        c.server.request_timeout_secs, 7,
+        "numbers come from env strings"
+    );
 }
 
 #[test]
 fn the_nested_variable_wins_over_an_alias_of_the_same_setting() {
     let c = load(
         "",
-        &[("PORT", "3000"), ("CONFAB__SERVER__LISTEN", "127.0.0.1:4000")],
+        &[
+            ("PORT", "3000"),
+            ("CONFAB__SERVER__LISTEN", "127.0.0.1:4000"),
+        ],
     )
     .unwrap();
     assert_eq!(c.server.listen.to_string(), "127.0.0.1:4000");
@@ -77,9 +88,15 @@ fn every_spec_alias_fills_its_setting() {
             ("ENVIRONMENT", "production"),
             ("CONFAB_DATA_DIR", "/var/lib/confab"),
             ("APP_URL", "https://chat.example.com"),
-            ("CORS_ORIGINS", "https://a.example.com, https://b.example.com"),
+            (
+                "CORS_ORIGINS",
+                "https://a.example.com, https://b.example.com",
+            ),
             ("DATABASE_URL", "postgres://app:pw@db:5432/chat"),
-            ("DATABASE_REPLICA_URL", "postgres://app:pw@replica:5432/chat"),
+            (
+                "DATABASE_REPLICA_URL",
+                "postgres://app:pw@replica:5432/chat",
+            ),
             ("REDIS_URL", "rediss://:pw@cache:6380/0"),
             ("RABBITMQ_URL", "amqp://guest:guest@mq:5672/%2f"),
             ("S3_BUCKET", "media"),
@@ -118,37 +135,52 @@ fn every_spec_alias_fills_its_setting() {
         c.server.effective_cors_origins(),
         ["https://a.example.com", "https://b.example.com"]
     );
-    match &c.database {
-        DatabaseConfig::Postgres { url, replica_url } => {
-            assert_eq!(url.expose().host_str(), Some("db"));
-            assert_eq!(replica_url.as_ref().unwrap().expose().host_str(), Some("replica"));
-        }
-        other => panic!("expected postgres, got {other:?}"),
-    }
+    let DatabaseConfig::Postgres { url, replica_url } = &c.database else {
+        panic!("expected postgres, got {:?}", c.database);
+    };
+    assert_eq!(url.expose().host_str(), Some("db"));
+    assert_eq!(
+        replica_url.as_ref().unwrap().expose().host_str(),
+        Some("replica")
+    );
     assert!(matches!(&c.cache, CacheConfig::Redis { url } if url.scheme() == "rediss"));
-    assert!(matches!(&c.queue, QueueConfig::Rabbitmq { url } if url.expose().host_str() == Some("mq")));
-    match &c.media {
-        MediaConfig::S3 { bucket, region, endpoint, access_key_id, secret_access_key } => {
-            assert_eq!(bucket, "media");
-            assert_eq!(region.as_deref(), Some("eu-west-1"));
-            assert_eq!(endpoint.as_deref(), Some("http://127.0.0.1:9000"));
-            assert_eq!(access_key_id.as_deref(), Some("AKIA123"));
-            assert_eq!(secret_access_key.as_ref().unwrap().expose(), "s3-secret");
-        }
-        other => panic!("expected s3, got {other:?}"),
-    }
-    match &c.mail {
-        MailConfig::Smtp { url, host, port, user, password, secure, from } => {
-            assert!(url.is_none());
-            assert_eq!(host.as_deref(), Some("smtp.example.com"));
-            assert_eq!(*port, Some(587));
-            assert_eq!(user.as_deref(), Some("mailer"));
-            assert_eq!(password.as_ref().unwrap().expose(), "12345678");
-            assert!(*secure);
-            assert_eq!(from, "Chat <no-reply@example.com>");
-        }
-        other => panic!("expected smtp, got {other:?}"),
-    }
+    assert!(
+        matches!(&c.queue, QueueConfig::Rabbitmq { url } if url.expose().host_str() == Some("mq"))
+    );
+    let MediaConfig::S3 {
+        bucket,
+        region,
+        endpoint,
+        access_key_id,
+        secret_access_key,
+    } = &c.media
+    else {
+        panic!("expected s3, got {:?}", c.media);
+    };
+    assert_eq!(bucket, "media");
+    assert_eq!(region.as_deref(), Some("eu-west-1"));
+    assert_eq!(endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+    assert_eq!(access_key_id.as_deref(), Some("AKIA123"));
+    assert_eq!(secret_access_key.as_ref().unwrap().expose(), "s3-secret");
+    let MailConfig::Smtp {
+        url,
+        host,
+        port,
+        user,
+        password,
+        secure,
+        from,
+    } = &c.mail
+    else {
+        panic!("expected smtp, got {:?}", c.mail);
+    };
+    assert!(url.is_none());
+    assert_eq!(host.as_deref(), Some("smtp.example.com"));
+    assert_eq!(*port, Some(587));
+    assert_eq!(user.as_deref(), Some("mailer"));
+    assert_eq!(password.as_ref().unwrap().expose(), "12345678");
+    assert!(*secure);
+    assert_eq!(from, "Chat <no-reply@example.com>");
     assert_eq!(c.auth.jwt_secret.as_ref().unwrap().expose().len(), 32);
     let openai = c.ai.openai.as_ref().unwrap();
     assert_eq!(openai.api_key.as_ref().unwrap().expose(), "sk-test");
@@ -163,10 +195,19 @@ fn every_spec_alias_fills_its_setting() {
     assert_eq!(anthropic.model.as_deref(), Some("claude-3-5-haiku"));
     let replicate = c.ai.replicate.as_ref().unwrap();
     assert_eq!(replicate.api_key.as_ref().unwrap().expose(), "r8_x");
-    assert_eq!(replicate.api_url.as_deref(), Some("https://api.replicate.com/v1"));
+    assert_eq!(
+        replicate.api_url.as_deref(),
+        Some("https://api.replicate.com/v1")
+    );
     assert_eq!(replicate.model_version.as_deref(), Some("abc123"));
-    assert_eq!(c.telemetry.sentry_dsn.as_ref().unwrap().expose(), "https://key@sentry.example.com/1");
-    assert_eq!(c.ai.providers(), ["openai", "ollama", "anthropic", "replicate"]);
+    assert_eq!(
+        c.telemetry.sentry_dsn.as_ref().unwrap().expose(),
+        "https://key@sentry.example.com/1"
+    );
+    assert_eq!(
+        c.ai.providers(),
+        ["openai", "ollama", "anthropic", "replicate"]
+    );
 }
 
 #[test]
@@ -188,7 +229,11 @@ fn the_second_name_of_each_alias_pair_works_too() {
     )
     .unwrap();
     assert_eq!(c.server.environment, Environment::Test);
-    assert_eq!(c.server.listen.to_string(), "0.0.0.0:3000", "PORT listens on every interface");
+    assert_eq!(
+        c.server.listen.to_string(),
+        "0.0.0.0:3000",
+        "PORT listens on every interface"
+    );
     assert_eq!(c.server.app_url, "https://front.example.com");
     assert!(matches!(&c.queue, QueueConfig::Rabbitmq { url } if url.scheme() == "amqps"));
     assert!(matches!(&c.media, MediaConfig::S3 { bucket, .. } if bucket == "legacy-bucket"));
@@ -199,8 +244,16 @@ fn the_second_name_of_each_alias_pair_works_too() {
         Some("https://api.openai.com/v1")
     );
     assert_eq!(c.ai.replicate.unwrap().api_key.unwrap().expose(), "r8_y");
-    assert_eq!(c.database, DatabaseConfig::Sqlite { path: Some("/tmp/x.db".into()) });
-    assert!(c.server.effective_cors_origins().is_empty(), "no default origins outside development");
+    assert_eq!(
+        c.database,
+        DatabaseConfig::Sqlite {
+            path: Some("/tmp/x.db".into())
+        }
+    );
+    assert!(
+        c.server.effective_cors_origins().is_empty(),
+        "no default origins outside development"
+    );
 }
 
 #[test]
@@ -212,7 +265,11 @@ fn an_empty_variable_counts_as_unset() {
 
 #[test]
 fn aws_variables_without_a_bucket_leave_media_on_local_disk() {
-    let c = load("", &[("AWS_REGION", "eu-west-1"), ("AWS_ACCESS_KEY_ID", "x")]).unwrap();
+    let c = load(
+        "",
+        &[("AWS_REGION", "eu-west-1"), ("AWS_ACCESS_KEY_ID", "x")],
+    )
+    .unwrap();
     assert_eq!(c.media, MediaConfig::Local { path: None });
 }
 
@@ -236,7 +293,9 @@ fn mongodb_is_refused_with_a_clear_message() {
 fn variables_in_the_file_are_substituted() {
     let toml = "# ${NOT_A_SETTING} in a comment is left alone\n[database]\nkind = \"postgres\"\nurl = \"postgres://app:${DB_PASS}@${DB_HOST:-localhost}/chat\"\n";
     let c = load(toml, &[("DB_PASS", "p\"w")]).unwrap();
-    let DatabaseConfig::Postgres { url, .. } = c.database else { panic!("postgres") };
+    let DatabaseConfig::Postgres { url, .. } = c.database else {
+        panic!("postgres")
+    };
     assert_eq!(url.expose().host_str(), Some("localhost"));
     assert_eq!(url.expose().password(), Some("p%22w"));
 
@@ -251,7 +310,11 @@ fn unknown_keys_are_rejected_naming_the_key() {
     assert_eq!(err.setting, "server.listen_addr");
     assert!(err.fix.contains("listen"), "suggests the known keys: {err}");
 
-    let err = load("[database]\nkind = \"sqlite\"\nurl = \"postgres://x\"\n", &[]).unwrap_err();
+    let err = load(
+        "[database]\nkind = \"sqlite\"\nurl = \"postgres://x\"\n",
+        &[],
+    )
+    .unwrap_err();
     assert!(err.setting.starts_with("database"), "{err}");
 
     let err = load("[nonsense]\na = 1\n", &[]).unwrap_err();
@@ -269,11 +332,18 @@ fn bad_values_name_the_setting_the_problem_and_the_fix() {
     assert!(err.fix.contains("CONFAB_LISTEN"), "{err}");
 
     let err = load("[server]\nenvironment = \"prod\"\n", &[]).unwrap_err();
-    assert!(err.problem.contains("production"), "lists the choices: {err}");
+    assert!(
+        err.problem.contains("production"),
+        "lists the choices: {err}"
+    );
 
     let err = load("", &[("APP_URL", "chat.example.com")]).unwrap_err();
     assert_eq!(err.setting, "server.app_url");
-    let err = load("", &[("CORS_ORIGINS", "https://ok.example.com,not an origin")]).unwrap_err();
+    let err = load(
+        "",
+        &[("CORS_ORIGINS", "https://ok.example.com,not an origin")],
+    )
+    .unwrap_err();
     assert_eq!(err.setting, "server.cors_origins");
     let err = load("", &[("REDIS_URL", "http://cache")]).unwrap_err();
     assert_eq!(err.setting, "cache.url");
@@ -282,12 +352,32 @@ fn bad_values_name_the_setting_the_problem_and_the_fix() {
     let err = load("", &[("CONFAB__SERVER__REQUEST_TIMEOUT_SECS", "0")]).unwrap_err();
     assert_eq!(err.setting, "server.request_timeout_secs");
     let err = load("", &[("EMAIL_PORT", "25")]).unwrap_err();
-    assert_eq!(err.setting, "mail.port", "EMAIL_PORT without a host is an error: {err}");
-    let err = load("", &[("ENVIRONMENT", "production"), ("JWT_SECRET", "tiny-s3cret")]).unwrap_err();
+    assert_eq!(
+        err.setting, "mail.port",
+        "EMAIL_PORT without a host is an error: {err}"
+    );
+    let err = load(
+        "",
+        &[("ENVIRONMENT", "production"), ("JWT_SECRET", "tiny-s3cret")],
+    )
+    .unwrap_err();
     assert_eq!(err.setting, "auth.jwt_secret");
-    assert!(!err.to_string().contains("tiny-s3cret"), "never echoes a secret: {err}");
-    let err = load("", &[("DATABASE_URL", "postgres://app:hunter2@db/x"), ("DATABASE_REPLICA_URL", "mysql://app:hunter2@r/x")]).unwrap_err();
-    assert!(!err.to_string().contains("hunter2"), "never echoes a password: {err}");
+    assert!(
+        !err.to_string().contains("tiny-s3cret"),
+        "never echoes a secret: {err}"
+    );
+    let err = load(
+        "",
+        &[
+            ("DATABASE_URL", "postgres://app:hunter2@db/x"),
+            ("DATABASE_REPLICA_URL", "mysql://app:hunter2@r/x"),
+        ],
+    )
+    .unwrap_err();
+    assert!(
+        !err.to_string().contains("hunter2"),
+        "never echoes a password: {err}"
+    );
 }
 
 #[test]
@@ -312,13 +402,19 @@ fn development_generates_the_jwt_secret_once_and_keeps_it() {
     first.resolve_jwt_secret().unwrap();
     let mut second = load("", &vars).unwrap();
     second.resolve_jwt_secret().unwrap();
-    let (a, b) = (first.auth.jwt_secret.unwrap(), second.auth.jwt_secret.unwrap());
+    let (a, b) = (
+        first.auth.jwt_secret.unwrap(),
+        second.auth.jwt_secret.unwrap(),
+    );
     assert_eq!(a, b, "the same secret survives a restart");
     assert!(a.expose().len() >= 32);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(data.join("jwt-secret")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(data.join("jwt-secret"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "only the owner may read the secret");
     }
 }
@@ -347,9 +443,19 @@ fn printing_the_config_redacts_every_secret() {
     )
     .unwrap();
     for printed in [c.to_redacted_toml(), format!("{c:?}")] {
-        for secret in ["db-pass-1", "redis-pass-2", "jwt-secret-3", "sk-openai-4", "mail-pass-5", "sentry-key-6"] {
+        for secret in [
+            "db-pass-1",
+            "redis-pass-2",
+            "jwt-secret-3",
+            "sk-openai-4",
+            "mail-pass-5",
+            "sentry-key-6",
+        ] {
             assert!(!printed.contains(secret), "{secret} leaked:\n{printed}");
         }
-        assert!(printed.contains("db/chat"), "hosts stay visible:\n{printed}");
+        assert!(
+            printed.contains("db/chat"),
+            "hosts stay visible:\n{printed}"
+        );
     }
 }

@@ -24,7 +24,7 @@ pub fn test_config(data_dir: &Path) -> Config {
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse().expect("a literal address");
     config.server.environment = Environment::Test;
-    config.server.data_dir = data_dir.to_owned();
+    data_dir.clone_into(&mut config.server.data_dir);
     config.auth.jwt_secret = Some(Secret::new("test-secret-test-secret-test-secret!"));
     config
 }
@@ -34,7 +34,14 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with_routes(routes: Router<AppState>) -> TestApp {
-    spawn_app_with(|_| {}, Overrides { routes, ..Overrides::default() }).await
+    spawn_app_with(
+        |_| {},
+        Overrides {
+            routes,
+            ..Overrides::default()
+        },
+    )
+    .await
 }
 
 pub async fn spawn_app_with(configure: impl FnOnce(&mut Config), overrides: Overrides) -> TestApp {
@@ -66,12 +73,20 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.client.get(self.url(path)).send().await.expect("the request is answered")
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("the request is answered")
     }
 }
 
 /// Asserts the SPEC error shape and returns the body.
-pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
+pub async fn assert_error(
+    response: reqwest::Response,
+    status: u16,
+    code: &str,
+) -> serde_json::Value {
     assert_eq!(response.status().as_u16(), status, "status");
     assert!(
         response.headers()[reqwest::header::CONTENT_TYPE]
@@ -79,13 +94,23 @@ pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) 
             .unwrap()
             .starts_with("application/json")
     );
-    let header_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let header_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let body: serde_json::Value = response.json().await.expect("a JSON body");
     assert_eq!(body["code"], code, "{body}");
-    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     assert!(body["details"].is_object(), "{body}");
     assert_eq!(body["requestId"], header_id.as_str(), "{body}");
     let keys: Vec<&String> = body.as_object().unwrap().keys().collect();
-    assert_eq!(keys.len(), 4, "exactly code, message, details, requestId: {body}");
+    assert_eq!(
+        keys.len(),
+        4,
+        "exactly code, message, details, requestId: {body}"
+    );
     body
 }
