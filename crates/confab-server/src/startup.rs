@@ -100,11 +100,14 @@ impl Application {
         .with_graceful_shutdown(token.clone().cancelled_owned());
         let mut server = tokio::spawn(server.into_future());
 
+        // Biased: once the token is cancelled the server may finish in the same poll, and the
+        // shutdown path (with its log lines) must still be the one taken.
         tokio::select! {
+            biased;
+            () = token.cancelled() => {}
             result = &mut server => {
                 return result.context("the HTTP server task failed")?.context("while serving HTTP");
             }
-            () = token.cancelled() => {}
         }
         tracing::info!(
             deadline_secs = deadline.as_secs(),

@@ -11,6 +11,8 @@ use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::layer::SubscriberExt;
@@ -32,20 +34,25 @@ pub fn init(log: &LogConfig, environment: Environment) -> anyhow::Result<()> {
     };
     let registry = tracing_subscriber::registry().with(filter);
     if json {
-        registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .fmt_fields(JsonFields::new())
-                    .event_format(JsonLines)
-                    .with_writer(std::io::stdout),
-            )
-            .try_init()?;
+        registry.with(json_layer(std::io::stdout)).try_init()?;
     } else {
         registry
             .with(tracing_subscriber::fmt::layer().with_writer(std::io::stdout))
             .try_init()?;
     }
     Ok(())
+}
+
+/// The JSON-lines layer, writing to `writer` (stdout in the binary, a buffer in tests).
+pub fn json_layer<S, W>(writer: W) -> impl Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .fmt_fields(JsonFields::new())
+        .event_format(JsonLines)
+        .with_writer(writer)
 }
 
 /// One JSON object per event.

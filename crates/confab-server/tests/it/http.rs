@@ -574,7 +574,7 @@ async fn shutdown_gives_up_on_requests_past_the_deadline() {
 async fn metrics_count_requests_by_matched_route_never_by_raw_path() {
     let app = spawn_app().await;
     app.get("/live").await;
-    app.get("/no/such/path/4711").await;
+    app.get("/no/such/path/raw-segment-xyz").await;
     let response = app.get("/metrics").await;
     assert_eq!(response.status(), 200);
     assert!(
@@ -598,7 +598,10 @@ async fn metrics_count_requests_by_matched_route_never_by_raw_path() {
         ),
         "{text}"
     );
-    assert!(!text.contains("4711"), "raw paths never become labels");
+    assert!(
+        !text.contains("raw-segment-xyz"),
+        "raw paths never become labels"
+    );
 }
 
 #[tokio::test]
@@ -659,4 +662,28 @@ async fn the_docs_ui_is_served_from_vendored_assets() {
         .await
         .unwrap();
     assert!(init.contains("/api/v1/openapi.json"));
+}
+
+#[tokio::test]
+async fn the_worker_role_serves_only_probes_and_metrics() {
+    let data = tempfile::tempdir().unwrap();
+    let app = confab_server::startup::Application::build(
+        crate::helpers::test_config(data.path()),
+        confab_server::cli::Role::Worker,
+    )
+    .await
+    .unwrap();
+    let base = format!("http://{}", app.local_addr());
+    tokio::spawn(app.run_until_stopped());
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    for (path, status) in [
+        ("/live", 200),
+        ("/ready", 200),
+        ("/metrics", 200),
+        ("/docs/", 404),
+        ("/api/v1/openapi.json", 404),
+    ] {
+        let response = client.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{path}");
+    }
 }

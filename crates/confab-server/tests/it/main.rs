@@ -6,3 +6,4 @@ mod cli;
 mod config;
 mod helpers;
 mod http;
+mod logs;

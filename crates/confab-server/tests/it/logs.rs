@@ -1,0 +1,121 @@
+//! Log lines as an operator reads them: every line of a request carries its id, a panic's
+//! cause is logged once, nothing secret is written.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::routing::get;
+use confab_server::telemetry::json_layer;
+use tracing_subscriber::layer::SubscriberExt;
+
+use crate::helpers::spawn_app_with_routes;
+
+/// Log lines written by this test's own tasks (a current-thread runtime: the server runs on
+/// the test's thread, where the subscriber is the default).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn lines(&self) -> Vec<serde_json::Value> {
+        String::from_utf8(self.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn every_line_logged_while_serving_a_request_carries_its_request_id() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_subscriber::EnvFilter::new("info"))
+        .with(json_layer(move || writer.clone()));
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let routes = Router::new()
+        .route(
+            "/test/work",
+            get(|| async {
+                tracing::info!(step = 1, "Doing the work.");
+                tokio::task::yield_now().await;
+                tracing::warn!(step = 2, "Still doing the work.");
+                "done"
+            }),
+        )
+        .route(
+            "/test/panic",
+            get(|| async {
+                let nothing: Option<&str> = std::hint::black_box(None);
+                nothing.expect("boom: cause 42")
+            }),
+        );
+    let app = spawn_app_with_routes(routes).await;
+    for (path, id) in [("/test/work", "work-req-1"), ("/test/panic", "panic-req-1")] {
+        app.client
+            .get(app.url(path))
+            .header("x-request-id", id)
+            .header("authorization", "Bearer secret-token-value")
+            .send()
+            .await
+            .unwrap();
+    }
+
+    let lines = captured.lines();
+    let of = |id: &str| -> Vec<&serde_json::Value> {
+        lines.iter().filter(|l| l["requestId"] == id).collect()
+    };
+    let work = of("work-req-1");
+    let messages: Vec<&str> = work
+        .iter()
+        .map(|l| l["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        messages,
+        [
+            "Doing the work.",
+            "Still doing the work.",
+            "Request completed."
+        ]
+    );
+    assert!(
+        work.iter()
+            .all(|l| l["route"] == "/test/work" && l["method"] == "GET")
+    );
+    assert_eq!(work[2]["status"], 200);
+
+    let panic = of("panic-req-1");
+    let failed: Vec<_> = panic
+        .iter()
+        .filter(|l| l["message"] == "Request failed.")
+        .collect();
+    assert_eq!(failed.len(), 1, "the cause is logged once: {panic:?}");
+    assert_eq!(failed[0]["level"], "ERROR");
+    assert!(
+        failed[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("boom: cause 42"),
+        "{:?}",
+        failed[0]
+    );
+    assert_eq!(panic.last().unwrap()["status"], 500);
+
+    let all = serde_json::to_string(&lines).unwrap();
+    assert!(
+        !all.contains("secret-token-value"),
+        "headers are not logged"
+    );
+}

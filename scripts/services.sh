@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Makes sure the services the tests talk to are running on 127.0.0.1 and exports the TEST_*
+# variables that point the tests at them. Source it: `. scripts/services.sh`.
+# Idempotent: a running service is left alone; a stopped one is started with the command that
+# the project's machines use. Nothing here reaches beyond this machine.
+
+_port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+_wait_port() { # name port seconds
+  local i
+  for ((i = 0; i < $3 * 10; i++)); do
+    _port_open "$2" && return 0
+    sleep 0.1
+  done
+  echo "services: $1 did not come up on 127.0.0.1:$2 within $3 s" >&2
+  return 1
+}
+
+_ensure() { # name port seconds start-command...
+  local name=$1 port=$2 secs=$3
+  shift 3
+  if _port_open "$port"; then
+    echo "services: $name is up on 127.0.0.1:$port"
+    return 0
+  fi
+  echo "services: starting $name"
+  "$@" >/dev/null 2>&1 || true
+  _wait_port "$name" "$port" "$secs"
+}
+
+ensure_postgres() {
+  _ensure postgresql 5432 30 bash -c 'pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start' &&
+    export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+}
+
+ensure_redis() {
+  _ensure redis 6379 15 redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no &&
+    export TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+}
+
+ensure_rabbitmq() {
+  _ensure rabbitmq 5672 90 rabbitmq-server -detached &&
+    export TEST_AMQP_URL="${TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+}
