@@ -2,7 +2,7 @@
 //! cause is logged once, nothing secret is written.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::Router;
 use axum::routing::get;
@@ -11,8 +11,9 @@ use tracing_subscriber::layer::SubscriberExt;
 
 use crate::helpers::spawn_app_with_routes;
 
-/// Log lines written by this test's own tasks (a current-thread runtime: the server runs on
-/// the test's thread, where the subscriber is the default).
+/// Every log line of this test process. The subscriber is process-wide: a thread-local one
+/// misses events whose callsites another thread reached first (tracing caches interest per
+/// callsite). Tests pick their own lines by the unique request ids they send.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
@@ -27,6 +28,20 @@ impl Write for Captured {
 }
 
 impl Captured {
+    fn global() -> &'static Self {
+        static CAPTURED: OnceLock<Captured> = OnceLock::new();
+        CAPTURED.get_or_init(|| {
+            let captured = Captured::default();
+            let writer = captured.clone();
+            let subscriber = tracing_subscriber::registry()
+                .with(tracing_subscriber::EnvFilter::new("info"))
+                .with(json_layer(move || writer.clone()));
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other test installs a global subscriber");
+            captured
+        })
+    }
+
     fn lines(&self) -> Vec<serde_json::Value> {
         String::from_utf8(self.0.lock().unwrap().clone())
             .unwrap()
@@ -38,12 +53,7 @@ impl Captured {
 
 #[tokio::test]
 async fn every_line_logged_while_serving_a_request_carries_its_request_id() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_subscriber::EnvFilter::new("info"))
-        .with(json_layer(move || writer.clone()));
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let captured = Captured::global();
 
     let routes = Router::new()
         .route(
