@@ -3,6 +3,7 @@
 release binary size.
 
 Usage: bench/foundation.py [--binary target/release/confab] [--runs 30] [--seconds 10]
+                           [--connections 50] [--log-level info|warn]
 
 Runs the release binary on 127.0.0.1 only, production-like (JSON logs to /dev/null, as a
 deployment would ship them). Cold start is measured from fork/exec to the first 200 from
@@ -37,8 +38,12 @@ def get(port, path, timeout=0.5):
         return None
 
 
+LOG_LEVEL = "info"
+
+
 def start(binary, port, data_dir, cpu=None):
     env = {
+        "CONFAB__LOG__LEVEL": LOG_LEVEL,
         "PATH": os.environ.get("PATH", ""),
         "ENVIRONMENT": "production",
         "JWT_SECRET": "bench-secret-bench-secret-bench-secret",
@@ -102,7 +107,12 @@ def main():
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--log-level", default="info",
+                    help="info writes one JSON access-log line per request (as deployed); "
+                         "warn shows what that line costs")
     args = ap.parse_args()
+    global LOG_LEVEL
+    LOG_LEVEL = args.log_level
     binary = os.path.abspath(args.binary)
     if not os.path.exists(binary):
         sys.exit(f"{binary} is missing: run cargo build --release -p confab-server first")
