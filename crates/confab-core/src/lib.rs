@@ -6,3 +6,6 @@
 
 pub mod error;
 pub mod ports;
+pub mod settings;
+#[cfg(feature = "testing")]
+pub mod testing;

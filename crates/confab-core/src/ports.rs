@@ -3,4 +3,5 @@
 //! Every port reports its own [`health::ComponentHealth`]; `/ready`, `/health` and
 //! `confab doctor` are built from those reports and nothing else.
 
+pub mod cache;
 pub mod health;

@@ -9,7 +9,6 @@
 //! Every failure is one [`ConfigError`]: the setting, what is wrong, and how to fix it.
 
 pub mod env;
-pub mod secret;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -20,8 +19,8 @@ use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use confab_core::settings::{Secret, SecretUrl};
 pub use env::Env;
-pub use secret::{Secret, SecretUrl};
 
 /// The file read when `--config` is not given, if it exists.
 pub const DEFAULT_FILE: &str = "confab.toml";
@@ -134,9 +133,11 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     /// The CORS allow-list in force, with the environment's default applied.
+    /// Entries are normalised as a browser sends them (`https://App.example.com:443` →
+    /// `https://app.example.com`).
     pub fn effective_cors_origins(&self) -> Vec<String> {
         match &self.cors_origins {
-            Some(list) => list.clone(),
+            Some(list) => list.iter().map(|entry| normalise_origin(entry)).collect(),
             None if self.environment.is_development() => {
                 vec!["http://localhost:*".into(), "http://127.0.0.1:*".into()]
             }
@@ -271,14 +272,14 @@ pub enum MailConfig {
         url: Option<SecretUrl>,
         #[serde(default)]
         host: Option<String>,
-        #[serde(default, deserialize_with = "lenient::option")]
+        #[serde(default, deserialize_with = "confab_core::settings::lenient::option")]
         port: Option<u16>,
         #[serde(default)]
         user: Option<String>,
         #[serde(default)]
         password: Option<Secret>,
         /// Implicit TLS (port 465) instead of STARTTLS.
-        #[serde(default, deserialize_with = "lenient::value")]
+        #[serde(default, deserialize_with = "confab_core::settings::lenient::value")]
         secure: bool,
         #[serde(default = "default_from")]
         from: String,
@@ -356,58 +357,6 @@ pub struct TelemetryConfig {
     pub sentry_dsn: Option<Secret>,
 }
 
-/// Numbers and booleans inside `kind`-tagged sections.
-///
-/// serde buffers the content of an internally tagged enum before it picks the variant, which
-/// bypasses figment's conversion of environment strings (`EMAIL_PORT=587`) to numbers; these
-/// accept either form. Use them on every non-string field of a tagged section.
-mod lenient {
-    use std::fmt::Display;
-    use std::str::FromStr;
-
-    use serde::{Deserialize, Deserializer, de};
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw<T> {
-        Typed(T),
-        Text(String),
-    }
-
-    fn convert<T, E>(raw: Raw<T>) -> Result<T, E>
-    where
-        T: FromStr,
-        T::Err: Display,
-        E: de::Error,
-    {
-        match raw {
-            Raw::Typed(v) => Ok(v),
-            Raw::Text(s) => s
-                .trim()
-                .parse()
-                .map_err(|e| E::custom(format!("{s:?} is not valid here ({e})"))),
-        }
-    }
-
-    pub fn value<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-    where
-        D: Deserializer<'de>,
-        T: FromStr + Deserialize<'de>,
-        T::Err: Display,
-    {
-        convert(Raw::deserialize(deserializer)?)
-    }
-
-    pub fn option<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
-    where
-        D: Deserializer<'de>,
-        T: FromStr + Deserialize<'de>,
-        T::Err: Display,
-    {
-        Ok(Some(convert(Raw::deserialize(deserializer)?)?))
-    }
-}
-
 /// Accepts `["a", "b"]` from a file and `"a,b"` from the environment.
 fn list_or_comma_string<'de, D: Deserializer<'de>>(
     deserializer: D,
@@ -427,6 +376,70 @@ fn list_or_comma_string<'de, D: Deserializer<'de>>(
             .map(str::to_owned)
             .collect(),
     }))
+}
+
+/// The `kind`-tagged sections and their default kinds.
+const BACKEND_SECTIONS: [(&str, &str); 5] = [
+    ("database", "sqlite"),
+    ("cache", "memory"),
+    ("queue", "database"),
+    ("media", "local"),
+    ("mail", "file"),
+];
+
+/// One configuration source, as settings.
+struct Layer {
+    metadata: Metadata,
+    dict: Dict,
+}
+
+impl Layer {
+    fn of(provider: &impl Provider) -> Result<Self, ConfigError> {
+        let dict = provider
+            .data()
+            .map_err(from_figment)?
+            .remove(&Profile::Default)
+            .unwrap_or_default();
+        Ok(Self {
+            metadata: provider.metadata(),
+            dict,
+        })
+    }
+
+    fn kind_of(&self, section: &str) -> Option<&str> {
+        self.dict.get(section)?.as_dict()?.get("kind")?.as_str()
+    }
+}
+
+impl Provider for Layer {
+    fn metadata(&self) -> Metadata {
+        self.metadata.clone()
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.dict.clone()))
+    }
+}
+
+/// A layer that selects another backend replaces the section rather than merging into it:
+/// `DATABASE_URL=postgres://…` over a file's `[database] path = "…"` is a switch to PostgreSQL,
+/// not a PostgreSQL config with a stray SQLite path. A layer that sets fields but no `kind`
+/// refines the backend selected below it.
+fn drop_switched_backends(layers: &mut [Layer]) {
+    for (section, default_kind) in BACKEND_SECTIONS {
+        let mut kind = default_kind.to_owned();
+        for i in 0..layers.len() {
+            let Some(explicit) = layers[i].kind_of(section).map(str::to_owned) else {
+                continue;
+            };
+            if explicit != kind {
+                for lower in &mut layers[..i] {
+                    lower.dict.remove(section);
+                }
+                kind = explicit;
+            }
+        }
+    }
 }
 
 /// The config file with `${VAR}` substituted, as a figment provider naming the file.
@@ -449,19 +462,43 @@ impl Config {
     /// Loads the configuration from `file` (or `./confab.toml` when it exists) and `env`, and
     /// validates it. The JWT secret is not resolved here: see [`Config::resolve_jwt_secret`].
     pub fn load(file: Option<&Path>, env: &Env) -> Result<Self, ConfigError> {
-        let mut figment = Figment::new().merge(Serialized::defaults(Self::default_kinds()));
         let file = match file {
             Some(path) => read_file(path, env, true)?,
             None => read_file(Path::new(DEFAULT_FILE), env, false)?,
         };
+        let mut layers = Vec::new();
         if let Some(file) = file {
-            figment = figment.merge(file);
+            layers.push(Layer::of(&file)?);
         }
-        figment = figment
-            .merge(env::AliasEnv::new(env)?)
-            .merge(env::NestedEnv::new(env));
-        let config: Self = figment.extract_lossy().map_err(from_figment)?;
-        config.validate()?;
+        let aliases = env::AliasEnv::new(env)?;
+        layers.push(Layer {
+            metadata: aliases.metadata(),
+            dict: aliases.dict,
+        });
+        let nested = env::NestedEnv::new(env);
+        layers.push(Layer {
+            metadata: nested.metadata(),
+            dict: nested.0,
+        });
+        drop_switched_backends(&mut layers);
+
+        let mut figment = Figment::new().merge(Serialized::defaults(Self::default_kinds()));
+        for layer in layers {
+            figment = figment.merge(layer);
+        }
+        let mut config: Self = figment.extract_lossy().map_err(from_figment)?;
+        // RUST_LOG is the Rust ecosystem's name for the log filter; it wins, and is checked
+        // like every other setting.
+        let from_rust_log = env.get("RUST_LOG").map(str::to_owned);
+        if let Some(filter) = &from_rust_log {
+            config.log.level.clone_from(filter);
+        }
+        config.validate().map_err(|mut e| {
+            if e.setting == "log.level" && from_rust_log.is_some() {
+                e.problem.push_str(" (from RUST_LOG)");
+            }
+            e
+        })?;
         Ok(config)
     }
 
@@ -469,13 +506,7 @@ impl Config {
     /// `EMAIL_FROM`) still selects the default backend.
     fn default_kinds() -> Dict {
         let mut dict = Dict::new();
-        for (section, kind) in [
-            ("database", "sqlite"),
-            ("cache", "memory"),
-            ("queue", "database"),
-            ("media", "local"),
-            ("mail", "file"),
-        ] {
+        for (section, kind) in BACKEND_SECTIONS {
             let mut inner = Dict::new();
             inner.insert("kind".into(), kind.into());
             dict.insert(section.into(), inner.into());
@@ -676,48 +707,56 @@ impl Config {
 
 fn load_or_create_secret(path: &Path) -> std::io::Result<Secret> {
     use std::io::Write;
-    match std::fs::read_to_string(path) {
-        Ok(text) if text.trim().len() >= 32 => return Ok(Secret::new(text.trim())),
-        Ok(_) => {
-            return Err(std::io::Error::other(
+    fn read(path: &Path) -> std::io::Result<Option<Secret>> {
+        match std::fs::read_to_string(path) {
+            Ok(text) if text.trim().len() >= 32 => Ok(Some(Secret::new(text.trim()))),
+            Ok(_) => Err(std::io::Error::other(
                 "the file exists but holds fewer than 32 characters; delete it to generate a new secret",
-            ));
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    }
+    if let Some(secret) = read(path)? {
+        return Ok(secret);
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut bytes = [0u8; 32];
+    let mut bytes = [0u8; 40];
     getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
-    let hex = bytes.iter().fold(String::with_capacity(64), |mut hex, b| {
-        use std::fmt::Write as _;
-        let _ = write!(hex, "{b:02x}");
-        hex
-    });
-    // Written to a temporary file and renamed, so a crash never leaves half a secret; a
-    // process that loses the race to create it reads the winner's.
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let hex = |bytes: &[u8]| {
+        bytes
+            .iter()
+            .fold(String::with_capacity(bytes.len() * 2), |mut hex, b| {
+                use std::fmt::Write as _;
+                let _ = write!(hex, "{b:02x}");
+                hex
+            })
+    };
+    let (secret, suffix) = bytes.split_at(32);
+    // Written whole to a file of this process's own, then linked into place: a reader never
+    // sees half a secret, and of processes racing to create it (an api and a worker sharing
+    // a data dir) exactly one wins and every one of them uses the winner's.
+    let tmp = path.with_extension(format!("tmp-{}", hex(suffix)));
     {
         let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
+        options.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options.open(&tmp)?;
-        file.write_all(hex.as_bytes())?;
+        file.write_all(hex(secret).as_bytes())?;
         file.sync_all()?;
     }
-    if let Err(e) = std::fs::hard_link(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return if e.kind() == std::io::ErrorKind::AlreadyExists {
-            load_or_create_secret(path)
-        } else {
-            Err(e)
-        };
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
     }
-    std::fs::remove_file(&tmp)?;
-    Ok(Secret::new(hex))
+    read(path)?
+        .ok_or_else(|| std::io::Error::other("the secret file vanished while it was created"))
 }
 
 /// Reads a config file and substitutes `${VAR}` (and `${VAR:-default}`) from `env` inside its
@@ -894,6 +933,13 @@ fn from_figment(error: figment::Error) -> ConfigError {
 
 fn check_http_url(setting: &str, value: &str) -> Result<(), ConfigError> {
     match url::Url::parse(value) {
+        Ok(url) if !url.username().is_empty() || url.password().is_some() => {
+            Err(ConfigError::invalid(
+                setting,
+                "has credentials in it, which would be printed with the URL",
+                "the URL without user:password@ (keys and passwords have settings of their own)",
+            ))
+        }
         Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(()),
         _ => Err(ConfigError::invalid(
             setting,
@@ -913,6 +959,17 @@ fn check_scheme(setting: &str, url: &SecretUrl, schemes: &[&str]) -> Result<(), 
             &format!("a URL starting with {}://", schemes.join(":// or ")),
         ))
     }
+}
+
+fn normalise_origin(entry: &str) -> String {
+    let (base, any_port) = match entry.strip_suffix(":*") {
+        Some(base) => (base, ":*"),
+        None => (entry, ""),
+    };
+    url::Url::parse(base).map_or_else(
+        |_| entry.to_owned(),
+        |url| format!("{}{any_port}", url.origin().ascii_serialization()),
+    )
 }
 
 fn check_origin(origin: &str) -> Result<(), ConfigError> {

@@ -33,6 +33,24 @@ pub fn handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Drains histogram samples into their buckets every few seconds, so memory stays flat when
+/// nothing scrapes `/metrics`. Stops with `shutdown`.
+pub fn spawn_upkeep(
+    handle: PrometheusHandle,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => handle.run_upkeep(),
+            }
+        }
+    })
+}
+
 fn describe() {
     metrics::describe_counter!(
         "http_requests_total",

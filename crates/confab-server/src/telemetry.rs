@@ -21,12 +21,9 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{Environment, LogConfig, LogFormat};
 
-/// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`.
+/// Installs the global subscriber (`log.level` already holds `RUST_LOG` when that is set).
 pub fn init(log: &LogConfig, environment: Environment) -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(directives)?,
-        _ => EnvFilter::try_new(&log.level)?,
-    };
+    let filter = EnvFilter::try_new(&log.level)?;
     let json = match log.format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,
@@ -35,12 +32,35 @@ pub fn init(log: &LogConfig, environment: Environment) -> anyhow::Result<()> {
     let registry = tracing_subscriber::registry().with(filter);
     if json {
         registry.with(json_layer(std::io::stdout)).try_init()?;
+        install_panic_hook();
     } else {
         registry
             .with(tracing_subscriber::fmt::layer().with_writer(std::io::stdout))
             .try_init()?;
     }
     Ok(())
+}
+
+/// Panics become log lines, not plain text (and never backtraces) on stderr. A panic in a
+/// request handler is left to the HTTP layer, which answers 500 and logs the cause once, with
+/// the request's id.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        if crate::http::middleware::current_request_id().is_some() {
+            return;
+        }
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic without a message");
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(panic = message, location, "A thread panicked.");
+    }));
 }
 
 /// The JSON-lines layer, writing to `writer` (stdout in the binary, a buffer in tests).

@@ -18,9 +18,13 @@ pub struct Env {
 }
 
 impl Env {
-    /// The variables of this process (those that are valid UTF-8).
+    /// The variables of this process; those whose name or value is not UTF-8 are skipped
+    /// (none of ours can be such, and `std::env::vars` would panic on them).
     pub fn from_process() -> Self {
-        Self::from_pairs(std::env::vars())
+        Self::from_pairs(
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        )
     }
 
     pub fn from_pairs<K: Into<String>, V: Into<String>>(
@@ -111,7 +115,7 @@ pub fn how_to_set(setting: &str) -> String {
 }
 
 /// `CONFAB__SECTION__KEY=value` → `section.key = "value"`.
-pub struct NestedEnv(Dict);
+pub struct NestedEnv(pub(super) Dict);
 
 impl NestedEnv {
     pub const PREFIX: &'static str = "CONFAB__";
@@ -153,7 +157,7 @@ impl Provider for NestedEnv {
 
 /// The SPEC §2 aliases (`DATABASE_URL`, `REDIS_URL`, `EMAIL_HOST` …) as settings.
 pub struct AliasEnv {
-    dict: Dict,
+    pub(super) dict: Dict,
     /// Which variable set which setting, for error messages.
     sources: BTreeMap<String, String>,
 }
@@ -199,9 +203,12 @@ impl AliasEnv {
                 };
                 me.put("database.kind", kind, "DATABASE_URL");
                 if kind == "sqlite" {
-                    let path = url
-                        .trim_start_matches("sqlite:")
-                        .trim_start_matches("//")
+                    // sqlite:PATH, sqlite://PATH (relative) and sqlite:////abs/path (absolute,
+                    // SQLAlchemy's form): one `//` is the URL's, the rest is the path.
+                    let rest = url.strip_prefix("sqlite:").unwrap_or(url);
+                    let path = rest
+                        .strip_prefix("//")
+                        .unwrap_or(rest)
                         .split('?')
                         .next()
                         .unwrap_or_default();

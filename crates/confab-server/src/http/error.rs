@@ -109,21 +109,38 @@ impl ApiError {
     }
 }
 
+/// A failure of a service we call is never the client's fault: it answers 502 (the service
+/// failed or sent nonsense), 503 (it is busy: `Retry-After`), 504 (it timed out) or 500 (we
+/// are misconfigured), and its cause is always logged.
 impl From<ServiceError> for ApiError {
     fn from(err: ServiceError) -> Self {
-        let retry_after = match err.kind {
-            confab_core::error::ServiceErrorKind::RateLimit { retry_after } => retry_after,
-            _ => None,
+        use confab_core::error::ServiceErrorKind as Kind;
+        let (code, message) = match err.kind {
+            Kind::Config => (ErrorCode::ConfigError, "Something went wrong on our side."),
+            Kind::Timeout => (
+                ErrorCode::TimeoutError,
+                "A service we depend on did not answer in time.",
+            ),
+            Kind::RateLimit { .. } => (
+                ErrorCode::Unavailable,
+                "A service we depend on is busy; try again shortly.",
+            ),
+            Kind::Network => (
+                ErrorCode::NetworkError,
+                "A service we depend on cannot be reached.",
+            ),
+            Kind::Api | Kind::Validation | Kind::Unknown => {
+                (ErrorCode::ApiError, "A service we depend on failed.")
+            }
         };
-        let message = match err.code() {
-            ErrorCode::ConfigError | ErrorCode::UnknownError => "Something went wrong on our side.",
-            ErrorCode::TimeoutError => "A service we depend on did not answer in time.",
-            ErrorCode::RateLimitError => "A service we depend on is busy; try again shortly.",
-            _ => "A service we depend on failed.",
-        };
-        let mut api = Self::new(err.code(), message)
-            .with_details(serde_json::json!({ "service": err.service }));
-        if let Some(after) = retry_after {
+        let mut api = Self::new(code, message).with_details(serde_json::json!({
+            "service": err.service,
+            "reason": err.code().as_str(),
+        }));
+        if let Kind::RateLimit {
+            retry_after: Some(after),
+        } = err.kind
+        {
             api = api.with_retry_after(after.as_secs().max(1));
         }
         api.with_source(err)
@@ -144,15 +161,20 @@ fn chain(err: &(dyn std::error::Error + 'static)) -> String {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
-            if let Some(source) = &self.source {
+        // A cause is logged once, here; a 5xx without one (a timeout) is in the access log.
+        if let Some(source) = &self.source {
+            if status.is_server_error() {
                 tracing::error!(
                     code = self.code.as_str(),
                     error = %chain(source.as_ref()),
                     "Request failed."
                 );
             } else {
-                tracing::warn!(code = self.code.as_str(), "Request failed.");
+                tracing::warn!(
+                    code = self.code.as_str(),
+                    error = %chain(source.as_ref()),
+                    "Request refused."
+                );
             }
         }
         let body = ErrorBody {
@@ -168,5 +190,37 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use confab_core::error::{ServiceError, ServiceErrorKind};
+
+    use super::*;
+
+    fn status_and_retry(kind: ServiceErrorKind) -> (u16, Option<String>) {
+        let response = ApiError::from(ServiceError::new(kind, "openai", "x")).into_response();
+        let retry = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_owned());
+        (response.status().as_u16(), retry)
+    }
+
+    #[test]
+    fn service_failures_are_never_the_clients_fault() {
+        assert_eq!(status_and_retry(ServiceErrorKind::Validation).0, 502);
+        assert_eq!(status_and_retry(ServiceErrorKind::Api).0, 502);
+        assert_eq!(status_and_retry(ServiceErrorKind::Unknown).0, 502);
+        assert_eq!(status_and_retry(ServiceErrorKind::Network).0, 502);
+        assert_eq!(status_and_retry(ServiceErrorKind::Timeout).0, 504);
+        assert_eq!(status_and_retry(ServiceErrorKind::Config).0, 500);
+        let busy = ServiceErrorKind::RateLimit {
+            retry_after: Some(Duration::from_millis(2500)),
+        };
+        assert_eq!(status_and_retry(busy), (503, Some("2".into())));
     }
 }

@@ -1,8 +1,9 @@
 //! Extractors whose rejections are `ApiError`s, so a malformed request gets the SPEC's error
 //! shape and not axum's plain-text default.
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use confab_core::error::ErrorCode;
 use serde::de::DeserializeOwned;
 
@@ -50,5 +51,56 @@ fn json_rejection(rejection: &JsonRejection) -> ApiError {
         }
         other => ApiError::validation("The request body could not be read.")
             .with_details(serde_json::json!({ "reason": other.body_text() })),
+    }
+}
+
+/// `Query<T>` with a SPEC-shaped 400 naming what is wrong.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(query_rejection(&rejection)),
+        }
+    }
+}
+
+fn query_rejection(rejection: &QueryRejection) -> ApiError {
+    ApiError::validation("The query string is not valid here.")
+        .with_details(serde_json::json!({ "reason": rejection.body_text() }))
+}
+
+/// `Path<T>` whose rejection is a 404: a path segment of the wrong form (an id that is not a
+/// UUID) names nothing that exists.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Self(value)),
+            Err(rejection) => Err(path_rejection(&rejection)),
+        }
+    }
+}
+
+fn path_rejection(rejection: &PathRejection) -> ApiError {
+    match rejection {
+        PathRejection::FailedToDeserializePathParams(_) => ApiError::not_found(),
+        other => ApiError::internal(other.body_text()),
     }
 }

@@ -459,3 +459,91 @@ fn printing_the_config_redacts_every_secret() {
         );
     }
 }
+
+#[test]
+fn the_environment_can_switch_a_backend_the_file_selected() {
+    let toml = "[database]\npath = \"/srv/chat.db\"\n[media]\nkind = \"local\"\npath = \"/srv/media\"\n[cache]\nkind = \"redis\"\nurl = \"redis://file-redis\"\n";
+    let c = load(
+        toml,
+        &[
+            ("DATABASE_URL", "postgres://app:pw@db/chat"),
+            ("S3_BUCKET", "media"),
+            ("CONFAB__CACHE__KIND", "memory"),
+        ],
+    )
+    .unwrap();
+    assert!(
+        matches!(c.database, DatabaseConfig::Postgres { .. }),
+        "{:?}",
+        c.database
+    );
+    assert!(matches!(c.media, MediaConfig::S3 { ref bucket, .. } if bucket == "media"));
+    assert_eq!(c.cache, CacheConfig::Memory);
+
+    // Without a switch, the environment refines the file's backend.
+    let c = load(
+        "[database]\nkind = \"postgres\"\nurl = \"postgres://app:pw@db/chat\"\n",
+        &[("DATABASE_REPLICA_URL", "postgres://app:pw@replica/chat")],
+    )
+    .unwrap();
+    let DatabaseConfig::Postgres { url, replica_url } = c.database else {
+        panic!("postgres")
+    };
+    assert_eq!(url.expose().host_str(), Some("db"));
+    assert_eq!(replica_url.unwrap().expose().host_str(), Some("replica"));
+}
+
+#[test]
+fn rust_log_overrides_the_level_and_is_checked_like_any_setting() {
+    let c = load(
+        "[log]\nlevel = \"warn\"\n",
+        &[("RUST_LOG", "debug,hyper=info")],
+    )
+    .unwrap();
+    assert_eq!(c.log.level, "debug,hyper=info");
+    let err = load("", &[("RUST_LOG", "info,=bogus=")]).unwrap_err();
+    assert_eq!(err.setting, "log.level");
+    assert!(err.problem.contains("RUST_LOG"), "{err}");
+}
+
+#[test]
+fn sqlite_urls_keep_absolute_paths() {
+    for (url, path) in [
+        ("sqlite:////var/lib/app.db", "/var/lib/app.db"),
+        ("sqlite:///tmp/x.db", "/tmp/x.db"),
+        ("sqlite://rel/x.db", "rel/x.db"),
+        ("sqlite:data.db?mode=rwc", "data.db"),
+    ] {
+        let c = load("", &[("DATABASE_URL", url)]).unwrap();
+        assert_eq!(
+            c.database,
+            DatabaseConfig::Sqlite {
+                path: Some(path.into())
+            },
+            "{url}"
+        );
+    }
+}
+
+#[test]
+fn urls_with_credentials_in_plain_settings_are_refused() {
+    let err = load("", &[("OLLAMA_BASE_URL", "https://u:pw@ollama.internal")]).unwrap_err();
+    assert_eq!(err.setting, "ai.ollama.base_url");
+    assert!(!err.to_string().contains("pw@"), "{err}");
+}
+
+#[test]
+fn cors_entries_are_normalised_as_browsers_send_origins() {
+    let c = load(
+        "",
+        &[(
+            "CORS_ORIGINS",
+            "https://App.Example.com:443,http://LOCALHOST:*",
+        )],
+    )
+    .unwrap();
+    assert_eq!(
+        c.server.effective_cors_origins(),
+        ["https://app.example.com", "http://localhost:*"]
+    );
+}

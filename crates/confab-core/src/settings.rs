@@ -1,6 +1,7 @@
-//! Values that must never be printed: [`Secret`] and [`SecretUrl`].
+//! Building blocks of configuration shared by the server and the adapters (each adapter's
+//! config struct lives beside it, STYLE §2).
 //!
-//! Both redact themselves in `Debug`, `Display` and `Serialize`, so printing the whole
+//! Values that must never be printed: [`Secret`] and [`SecretUrl`]. Both redact themselves in `Debug`, `Display` and `Serialize`, so printing the whole
 //! configuration (`confab config check`, the startup log line) cannot leak them. The only way
 //! to the value is [`Secret::expose`] / [`SecretUrl::expose`], which is easy to grep for.
 
@@ -141,6 +142,58 @@ impl<'de> Deserialize<'de> for SecretUrl {
         let raw = String::deserialize(deserializer)?;
         // The parser's message never contains the input, so nothing leaks through it.
         Self::parse(&raw).map_err(|e| de::Error::custom(format!("not a valid URL ({e})")))
+    }
+}
+
+/// Numbers and booleans inside `kind`-tagged sections.
+///
+/// serde buffers the content of an internally tagged enum before it picks the variant, which
+/// bypasses figment's conversion of environment strings (`EMAIL_PORT=587`) to numbers; these
+/// accept either form. Use them on every non-string field of a tagged section.
+pub mod lenient {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    use serde::{Deserialize, Deserializer, de};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw<T> {
+        Typed(T),
+        Text(String),
+    }
+
+    fn convert<T, E>(raw: Raw<T>) -> Result<T, E>
+    where
+        T: FromStr,
+        T::Err: Display,
+        E: de::Error,
+    {
+        match raw {
+            Raw::Typed(v) => Ok(v),
+            Raw::Text(s) => s
+                .trim()
+                .parse()
+                .map_err(|e| E::custom(format!("{s:?} is not valid here ({e})"))),
+        }
+    }
+
+    pub fn value<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr + Deserialize<'de>,
+        T::Err: Display,
+    {
+        convert(Raw::deserialize(deserializer)?)
+    }
+
+    pub fn option<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr + Deserialize<'de>,
+        T::Err: Display,
+    {
+        Ok(Some(convert(Raw::deserialize(deserializer)?)?))
     }
 }
 
