@@ -1,1 +1,8 @@
-//! adapters.
+//! confab's adapters: one module per backend implementation of a `confab_core` port, with its
+//! config beside it, and one factory per port that turns the `kind`-tagged config into
+//! `Arc<dyn Port>`.
+
+pub mod cache;
+pub mod fail_soft_cache;
+pub mod memory_cache;
+pub mod redis_cache;

@@ -101,7 +101,14 @@ async fn serve(mut config: Config, role: Role) -> Result<ExitCode, Failure> {
 
 /// Prints the component table; exit 1 when something is down.
 async fn doctor(config: &Config) -> ExitCode {
-    let report = Components::from_config(config).check().await;
+    let ports = match crate::startup::Ports::build(config) {
+        Ok(ports) => ports,
+        Err(e) => {
+            println!("cannot set up the backends: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = Components::for_ports(config, &ports).check().await;
     println!(
         "{:<10} {:<13} {:<12} {:>9}  LAST ERROR",
         "COMPONENT", "STATUS", "KIND", "LATENCY"

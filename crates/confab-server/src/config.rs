@@ -19,6 +19,7 @@ use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use confab_adapters::cache::CacheConfig;
 pub use confab_core::settings::{Secret, SecretUrl};
 pub use env::Env;
 
@@ -69,6 +70,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub database: DatabaseConfig,
     pub cache: CacheConfig,
+    pub rate_limit: RateLimitConfig,
     pub queue: QueueConfig,
     pub media: MediaConfig,
     pub mail: MailConfig,
@@ -202,14 +204,18 @@ impl Default for DatabaseConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum CacheConfig {
-    #[default]
-    Memory,
-    Redis {
-        url: SecretUrl,
-    },
+/// `[rate_limit]`: how limits behave (the limits themselves belong to each feature).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// While the cache is unreachable, allow requests (true) or refuse them (false).
+    pub fail_open: bool,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self { fail_open: true }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -572,7 +578,7 @@ impl Config {
                 check_scheme("database.replica_url", replica, &["postgres", "postgresql"])?;
             }
         }
-        if let CacheConfig::Redis { url } = &self.cache {
+        if let CacheConfig::Redis { url, .. } = &self.cache {
             check_scheme("cache.url", url, &["redis", "rediss"])?;
         }
         if let QueueConfig::Rabbitmq { url } = &self.queue {
@@ -675,8 +681,8 @@ impl Config {
             DatabaseConfig::Postgres { url, .. } => url.redacted(),
         };
         let cache = match &self.cache {
-            CacheConfig::Memory => "memory".to_owned(),
-            CacheConfig::Redis { url } => url.redacted(),
+            CacheConfig::Memory { .. } => "memory".to_owned(),
+            CacheConfig::Redis { url, .. } => url.redacted(),
         };
         let queue = match &self.queue {
             QueueConfig::Database => "database".to_owned(),

@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use confab_core::ports::health::{ComponentHealth, HealthCheck, HealthStatus, overall};
 
 use crate::config::Config;
+use crate::startup::Ports;
 
 /// One row of the table.
 pub struct Component {
@@ -56,13 +57,20 @@ impl Components {
         self
     }
 
-    /// The components that exist for `config` in this build.
-    pub fn from_config(config: &Config) -> Self {
-        Self::new(vec![Component {
-            name: "ai",
-            required: false,
-            check: Arc::new(ai_health(config)),
-        }])
+    /// The table for this build's ports.
+    pub fn for_ports(config: &Config, ports: &Ports) -> Self {
+        Self::new(vec![
+            Component {
+                name: "cache",
+                required: false,
+                check: ports.cache.clone(),
+            },
+            Component {
+                name: "ai",
+                required: false,
+                check: Arc::new(ai_health(config)),
+            },
+        ])
     }
 
     pub async fn check(&self) -> Report {

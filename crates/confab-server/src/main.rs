@@ -8,6 +8,9 @@ use confab_server::cli::Cli;
 use confab_server::commands::{self, EXIT_CONFIG, Failure};
 
 fn main() -> ExitCode {
+    // Several crates link rustls; one process-wide crypto provider must be chosen before the
+    // first TLS connection (rediss://, amqps://, https), or that connection panics.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -12,9 +12,27 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::Role;
+use confab_core::ports::cache::Cache;
+
 use crate::config::Config;
 use crate::health::Components;
 use crate::state::AppState;
+
+/// One implementation per port, as the configuration chose them.
+#[derive(Clone)]
+pub struct Ports {
+    pub cache: Arc<dyn Cache>,
+}
+
+impl Ports {
+    /// Builds every port from `config`. Backends that may be down at startup (the cache)
+    /// connect in the background; must be called within a tokio runtime.
+    pub fn build(config: &Config) -> anyhow::Result<Self> {
+        let cache = confab_adapters::cache::build(&config.cache, config.rate_limit.fail_open)
+            .context("while setting up the cache (cache.url)")?;
+        Ok(Self { cache })
+    }
+}
 
 /// What a caller (a test, a benchmark) may put in place of the defaults.
 #[derive(Default)]
@@ -47,12 +65,14 @@ impl Application {
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("while binding {listen} (server.listen)"))?;
+        let ports = Ports::build(&config)?;
         let state = AppState {
             components: Arc::new(
                 overrides
                     .components
-                    .unwrap_or_else(|| Components::from_config(&config)),
+                    .unwrap_or_else(|| Components::for_ports(&config, &ports)),
             ),
+            cache: ports.cache,
             config: Arc::new(config),
             metrics: crate::metrics::handle(),
             started_at: Instant::now(),
@@ -74,6 +94,11 @@ impl Application {
 
     pub fn port(&self) -> u16 {
         self.local_addr().port()
+    }
+
+    /// What the handlers see.
+    pub fn state(&self) -> &AppState {
+        &self.state
     }
 
     /// Cancelling this token starts a graceful shutdown.

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use confab_core::ports::cache::Cache;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -13,6 +14,7 @@ use crate::health::Components;
 pub struct AppState {
     pub config: Arc<Config>,
     pub components: Arc<Components>,
+    pub cache: Arc<dyn Cache>,
     pub metrics: PrometheusHandle,
     pub started_at: Instant,
     /// Cancelled when the process begins to shut down; `/ready` then answers 503.

@@ -21,7 +21,10 @@ where
         ($($case:ident),* $(,)?) => {
             $(
                 eprintln!("cache suite: {}", stringify!($case));
-                $case(make(unique("confab-test:")).await).await;
+                let cache = make(unique("confab-test:")).await;
+                $case(cache.clone()).await;
+                // A shared backend (Redis) keeps nothing of the run.
+                cache.delete_prefix("").await.unwrap();
             )*
         };
     }
@@ -45,11 +48,13 @@ where
     );
     eprintln!("cache suite: prefixes_isolate_caches");
     let prefix = unique("confab-test:");
-    prefixes_isolate_caches(
+    let (a, b) = (
         make(prefix.clone()).await,
         make(format!("{prefix}-other")).await,
-    )
-    .await;
+    );
+    prefixes_isolate_caches(a.clone(), b.clone()).await;
+    b.delete_prefix("").await.unwrap();
+    a.delete_prefix("").await.unwrap();
 }
 
 async fn a_missing_key_misses(cache: Arc<dyn Cache>) {

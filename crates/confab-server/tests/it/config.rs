@@ -35,7 +35,7 @@ fn defaults_apply_when_nothing_is_configured() {
     assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
     assert_eq!(c.server.environment, Environment::Development);
     assert_eq!(c.database, DatabaseConfig::Sqlite { path: None });
-    assert_eq!(c.cache, CacheConfig::Memory);
+    assert_eq!(c.cache, CacheConfig::default());
     assert_eq!(c.queue, QueueConfig::Database);
 }
 
@@ -143,7 +143,7 @@ fn every_spec_alias_fills_its_setting() {
         replica_url.as_ref().unwrap().expose().host_str(),
         Some("replica")
     );
-    assert!(matches!(&c.cache, CacheConfig::Redis { url } if url.scheme() == "rediss"));
+    assert!(matches!(&c.cache, CacheConfig::Redis { url, .. } if url.scheme() == "rediss"));
     assert!(
         matches!(&c.queue, QueueConfig::Rabbitmq { url } if url.expose().host_str() == Some("mq"))
     );
@@ -259,7 +259,7 @@ fn the_second_name_of_each_alias_pair_works_too() {
 #[test]
 fn an_empty_variable_counts_as_unset() {
     let c = load("", &[("REDIS_URL", ""), ("PORT", " ")]).unwrap();
-    assert_eq!(c.cache, CacheConfig::Memory);
+    assert_eq!(c.cache, CacheConfig::default());
     assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
 }
 
@@ -478,7 +478,7 @@ fn the_environment_can_switch_a_backend_the_file_selected() {
         c.database
     );
     assert!(matches!(c.media, MediaConfig::S3 { ref bucket, .. } if bucket == "media"));
-    assert_eq!(c.cache, CacheConfig::Memory);
+    assert_eq!(c.cache, CacheConfig::default());
 
     // Without a switch, the environment refines the file's backend.
     let c = load(

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 pub struct TestApp {
     pub address: std::net::SocketAddr,
+    pub state: AppState,
     pub client: reqwest::Client,
     pub shutdown: CancellationToken,
     pub server: JoinHandle<anyhow::Result<()>>,
@@ -53,10 +54,12 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Config), overrides: Over
         .await
         .expect("the app builds");
     let address = app.local_addr();
+    let state = app.state().clone();
     let shutdown = app.shutdown_token();
     let server = tokio::spawn(app.run_until_stopped());
     TestApp {
         address,
+        state,
         client: reqwest::Client::builder()
             .no_proxy()
             .build()
@@ -113,4 +116,87 @@ pub async fn assert_error(
         "exactly code, message, details, requestId: {body}"
     );
     body
+}
+
+/// A `redis-server` of the test's own on a free port, to kill and restart at will.
+pub struct TempRedis {
+    pub port: u16,
+    password: Option<String>,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl TempRedis {
+    /// `None` (after a skip line) when `redis-server` is not installed; under `CI=true` that
+    /// is a failure.
+    pub fn start(password: Option<&str>) -> Option<Self> {
+        let installed = std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !installed {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "redis-server is not installed; CI needs it for the outage tests"
+            );
+            eprintln!("SKIP: redis-server is not installed");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut redis = Self {
+            port,
+            password: password.map(str::to_owned),
+            dir: tempfile::tempdir().expect("a temp dir"),
+            child: None,
+        };
+        redis.restart();
+        Some(redis)
+    }
+
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Starts it (again), empty, on the same port; returns once it accepts connections.
+    pub fn restart(&mut self) {
+        let mut command = std::process::Command::new("redis-server");
+        command
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        self.child = Some(command.spawn().expect("redis-server starts"));
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "redis-server did not listen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for TempRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
