@@ -6,3 +6,6 @@ pub mod cache;
 pub mod fail_soft_cache;
 pub mod memory_cache;
 pub mod redis_cache;
+pub mod sql_store;
+#[cfg(feature = "testing")]
+pub mod testing;

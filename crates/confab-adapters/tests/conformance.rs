@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use confab_adapters::cache::{CacheConfig, build_backend};
+use confab_adapters::sql_store::{DatabaseConfig, PoolConfig, SqlStore, Synchronous};
+use confab_adapters::testing::TempDatabase;
 use confab_core::ports::cache::Cache;
+use confab_core::ports::store::Store;
 use confab_core::settings::SecretUrl;
 use confab_core::testing::{self, unique};
 use futures_util::StreamExt;
@@ -60,4 +63,139 @@ async fn redis_pub_sub_crosses_nodes() {
     }
     assert_eq!(allowed, 3);
     node_a.delete_prefix("").await.unwrap();
+}
+
+async fn migrated(config: &DatabaseConfig, data_dir: &std::path::Path) -> Arc<dyn Store> {
+    let store = SqlStore::connect(config, data_dir).await.unwrap();
+    store.migrate().await.unwrap();
+    Arc::new(store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_passes_the_store_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    testing::store::run_all(|| {
+        let path = dir.path().join(format!("{}.db", unique("suite")));
+        async move {
+            let config = DatabaseConfig::Sqlite {
+                path: Some(path),
+                synchronous: Synchronous::Normal,
+                pool: PoolConfig::default(),
+            };
+            migrated(&config, std::path::Path::new(".")).await
+        }
+    })
+    .await;
+}
+
+fn postgres_config(url: &str) -> DatabaseConfig {
+    DatabaseConfig::Postgres {
+        url: SecretUrl::parse(url).unwrap(),
+        replica_url: None,
+        pool: PoolConfig {
+            max_connections: 4,
+            ..PoolConfig::default()
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_passes_the_store_suite() {
+    let Some(admin) = testing::service_url("TEST_DATABASE_URL", "PostgreSQL store") else {
+        return;
+    };
+    let databases = std::sync::Mutex::new(Vec::new());
+    testing::store::run_all(|| {
+        let admin = admin.clone();
+        let databases = &databases;
+        async move {
+            let db = TempDatabase::create(&admin).await;
+            let store = migrated(&postgres_config(&db.url), std::path::Path::new(".")).await;
+            databases.lock().unwrap().push(db);
+            store
+        }
+    })
+    .await;
+    for db in databases.into_inner().unwrap() {
+        db.drop().await;
+    }
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent_and_a_newer_schema_is_refused_by_name() {
+    use sea_orm::ConnectionTrait;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("schema.db");
+    let config = DatabaseConfig::Sqlite {
+        path: Some(path.clone()),
+        synchronous: Synchronous::Full,
+        pool: PoolConfig::default(),
+    };
+    let store = SqlStore::connect(&config, dir.path()).await.unwrap();
+    assert_eq!(store.migrate().await.unwrap(), ["m0001_initial"]);
+    assert!(
+        store.migrate().await.unwrap().is_empty(),
+        "a second run applies nothing"
+    );
+
+    // A later confab migrated this database.
+    let raw = sea_orm::Database::connect(format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    raw.execute_unprepared(
+        "INSERT INTO seaql_migrations (version, applied_at) VALUES ('m9999_from_the_future', 0)",
+    )
+    .await
+    .unwrap();
+    let err = SqlStore::connect(&config, dir.path())
+        .await
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap_err();
+    let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(
+        text.contains("m9999_from_the_future") && text.contains("newer"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_the_replica_and_writes_and_retries_to_the_primary() {
+    let Some(admin) = testing::service_url("TEST_DATABASE_URL", "PostgreSQL replica") else {
+        return;
+    };
+    // Two databases that do not replicate: what is read from where shows.
+    let (primary, replica) = (
+        TempDatabase::create(&admin).await,
+        TempDatabase::create(&admin).await,
+    );
+    migrated(&postgres_config(&replica.url), std::path::Path::new(".")).await;
+    let config = DatabaseConfig::Postgres {
+        url: SecretUrl::parse(&primary.url).unwrap(),
+        replica_url: Some(SecretUrl::parse(&replica.url).unwrap()),
+        pool: PoolConfig::default(),
+    };
+    let store = migrated(&config, std::path::Path::new(".")).await;
+    let ann = store
+        .create_user(confab_core::domain::NewUser {
+            email: "ann@example.com".into(),
+            name: "Ann".into(),
+            password_hash: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.user_by_id(ann.id).await.unwrap(),
+        None,
+        "plain reads use the replica"
+    );
+    let tx = store.begin().await.unwrap();
+    assert!(
+        tx.user_by_id(ann.id).await.unwrap().is_some(),
+        "a transaction reads the primary"
+    );
+    drop(tx);
+    primary.drop().await;
+    replica.drop().await;
 }

@@ -4,6 +4,7 @@
 //! axum, SQL, Redis, AMQP, object-store, SMTP or HTTP-client crate). Adapters implement the
 //! traits in [`ports`]; the server wires them together.
 
+pub mod domain;
 pub mod error;
 pub mod ports;
 pub mod settings;

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod cache;
+pub mod store;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};

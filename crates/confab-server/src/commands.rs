@@ -4,7 +4,10 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use crate::cli::{Cli, Command, ConfigAction, Role};
-use crate::config::{Config, ConfigError, DatabaseConfig, Env};
+use confab_adapters::sql_store::{SqlStore, known_migrations};
+use confab_core::ports::health::{ComponentHealth, HealthStatus};
+
+use crate::config::{Config, ConfigError, Env};
 use crate::health::Components;
 use crate::startup::{Application, shutdown_signal};
 
@@ -57,21 +60,24 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
-            let target = match &config.database {
-                DatabaseConfig::Sqlite { path } => path.clone().map_or_else(
-                    || {
-                        config
-                            .server
-                            .data_dir
-                            .join("confab.db")
-                            .display()
-                            .to_string()
-                    },
-                    |p| p.display().to_string(),
-                ),
-                DatabaseConfig::Postgres { url, .. } => url.redacted(),
-            };
-            println!("database {target}: this build defines no migrations yet; nothing to apply.");
+            let target = config.database.describe(&config.server.data_dir);
+            let store = SqlStore::connect(&config.database, &config.server.data_dir)
+                .await
+                .map_err(|e| {
+                    anyhow::Error::new(e)
+                        .context(format!("cannot connect to the database {target}"))
+                })?;
+            let applied = store.migrate().await.map_err(|e| {
+                anyhow::Error::new(e).context(format!("cannot migrate the database {target}"))
+            })?;
+            if applied.is_empty() {
+                println!(
+                    "database {target}: up to date ({} migrations).",
+                    known_migrations().len()
+                );
+            } else {
+                println!("database {target}: applied {}.", applied.join(", "));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Doctor => Ok(doctor(&config).await),
@@ -101,14 +107,22 @@ async fn serve(mut config: Config, role: Role) -> Result<ExitCode, Failure> {
 
 /// Prints the component table; exit 1 when something is down.
 async fn doctor(config: &Config) -> ExitCode {
-    let ports = match crate::startup::Ports::build(config) {
-        Ok(ports) => ports,
-        Err(e) => {
-            println!("cannot set up the backends: {e:#}");
-            return ExitCode::FAILURE;
-        }
+    let report = match crate::startup::Ports::build(config).await {
+        Ok(ports) => Components::for_ports(config, &ports).check().await,
+        // A backend that cannot even be set up is a row of its own, not the end of the table.
+        Err(e) => crate::health::Report {
+            status: HealthStatus::Down,
+            components: vec![(
+                "database",
+                true,
+                ComponentHealth::new(
+                    HealthStatus::Down,
+                    config.database.describe(&config.server.data_dir),
+                )
+                .with_error(format!("{e:#}")),
+            )],
+        },
     };
-    let report = Components::for_ports(config, &ports).check().await;
     println!(
         "{:<10} {:<13} {:<12} {:>9}  LAST ERROR",
         "COMPONENT", "STATUS", "KIND", "LATENCY"
@@ -129,7 +143,7 @@ async fn doctor(config: &Config) -> ExitCode {
     if report
         .components
         .iter()
-        .any(|(_, _, h)| h.status == confab_core::ports::health::HealthStatus::Down)
+        .any(|(_, _, h)| h.status == HealthStatus::Down)
     {
         ExitCode::FAILURE
     } else {

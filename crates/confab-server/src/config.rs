@@ -20,6 +20,7 @@ use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub use confab_adapters::cache::CacheConfig;
+pub use confab_adapters::sql_store::{DatabaseConfig, PoolConfig, Synchronous};
 pub use confab_core::settings::{Secret, SecretUrl};
 pub use env::Env;
 
@@ -181,27 +182,6 @@ pub struct AuthConfig {
     /// Signs access tokens. Generated once into the data dir in development; required
     /// (at least 32 characters) everywhere else.
     pub jwt_secret: Option<Secret>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum DatabaseConfig {
-    Sqlite {
-        /// Defaults to `<data_dir>/confab.db`.
-        #[serde(default)]
-        path: Option<PathBuf>,
-    },
-    Postgres {
-        url: SecretUrl,
-        #[serde(default)]
-        replica_url: Option<SecretUrl>,
-    },
-}
-
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        Self::Sqlite { path: None }
-    }
 }
 
 /// `[rate_limit]`: how limits behave (the limits themselves belong to each feature).
@@ -572,7 +552,10 @@ impl Config {
     }
 
     fn validate_backends(&self) -> Result<(), ConfigError> {
-        if let DatabaseConfig::Postgres { url, replica_url } = &self.database {
+        if let DatabaseConfig::Postgres {
+            url, replica_url, ..
+        } = &self.database
+        {
             check_scheme("database.url", url, &["postgres", "postgresql"])?;
             if let Some(replica) = replica_url {
                 check_scheme("database.replica_url", replica, &["postgres", "postgresql"])?;
@@ -671,15 +654,7 @@ impl Config {
 
     /// One line naming each backend in use, URLs redacted: what an operator needs at startup.
     pub fn summary(&self) -> String {
-        let database = match &self.database {
-            DatabaseConfig::Sqlite { path } => format!(
-                "sqlite:{}",
-                path.clone()
-                    .unwrap_or_else(|| self.server.data_dir.join("confab.db"))
-                    .display()
-            ),
-            DatabaseConfig::Postgres { url, .. } => url.redacted(),
-        };
+        let database = self.database.describe(&self.server.data_dir);
         let cache = match &self.cache {
             CacheConfig::Memory { .. } => "memory".to_owned(),
             CacheConfig::Redis { url, .. } => url.redacted(),

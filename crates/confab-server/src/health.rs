@@ -61,6 +61,11 @@ impl Components {
     pub fn for_ports(config: &Config, ports: &Ports) -> Self {
         Self::new(vec![
             Component {
+                name: "database",
+                required: true,
+                check: ports.store.clone(),
+            },
+            Component {
                 name: "cache",
                 required: false,
                 check: ports.cache.clone(),

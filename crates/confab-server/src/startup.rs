@@ -12,7 +12,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::Role;
+use confab_adapters::sql_store::SqlStore;
 use confab_core::ports::cache::Cache;
+use confab_core::ports::store::Store;
 
 use crate::config::Config;
 use crate::health::Components;
@@ -21,16 +23,32 @@ use crate::state::AppState;
 /// One implementation per port, as the configuration chose them.
 #[derive(Clone)]
 pub struct Ports {
+    pub store: Arc<dyn Store>,
     pub cache: Arc<dyn Cache>,
 }
 
 impl Ports {
-    /// Builds every port from `config`. Backends that may be down at startup (the cache)
-    /// connect in the background; must be called within a tokio runtime.
-    pub fn build(config: &Config) -> anyhow::Result<Self> {
+    /// Builds every port from `config`. The database must be reachable (fail fast: nothing
+    /// works without it) and is migrated; the cache may be down and connects in the
+    /// background.
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let target = config.database.describe(&config.server.data_dir);
+        let store = SqlStore::connect(&config.database, &config.server.data_dir)
+            .await
+            .with_context(|| format!("cannot connect to the database {target}"))?;
+        let applied = store
+            .migrate()
+            .await
+            .with_context(|| format!("cannot migrate the database {target}"))?;
+        if !applied.is_empty() {
+            tracing::info!(migrations = %applied.join(","), "Migrated the database.");
+        }
         let cache = confab_adapters::cache::build(&config.cache, config.rate_limit.fail_open)
             .context("while setting up the cache (cache.url)")?;
-        Ok(Self { cache })
+        Ok(Self {
+            store: Arc::new(store),
+            cache,
+        })
     }
 }
 
@@ -65,13 +83,14 @@ impl Application {
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("while binding {listen} (server.listen)"))?;
-        let ports = Ports::build(&config)?;
+        let ports = Ports::build(&config).await?;
         let state = AppState {
             components: Arc::new(
                 overrides
                     .components
                     .unwrap_or_else(|| Components::for_ports(&config, &ports)),
             ),
+            store: ports.store,
             cache: ports.cache,
             config: Arc::new(config),
             metrics: crate::metrics::handle(),

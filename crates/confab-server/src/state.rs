@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use confab_core::ports::cache::Cache;
+use confab_core::ports::store::Store;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -14,6 +15,7 @@ use crate::health::Components;
 pub struct AppState {
     pub config: Arc<Config>,
     pub components: Arc<Components>,
+    pub store: Arc<dyn Store>,
     pub cache: Arc<dyn Cache>,
     pub metrics: PrometheusHandle,
     pub started_at: Instant,

@@ -212,6 +212,13 @@ impl AliasEnv {
                         .split('?')
                         .next()
                         .unwrap_or_default();
+                    let absolute;
+                    let path = if path.starts_with("//") {
+                        absolute = format!("/{}", path.trim_start_matches('/'));
+                        absolute.as_str()
+                    } else {
+                        path
+                    };
                     me.put("database.path", path, "DATABASE_URL");
                 } else {
                     me.put("database.url", url, "DATABASE_URL");

@@ -147,6 +147,25 @@ impl From<ServiceError> for ApiError {
     }
 }
 
+/// What a store failure means to a client: a missing row is 404, a uniqueness rule 409, a
+/// database that cannot be reached 503 (try again shortly); anything else is our bug.
+impl From<confab_core::ports::store::StoreError> for ApiError {
+    fn from(err: confab_core::ports::store::StoreError) -> Self {
+        use confab_core::ports::store::StoreError;
+        match err {
+            StoreError::NotFound(_) => Self::not_found(),
+            StoreError::Conflict(_) => Self::new(ErrorCode::Conflict, "That already exists."),
+            StoreError::Unavailable(_) => Self::new(
+                ErrorCode::Unavailable,
+                "The service is briefly unavailable; try again shortly.",
+            )
+            .with_retry_after(1)
+            .with_source(err),
+            StoreError::Other(_) => Self::internal(err),
+        }
+    }
+}
+
 /// The error and its causes, `outer: inner: innermost`.
 fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();

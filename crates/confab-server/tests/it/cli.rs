@@ -179,16 +179,37 @@ fn doctor_prints_the_component_table() {
 }
 
 #[test]
-fn migrate_names_the_database_and_exits_0() {
+fn migrate_applies_the_schema_once_then_reports_it_up_to_date() {
     let dir = tempfile::tempdir().unwrap();
-    let (output, stdout, stderr) = run(confab(dir.path())
-        .arg("migrate")
-        .env("DATABASE_URL", "postgres://app:pw-9@db/chat"));
+    let (output, stdout, stderr) = run(confab(dir.path()).arg("migrate"));
     assert!(output.status.success(), "{stderr}");
     assert!(
-        stdout.contains("db/chat") && !stdout.contains("pw-9"),
+        stdout.contains("confab.db") && stdout.contains("applied m0001_initial"),
         "{stdout}"
     );
+    assert!(dir.path().join("confab-data/confab.db").exists());
+    let (output, stdout, stderr) = run(confab(dir.path()).arg("migrate"));
+    assert!(output.status.success(), "{stderr}");
+    assert!(stdout.contains("up to date"), "{stdout}");
+}
+
+#[test]
+fn an_unreachable_database_stops_startup_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // Port 1 on loopback refuses at once.
+    let (output, stdout, stderr) = run(confab(dir.path())
+        .arg("serve")
+        .env("DATABASE_URL", "postgres://app:pw-9@127.0.0.1:1/chat")
+        .env("CONFAB__DATABASE__POOL__ACQUIRE_TIMEOUT_SECS", "2"));
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.starts_with(
+            "confab: cannot connect to the database postgres://app:redacted@127.0.0.1:1/chat"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("pw-9") && !stdout.contains("pw-9"));
 }
 
 #[tokio::test]
@@ -200,7 +221,8 @@ async fn serve_logs_json_lines_with_request_ids_and_no_secrets_then_stops_on_sig
         c.arg("serve")
             .env("ENVIRONMENT", "production")
             .env("JWT_SECRET", jwt)
-            .env("DATABASE_URL", "postgres://app:db-pass-77@db.invalid/chat")
+            // Unreachable: the cache starts degraded and its URL is still logged redacted.
+            .env("REDIS_URL", "redis://:db-pass-77@127.0.0.1:1/0")
             .env("CONFAB_LISTEN", "127.0.0.1:0")
             .env("CONFAB_DATA_DIR", dir.path().join("data"))
             .stdout(Stdio::piped())
@@ -286,7 +308,7 @@ async fn serve_logs_json_lines_with_request_ids_and_no_secrets_then_stops_on_sig
     );
     let listening = seen.iter().find(|l| l.contains("Listening.")).unwrap();
     assert!(
-        listening.contains("postgres://app:redacted@db.invalid/chat"),
+        listening.contains("redis://:redacted@127.0.0.1:1/0"),
         "{listening}"
     );
     assert!(

@@ -8,3 +8,4 @@ mod config;
 mod helpers;
 mod http;
 mod logs;
+mod store;

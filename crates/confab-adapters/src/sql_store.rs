@@ -1,0 +1,401 @@
+//! `SqlStore`: the `Store` on SQLite (embedded) and PostgreSQL (production), one code path
+//! through sea-orm.
+//!
+//! Every operation is written once, for `Sql<C>` over any sea-orm connection: the pool
+//! (`SqlStore`) and a transaction (`SqlTx`) are the same code. Reads outside a transaction go
+//! to the read replica when one is configured.
+//!
+//! SQLite runs in WAL mode with `synchronous = NORMAL` by default: a committed write survives
+//! a crash of the process (SPEC §1); `synchronous = "full"` also survives a power cut, at the
+//! cost of an fsync per commit. Foreign keys are on and a busy connection waits (busy
+//! timeout) instead of failing.
+
+mod entities;
+mod migrations;
+mod ops;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use confab_core::ports::health::{ComponentHealth, HealthCheck, HealthStatus};
+use confab_core::ports::store::{Store, StoreError, StoreTx};
+use confab_core::settings::{SecretUrl, lenient};
+use sea_orm::sqlx;
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
+    DbErr, RuntimeErr, SqlErr, Statement, TransactionTrait,
+};
+use sea_orm_migration::MigratorTrait;
+use serde::{Deserialize, Serialize};
+
+pub use migrations::known as known_migrations;
+
+/// `[database.pool]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    #[serde(deserialize_with = "lenient::value")]
+    pub max_connections: u32,
+    #[serde(deserialize_with = "lenient::value")]
+    pub min_connections: u32,
+    /// How long a request waits for a connection before it gets 503 `UNAVAILABLE`.
+    #[serde(deserialize_with = "lenient::value")]
+    pub acquire_timeout_secs: u64,
+    /// Idle connections are closed after this long.
+    #[serde(deserialize_with = "lenient::value")]
+    pub idle_timeout_secs: u64,
+    /// Connections are recycled after this long, whatever their use.
+    #[serde(deserialize_with = "lenient::value")]
+    pub max_lifetime_secs: u64,
+    /// Check a connection that sat idle before handing it out (pre-ping).
+    #[serde(deserialize_with = "lenient::value")]
+    pub test_before_acquire: bool,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10,
+            min_connections: 1,
+            acquire_timeout_secs: 5,
+            idle_timeout_secs: 600,
+            max_lifetime_secs: 1800,
+            test_before_acquire: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Synchronous {
+    /// Survives a crash of the process.
+    #[default]
+    Normal,
+    /// Survives a power cut too: one fsync per commit.
+    Full,
+}
+
+/// `[database]`: which database, and how to use it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DatabaseConfig {
+    Sqlite {
+        /// Defaults to `<data_dir>/confab.db`.
+        #[serde(default)]
+        path: Option<PathBuf>,
+        #[serde(default)]
+        synchronous: Synchronous,
+        #[serde(default)]
+        pool: PoolConfig,
+    },
+    Postgres {
+        url: SecretUrl,
+        /// A read replica for read-only queries.
+        #[serde(default)]
+        replica_url: Option<SecretUrl>,
+        #[serde(default)]
+        pool: PoolConfig,
+    },
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self::Sqlite {
+            path: None,
+            synchronous: Synchronous::Normal,
+            pool: PoolConfig::default(),
+        }
+    }
+}
+
+impl DatabaseConfig {
+    /// Where the database is, safe to print.
+    pub fn describe(&self, data_dir: &Path) -> String {
+        match self {
+            Self::Sqlite { path, .. } => format!(
+                "sqlite:{}",
+                sqlite_path(path.as_deref(), data_dir).display()
+            ),
+            Self::Postgres { url, .. } => url.redacted(),
+        }
+    }
+}
+
+fn sqlite_path(path: Option<&Path>, data_dir: &Path) -> PathBuf {
+    path.map_or_else(|| data_dir.join("confab.db"), Path::to_owned)
+}
+
+/// The store over a connection `C`: the pool, or a transaction.
+pub struct Sql<C> {
+    conn: C,
+    /// Where reads outside a transaction go, when there is a replica.
+    replica: Option<DatabaseConnection>,
+}
+
+/// The store over the connection pool.
+pub type SqlStore = Sql<DatabaseConnection>;
+/// The store inside a transaction.
+pub type SqlTx = Sql<DatabaseTransaction>;
+
+/// Runs `$body` with `$c` bound to the replica when there is one, else the primary.
+macro_rules! read {
+    ($self:ident, |$c:ident| $body:expr) => {
+        match &$self.replica {
+            Some($c) => $body,
+            None => {
+                let $c = &$self.conn;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use read;
+
+fn options(url: &str, pool: &PoolConfig) -> ConnectOptions {
+    let mut options = ConnectOptions::new(url.to_owned());
+    options
+        .max_connections(pool.max_connections.max(1))
+        .min_connections(pool.min_connections.min(pool.max_connections.max(1)))
+        .connect_timeout(Duration::from_secs(pool.acquire_timeout_secs.max(1)))
+        .acquire_timeout(Duration::from_secs(pool.acquire_timeout_secs.max(1)))
+        .idle_timeout(Duration::from_secs(pool.idle_timeout_secs))
+        .max_lifetime(Duration::from_secs(pool.max_lifetime_secs))
+        .test_before_acquire(pool.test_before_acquire)
+        // Statements are not logged: they can carry message text.
+        .sqlx_logging(false);
+    options
+}
+
+impl SqlStore {
+    /// Connects (failing fast when the database cannot be reached) without migrating.
+    pub async fn connect(config: &DatabaseConfig, data_dir: &Path) -> Result<Self, StoreError> {
+        match config {
+            DatabaseConfig::Sqlite {
+                path,
+                synchronous,
+                pool,
+            } => {
+                let path = sqlite_path(path.as_deref(), data_dir);
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
+                }
+                let mut options = options(&format!("sqlite://{}?mode=rwc", path.display()), pool);
+                let synchronous = match synchronous {
+                    Synchronous::Normal => sqlx::sqlite::SqliteSynchronous::Normal,
+                    Synchronous::Full => sqlx::sqlite::SqliteSynchronous::Full,
+                };
+                options.map_sqlx_sqlite_opts(move |o| {
+                    o.journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                        .synchronous(synchronous)
+                        .busy_timeout(Duration::from_secs(5))
+                        .foreign_keys(true)
+                });
+                let conn = Database::connect(options).await.map_err(store_err)?;
+                Ok(Self {
+                    conn,
+                    replica: None,
+                })
+            }
+            DatabaseConfig::Postgres {
+                url,
+                replica_url,
+                pool,
+            } => {
+                let conn = Database::connect(options(url.expose().as_str(), pool))
+                    .await
+                    .map_err(store_err)?;
+                let replica = match replica_url {
+                    Some(url) => Some(
+                        Database::connect(options(url.expose().as_str(), pool))
+                            .await
+                            .map_err(store_err)?,
+                    ),
+                    None => None,
+                };
+                Ok(Self { conn, replica })
+            }
+        }
+    }
+
+    /// Applies pending migrations; returns their names. Refuses a database migrated by a
+    /// newer confab. On PostgreSQL an advisory lock makes nodes starting together take turns.
+    pub async fn migrate(&self) -> Result<Vec<String>, StoreError> {
+        let known = migrations::known();
+        let applied = if self.conn.get_database_backend() == DbBackend::Postgres {
+            let tx = self.conn.begin().await.map_err(store_err)?;
+            tx.execute_unprepared("SELECT pg_advisory_xact_lock(7243012451)")
+                .await
+                .map_err(store_err)?;
+            let applied = applied_versions(&tx).await?;
+            check_not_newer(&applied, &known)?;
+            migrations::Migrator::up(&tx, None)
+                .await
+                .map_err(store_err)?;
+            tx.commit().await.map_err(store_err)?;
+            applied
+        } else {
+            let applied = applied_versions(&self.conn).await?;
+            check_not_newer(&applied, &known)?;
+            migrations::Migrator::up(&self.conn, None)
+                .await
+                .map_err(store_err)?;
+            applied
+        };
+        Ok(known.into_iter().filter(|m| !applied.contains(m)).collect())
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.conn.get_database_backend() {
+            DbBackend::Postgres => "postgres",
+            DbBackend::Sqlite => "sqlite",
+            _ => "sql",
+        }
+    }
+}
+
+/// The migrations recorded in the database (none when it was never migrated).
+async fn applied_versions(conn: &impl ConnectionTrait) -> Result<Vec<String>, StoreError> {
+    let backend = conn.get_database_backend();
+    let exists = match backend {
+        DbBackend::Postgres => {
+            "SELECT 1 FROM information_schema.tables WHERE table_name = 'seaql_migrations'"
+        }
+        _ => "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'seaql_migrations'",
+    };
+    if conn
+        .query_one_raw(Statement::from_string(backend, exists))
+        .await
+        .map_err(store_err)?
+        .is_none()
+    {
+        return Ok(Vec::new());
+    }
+    let rows = conn
+        .query_all_raw(Statement::from_string(
+            backend,
+            "SELECT version FROM seaql_migrations",
+        ))
+        .await
+        .map_err(store_err)?;
+    rows.iter()
+        .map(|row| row.try_get::<String>("", "version").map_err(store_err))
+        .collect()
+}
+
+fn check_not_newer(applied: &[String], known: &[String]) -> Result<(), StoreError> {
+    let unknown: Vec<&str> = applied
+        .iter()
+        .filter(|m| !known.contains(m))
+        .map(String::as_str)
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::Other(
+            format!(
+                "the database schema is newer than this confab (it has {}); run a confab at least as new as the one that migrated it",
+                unknown.join(", ")
+            )
+            .into(),
+        ))
+    }
+}
+
+/// Maps sea-orm's errors onto the port's: uniqueness is `Conflict` and a missing referenced
+/// row `NotFound` on both backends; a lost or busy database is `Unavailable`.
+pub(crate) fn store_err(error: DbErr) -> StoreError {
+    match error.sql_err() {
+        Some(SqlErr::UniqueConstraintViolation(what)) => return StoreError::Conflict(what),
+        Some(SqlErr::ForeignKeyConstraintViolation(what)) => {
+            return StoreError::NotFound(format!("a referenced row does not exist ({what})"));
+        }
+        _ => {}
+    }
+    if is_unavailable(&error) {
+        StoreError::Unavailable(Box::new(error))
+    } else {
+        StoreError::Other(Box::new(error))
+    }
+}
+
+fn is_unavailable(error: &DbErr) -> bool {
+    let sqlx_error = match error {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => return true,
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => e,
+        _ => return false,
+    };
+    match &**sqlx_error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        // PostgreSQL: connection exceptions (08…) and shutdowns (57P…); SQLite: busy/locked.
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("57P") || matches!(&*code, "5" | "6" | "517")
+        }),
+        _ => false,
+    }
+}
+
+#[async_trait]
+impl HealthCheck for SqlStore {
+    async fn health(&self) -> ComponentHealth {
+        let started = Instant::now();
+        let checked = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.conn.execute_unprepared("SELECT 1"),
+        )
+        .await;
+        match checked {
+            Ok(Ok(_)) => ComponentHealth::new(HealthStatus::Ok, self.kind())
+                .with_latency_ms(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
+            Ok(Err(e)) => {
+                ComponentHealth::new(HealthStatus::Down, self.kind()).with_error(e.to_string())
+            }
+            Err(_) => ComponentHealth::new(HealthStatus::Down, self.kind())
+                .with_error("no answer to SELECT 1 within 2 s"),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
+        let tx = self.conn.begin().await.map_err(store_err)?;
+        Ok(Box::new(Sql {
+            conn: tx,
+            replica: None,
+        }))
+    }
+}
+
+#[async_trait]
+impl StoreTx for SqlTx {
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        self.conn.commit().await.map_err(store_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_not_newer;
+
+    #[test]
+    fn a_schema_with_unknown_migrations_is_refused_by_name() {
+        let known = vec!["m0001_initial".to_owned()];
+        assert!(check_not_newer(&known, &known).is_ok());
+        assert!(check_not_newer(&[], &known).is_ok());
+        let err =
+            check_not_newer(&["m0001_initial".into(), "m0002_future".into()], &known).unwrap_err();
+        assert!(err.to_string().contains("database error"));
+        let source = std::error::Error::source(&err).unwrap().to_string();
+        assert!(
+            source.contains("m0002_future") && source.contains("newer"),
+            "{source}"
+        );
+    }
+}
