@@ -1,0 +1,197 @@
+//! Store and cache figures for BENCHMARKS.md (issue 3).
+//!
+//! cargo run --release -p confab-adapters --example store_bench -- [sqlite|postgres] [messages]
+//!
+//! postgres uses a fresh database on TEST_DATABASE_URL; the rate-limit figures for Redis use
+//! TEST_REDIS_URL (skipped when unset). Loopback only.
+#![allow(clippy::unwrap_used, clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use confab_adapters::cache::{CacheConfig, build_backend};
+use confab_adapters::sql_store::{DatabaseConfig, PoolConfig, SqlStore, Synchronous};
+use confab_adapters::testing::TempDatabase;
+use confab_core::domain::{
+    ChatId, ChatKind, EventId, MemberRole, Message, MessageId, MessageKind, NewChat, NewUser,
+    OutboxEntry, Page, UserId, now,
+};
+use confab_core::ports::cache::{Cache, RateLimit};
+use confab_core::ports::store::Store;
+use confab_core::settings::SecretUrl;
+
+/// CPU time (user + system) this process has used so far.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    // Fields 14 and 15 of stat(5), counted after the command name: utime, stime in ticks.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn micros(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+async fn post(store: &dyn Store, chat: ChatId, sender: UserId, n: usize) {
+    let message = Message {
+        id: MessageId::new(),
+        chat_id: chat,
+        sender_id: Some(sender),
+        kind: MessageKind::Text,
+        text: Some(format!("message {n} with a little text in it")),
+        client_id: Some(format!("c{n}")),
+        image: None,
+        created_at: now(),
+        edited_at: None,
+        deleted_at: None,
+    };
+    let tx = store.begin().await.unwrap();
+    tx.insert_message(&message).await.unwrap();
+    tx.set_latest_message(chat, message.id, message.created_at).await.unwrap();
+    tx.enqueue(&OutboxEntry {
+        id: EventId::new(),
+        queue: "events".into(),
+        kind: "message.created".into(),
+        payload: serde_json::json!({"messageId": message.id, "chatId": chat}),
+        trace_id: None,
+        created_at: message.created_at,
+    })
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}
+
+async fn writers(store: &Arc<dyn Store>, chat: ChatId, senders: &[UserId], total: usize) -> (f64, Duration) {
+    let per = total / senders.len();
+    let cpu = cpu_time();
+    let started = Instant::now();
+    let tasks: Vec<_> = senders
+        .iter()
+        .map(|&sender| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for n in 0..per {
+                    post(&*store, chat, sender, n).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let done = per * senders.len();
+    (done as f64 / elapsed.as_secs_f64(), (cpu_time() - cpu) / u32::try_from(done).unwrap())
+}
+
+async fn rate_limit_latency(cache: &dyn Cache, n: usize) -> (Duration, Duration) {
+    let rate = RateLimit::per_second(1_000_000);
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let key = format!("rate:bench:{}", i % 100);
+        let started = Instant::now();
+        cache.rate_limit(&key, rate).await.unwrap();
+        samples.push(started.elapsed());
+    }
+    samples.sort();
+    (percentile(&samples, 0.5), percentile(&samples, 0.99))
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let backend = args.get(1).map_or("sqlite", String::as_str);
+    let total: usize = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(5000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut temp_db = None;
+    let config = match backend {
+        "postgres" => {
+            let admin = std::env::var("TEST_DATABASE_URL").expect("TEST_DATABASE_URL for postgres");
+            let db = TempDatabase::create(&admin).await;
+            let config = DatabaseConfig::Postgres {
+                url: SecretUrl::parse(&db.url).unwrap(),
+                replica_url: None,
+                pool: PoolConfig { max_connections: 10, ..PoolConfig::default() },
+            };
+            temp_db = Some(db);
+            config
+        }
+        _ => DatabaseConfig::Sqlite {
+            path: Some(dir.path().join("bench.db")),
+            synchronous: Synchronous::Normal,
+            pool: PoolConfig::default(),
+        },
+    };
+    let sql = SqlStore::connect(&config, dir.path()).await.unwrap();
+    sql.migrate().await.unwrap();
+    let store: Arc<dyn Store> = Arc::new(sql);
+
+    let mut senders = Vec::new();
+    for i in 0..8 {
+        let user = store
+            .create_user(NewUser { email: format!("u{i}@bench.example"), name: format!("U{i}"), password_hash: None })
+            .await
+            .unwrap();
+        senders.push(user.id);
+    }
+    let chat = store
+        .create_chat(NewChat {
+            id: ChatId::new(),
+            kind: ChatKind::Group,
+            name: Some("bench".into()),
+            created_by: senders[0],
+            members: senders.iter().map(|u| (*u, MemberRole::Member)).collect(),
+        })
+        .await
+        .unwrap()
+        .id;
+
+    println!("backend: {backend}, {total} messages per run; each message = insert + latest pointer + outbox row in one transaction");
+    let (rate, cpu) = writers(&store, chat, &senders[..1], total).await;
+    println!("| {backend} | 1 writer | {rate:.0} msg/s | CPU {} per message |", micros(cpu));
+    // The single writer used client ids c0.. for sender 0; the concurrent run uses the others.
+    let (rate, cpu) = writers(&store, chat, &senders[1..], total).await;
+    println!("| {backend} | 7 concurrent writers | {rate:.0} msg/s | CPU {} per message |", micros(cpu));
+
+    let mut samples = Vec::with_capacity(2000);
+    let newest = store.messages(chat, Page::newest(50)).await.unwrap();
+    let cursor = newest.last().unwrap().id;
+    for i in 0..2000 {
+        let page = if i % 2 == 0 { Page::newest(50) } else { Page::before(cursor, 50) };
+        let started = Instant::now();
+        let got = store.messages(chat, page).await.unwrap();
+        samples.push(started.elapsed());
+        assert_eq!(got.len(), 50);
+    }
+    samples.sort();
+    println!(
+        "| {backend} | page of 50 messages | p50 {} | p99 {} |",
+        micros(percentile(&samples, 0.5)),
+        micros(percentile(&samples, 0.99))
+    );
+
+    if backend == "sqlite" {
+        let memory = build_backend(&CacheConfig::default()).unwrap();
+        let (p50, p99) = rate_limit_latency(&*memory, 20_000).await;
+        println!("| memory | rate-limit check | p50 {} | p99 {} |", micros(p50), micros(p99));
+        if let Ok(url) = std::env::var("TEST_REDIS_URL") {
+            let redis = build_backend(&CacheConfig::Redis {
+                url: SecretUrl::parse(&url).unwrap(),
+                key_prefix: "confab-bench:".into(),
+            })
+            .unwrap();
+            let (p50, p99) = rate_limit_latency(&*redis, 20_000).await;
+            println!("| redis | rate-limit check | p50 {} | p99 {} |", micros(p50), micros(p99));
+            redis.delete_prefix("").await.unwrap();
+        }
+    }
+    drop(store);
+    if let Some(db) = temp_db {
+        db.drop().await;
+    }
+}
