@@ -4,7 +4,11 @@
 //!
 //! postgres uses a fresh database on TEST_DATABASE_URL; the rate-limit figures for Redis use
 //! TEST_REDIS_URL (skipped when unset). Loopback only.
-#![allow(clippy::unwrap_used, clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation
+)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +27,12 @@ use confab_core::settings::SecretUrl;
 /// CPU time (user + system) this process has used so far.
 fn cpu_time() -> Duration {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
     // Fields 14 and 15 of stat(5), counted after the command name: utime, stime in ticks.
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     Duration::from_millis(ticks * 10)
@@ -52,7 +61,9 @@ async fn post(store: &dyn Store, chat: ChatId, sender: UserId, n: usize) {
     };
     let tx = store.begin().await.unwrap();
     tx.insert_message(&message).await.unwrap();
-    tx.set_latest_message(chat, message.id, message.created_at).await.unwrap();
+    tx.set_latest_message(chat, message.id, message.created_at)
+        .await
+        .unwrap();
     tx.enqueue(&OutboxEntry {
         id: EventId::new(),
         queue: "events".into(),
@@ -66,7 +77,12 @@ async fn post(store: &dyn Store, chat: ChatId, sender: UserId, n: usize) {
     tx.commit().await.unwrap();
 }
 
-async fn writers(store: &Arc<dyn Store>, chat: ChatId, senders: &[UserId], total: usize) -> (f64, Duration) {
+async fn writers(
+    store: &Arc<dyn Store>,
+    chat: ChatId,
+    senders: &[UserId],
+    total: usize,
+) -> (f64, Duration) {
     let per = total / senders.len();
     let cpu = cpu_time();
     let started = Instant::now();
@@ -86,7 +102,10 @@ async fn writers(store: &Arc<dyn Store>, chat: ChatId, senders: &[UserId], total
     }
     let elapsed = started.elapsed();
     let done = per * senders.len();
-    (done as f64 / elapsed.as_secs_f64(), (cpu_time() - cpu) / u32::try_from(done).unwrap())
+    (
+        done as f64 / elapsed.as_secs_f64(),
+        (cpu_time() - cpu) / u32::try_from(done).unwrap(),
+    )
 }
 
 async fn rate_limit_latency(cache: &dyn Cache, n: usize) -> (Duration, Duration) {
@@ -116,7 +135,10 @@ async fn main() {
             let config = DatabaseConfig::Postgres {
                 url: SecretUrl::parse(&db.url).unwrap(),
                 replica_url: None,
-                pool: PoolConfig { max_connections: 10, ..PoolConfig::default() },
+                pool: PoolConfig {
+                    max_connections: 10,
+                    ..PoolConfig::default()
+                },
             };
             temp_db = Some(db);
             config
@@ -134,7 +156,11 @@ async fn main() {
     let mut senders = Vec::new();
     for i in 0..8 {
         let user = store
-            .create_user(NewUser { email: format!("u{i}@bench.example"), name: format!("U{i}"), password_hash: None })
+            .create_user(NewUser {
+                email: format!("u{i}@bench.example"),
+                name: format!("U{i}"),
+                password_hash: None,
+            })
             .await
             .unwrap();
         senders.push(user.id);
@@ -151,18 +177,30 @@ async fn main() {
         .unwrap()
         .id;
 
-    println!("backend: {backend}, {total} messages per run; each message = insert + latest pointer + outbox row in one transaction");
+    println!(
+        "backend: {backend}, {total} messages per run; each message = insert + latest pointer + outbox row in one transaction"
+    );
     let (rate, cpu) = writers(&store, chat, &senders[..1], total).await;
-    println!("| {backend} | 1 writer | {rate:.0} msg/s | CPU {} per message |", micros(cpu));
+    println!(
+        "| {backend} | 1 writer | {rate:.0} msg/s | CPU {} per message |",
+        micros(cpu)
+    );
     // The single writer used client ids c0.. for sender 0; the concurrent run uses the others.
     let (rate, cpu) = writers(&store, chat, &senders[1..], total).await;
-    println!("| {backend} | 7 concurrent writers | {rate:.0} msg/s | CPU {} per message |", micros(cpu));
+    println!(
+        "| {backend} | 7 concurrent writers | {rate:.0} msg/s | CPU {} per message |",
+        micros(cpu)
+    );
 
     let mut samples = Vec::with_capacity(2000);
     let newest = store.messages(chat, Page::newest(50)).await.unwrap();
     let cursor = newest.last().unwrap().id;
     for i in 0..2000 {
-        let page = if i % 2 == 0 { Page::newest(50) } else { Page::before(cursor, 50) };
+        let page = if i % 2 == 0 {
+            Page::newest(50)
+        } else {
+            Page::before(cursor, 50)
+        };
         let started = Instant::now();
         let got = store.messages(chat, page).await.unwrap();
         samples.push(started.elapsed());
@@ -178,7 +216,11 @@ async fn main() {
     if backend == "sqlite" {
         let memory = build_backend(&CacheConfig::default()).unwrap();
         let (p50, p99) = rate_limit_latency(&*memory, 20_000).await;
-        println!("| memory | rate-limit check | p50 {} | p99 {} |", micros(p50), micros(p99));
+        println!(
+            "| memory | rate-limit check | p50 {} | p99 {} |",
+            micros(p50),
+            micros(p99)
+        );
         if let Ok(url) = std::env::var("TEST_REDIS_URL") {
             let redis = build_backend(&CacheConfig::Redis {
                 url: SecretUrl::parse(&url).unwrap(),
@@ -186,7 +228,11 @@ async fn main() {
             })
             .unwrap();
             let (p50, p99) = rate_limit_latency(&*redis, 20_000).await;
-            println!("| redis | rate-limit check | p50 {} | p99 {} |", micros(p50), micros(p99));
+            println!(
+                "| redis | rate-limit check | p50 {} | p99 {} |",
+                micros(p50),
+                micros(p99)
+            );
             redis.delete_prefix("").await.unwrap();
         }
     }

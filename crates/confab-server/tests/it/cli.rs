@@ -212,26 +212,28 @@ fn an_unreachable_database_stops_startup_with_one_line() {
     assert!(!stderr.contains("pw-9") && !stdout.contains("pw-9"));
 }
 
-#[tokio::test]
-async fn serve_logs_json_lines_with_request_ids_and_no_secrets_then_stops_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let jwt = "jwt-secret-value-0123456789-abcdefghij";
-    let mut child = tokio::process::Command::from({
-        let mut c = confab(dir.path());
-        c.arg("serve")
-            .env("ENVIRONMENT", "production")
-            .env("JWT_SECRET", jwt)
-            // Unreachable: the cache starts degraded and its URL is still logged redacted.
-            .env("REDIS_URL", "redis://:db-pass-77@127.0.0.1:1/0")
-            .env("CONFAB_LISTEN", "127.0.0.1:0")
-            .env("CONFAB_DATA_DIR", dir.path().join("data"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        c
-    })
-    .kill_on_drop(true)
-    .spawn()
-    .expect("confab starts");
+type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// `confab serve` on a free port with JSON logs, `vars` added to a clean environment; returns
+/// once it listens, with the log lines read so far and its address.
+async fn spawn_serve(
+    dir: &Path,
+    vars: &[(&str, &str)],
+) -> (tokio::process::Child, Lines, Vec<String>, String) {
+    let mut command = confab(dir);
+    command
+        .arg("serve")
+        .env("ENVIRONMENT", "production")
+        .env("JWT_SECRET", "a-test-secret-that-is-long-enough-0123456789")
+        .env("CONFAB_LISTEN", "127.0.0.1:0")
+        .env("CONFAB_DATA_DIR", dir.join("data"))
+        .envs(vars.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = tokio::process::Command::from(command)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("confab starts");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut seen = Vec::new();
     let address = loop {
@@ -246,6 +248,23 @@ async fn serve_logs_json_lines_with_request_ids_and_no_secrets_then_stops_on_sig
             break value["address"].as_str().unwrap().to_owned();
         }
     };
+    (child, lines, seen, address)
+}
+
+#[tokio::test]
+async fn serve_logs_json_lines_with_request_ids_and_no_secrets_then_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = "jwt-secret-value-0123456789-abcdefghij";
+    let (mut child, mut lines, mut seen, address) = spawn_serve(
+        dir.path(),
+        &[
+            ("ENVIRONMENT", "production"),
+            ("JWT_SECRET", jwt),
+            // Unreachable: the cache starts degraded and its URL is still logged redacted.
+            ("REDIS_URL", "redis://:db-pass-77@127.0.0.1:1/0"),
+        ],
+    )
+    .await;
 
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let response = client
@@ -316,4 +335,40 @@ async fn serve_logs_json_lines_with_request_ids_and_no_secrets_then_stops_on_sig
         "{}",
         seen.join("\n")
     );
+}
+
+#[tokio::test]
+async fn rediss_urls_connect_over_verified_tls() {
+    let Some(redis) = crate::helpers::TempRedis::start_tls() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = redis.ca_file();
+    // The binary trusts the test's certificate authority through the standard variable.
+    let (mut child, _lines, _seen, address) = spawn_serve(
+        dir.path(),
+        &[
+            ("REDIS_URL", &redis.url()),
+            ("SSL_CERT_FILE", ca.to_str().unwrap()),
+        ],
+    )
+    .await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    confab_core::testing::eventually(
+        "the cache is up over TLS",
+        Duration::from_secs(5),
+        || async {
+            let health: serde_json::Value = client
+                .get(format!("http://{address}/health"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            health["components"]["cache"]["status"] == "ok"
+        },
+    )
+    .await;
+    child.kill().await.unwrap();
 }

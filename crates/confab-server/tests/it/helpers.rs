@@ -122,6 +122,8 @@ pub async fn assert_error(
 pub struct TempRedis {
     pub port: u16,
     password: Option<String>,
+    /// TLS only (a throwaway self-signed certificate), when set.
+    tls: bool,
     dir: tempfile::TempDir,
     child: Option<std::process::Child>,
 }
@@ -130,6 +132,15 @@ impl TempRedis {
     /// `None` (after a skip line) when `redis-server` is not installed; under `CI=true` that
     /// is a failure.
     pub fn start(password: Option<&str>) -> Option<Self> {
+        Self::start_with(password, false)
+    }
+
+    /// A TLS-only server; `None` (after a skip line) when `openssl` is missing outside CI.
+    pub fn start_tls() -> Option<Self> {
+        Self::start_with(None, true)
+    }
+
+    fn start_with(password: Option<&str>, tls: bool) -> Option<Self> {
         let installed = std::process::Command::new("redis-server")
             .arg("--version")
             .output()
@@ -149,14 +160,84 @@ impl TempRedis {
         let mut redis = Self {
             port,
             password: password.map(str::to_owned),
+            tls,
             dir: tempfile::tempdir().expect("a temp dir"),
             child: None,
         };
+        if tls {
+            // A throwaway CA, and a server certificate for localhost signed by it.
+            let dir = redis.dir.path();
+            std::fs::write(
+                dir.join("san.ext"),
+                "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+            )
+            .expect("a temp file");
+            let openssl = |args: &[&str]| {
+                std::process::Command::new("openssl")
+                    .args(args)
+                    .current_dir(dir)
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            };
+            let made = openssl(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=confab-test-ca",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+            ]) && openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "server.csr",
+            ]) && openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                "san.ext",
+                "-out",
+                "cert.pem",
+            ]);
+            if !made {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "openssl is needed for the TLS test"
+                );
+                eprintln!("SKIP: openssl is not installed");
+                return None;
+            }
+        }
         redis.restart();
         Some(redis)
     }
 
     pub fn url(&self) -> String {
+        if self.tls {
+            return format!("rediss://localhost:{}", self.port);
+        }
         match &self.password {
             Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
             None => format!("redis://127.0.0.1:{}", self.port),
@@ -166,8 +247,25 @@ impl TempRedis {
     /// Starts it (again), empty, on the same port; returns once it accepts connections.
     pub fn restart(&mut self) {
         let mut command = std::process::Command::new("redis-server");
+        let port = self.port.to_string();
+        if self.tls {
+            command
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .args(["--tls-cert-file", "cert.pem", "--tls-key-file", "key.pem"])
+                .args(["--tls-ca-cert-file", "ca.pem"])
+                .current_dir(self.dir.path());
+        } else {
+            command.args(["--port", &port]);
+        }
         command
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -185,6 +283,11 @@ impl TempRedis {
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+    }
+
+    /// The certificate a client must trust to talk to a TLS server.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
     }
 
     pub fn kill(&mut self) {
