@@ -7,7 +7,9 @@
 #![allow(
     clippy::unwrap_used,
     clippy::cast_precision_loss,
-    clippy::cast_possible_truncation
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::too_many_lines
 )]
 
 use std::sync::Arc;
@@ -104,7 +106,7 @@ async fn writers(
     let done = per * senders.len();
     (
         done as f64 / elapsed.as_secs_f64(),
-        (cpu_time() - cpu) / u32::try_from(done).unwrap(),
+        cpu_time().saturating_sub(cpu) / u32::try_from(done).unwrap(),
     )
 }
 
