@@ -10,6 +10,7 @@
 //! cost of an fsync per commit. Foreign keys are on and a busy connection waits (busy
 //! timeout) instead of failing.
 
+mod auth_ai;
 mod entities;
 mod migrations;
 mod ops;

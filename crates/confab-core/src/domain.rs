@@ -55,6 +55,13 @@ id_type!(
     MessageId,
     AiSessionId,
     AiMessageId,
+    /// One AI request (its user message, its answer, its stream).
+    AiRequestId,
+    GenerationId,
+    /// Every refresh token descended from one sign-in.
+    RefreshFamilyId,
+    RefreshTokenId,
+    OneTimeTokenId,
     /// One envelope on a queue, and its outbox row.
     EventId,
     SecurityEventId,
@@ -245,6 +252,114 @@ pub struct StoredServiceError {
     pub context: serde_json::Value,
     pub request_id: Option<String>,
     pub created_at: Timestamp,
+}
+
+/// A sign-in: its refresh tokens form a chain; reuse of a rotated one kills the family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshFamily {
+    pub id: RefreshFamilyId,
+    pub user_id: UserId,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
+    pub revoked_reason: Option<String>,
+}
+
+/// A refresh token, kept only as a hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshToken {
+    pub id: RefreshTokenId,
+    pub family_id: RefreshFamilyId,
+    pub token_hash: String,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    /// When it was exchanged for its successor.
+    pub rotated_at: Option<Timestamp>,
+    pub replaced_by: Option<RefreshTokenId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenPurpose {
+    VerifyEmail,
+    PasswordReset,
+    /// A 6-digit sign-in code (SPEC §3).
+    Otp,
+}
+
+/// A hashed, expiring, single-use token or code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OneTimeToken {
+    pub id: OneTimeTokenId,
+    pub user_id: Option<UserId>,
+    /// Lower-cased; a code can exist before its account does (passwordless sign-up).
+    pub email: String,
+    pub purpose: TokenPurpose,
+    pub token_hash: String,
+    pub attempts: i32,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub used_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AiSession {
+    pub id: AiSessionId,
+    pub user_id: UserId,
+    pub title: String,
+    /// `idle` | `queued` | `processing` | `failed`
+    pub status: String,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+/// One turn of an AI conversation (SPEC §3 "AI message").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AiMessage {
+    pub id: AiMessageId,
+    pub session_id: AiSessionId,
+    pub request_id: AiRequestId,
+    /// `user` | `assistant`
+    pub role: String,
+    pub content: String,
+    /// `complete` | `streaming` | `failed` | `cancelled`
+    pub status: String,
+    pub model: Option<String>,
+    pub provider: Option<String>,
+    pub cached: bool,
+    pub latency_ms: Option<i64>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub error_code: Option<String>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AiFeedback {
+    pub message_id: AiMessageId,
+    pub user_id: UserId,
+    /// `up` | `down`
+    pub rating: String,
+    pub comment: Option<String>,
+    pub created_at: Timestamp,
+}
+
+/// An image or text generation job (SPEC §3 `/ai/generations`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationJob {
+    pub id: GenerationId,
+    pub user_id: UserId,
+    /// `text` | `image`
+    pub kind: String,
+    pub prompt: String,
+    pub n: i32,
+    pub provider: Option<String>,
+    /// `queued` | `processing` | `succeeded` | `failed`
+    pub status: String,
+    pub results: Option<serde_json::Value>,
+    pub error_code: Option<String>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
 }
 
 #[cfg(test)]

@@ -112,3 +112,90 @@ entity!(service_errors, "service_errors", {
     pub request_id: Option<String>,
     pub created_at: DateTimeUtc,
 });
+
+entity!(refresh_families, "refresh_families", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub created_at: DateTimeUtc,
+    pub expires_at: DateTimeUtc,
+    pub revoked_at: Option<DateTimeUtc>,
+    pub revoked_reason: Option<String>,
+});
+
+entity!(refresh_tokens, "refresh_tokens", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub family_id: Uuid,
+    pub token_hash: String,
+    pub created_at: DateTimeUtc,
+    pub expires_at: DateTimeUtc,
+    pub rotated_at: Option<DateTimeUtc>,
+    pub replaced_by: Option<Uuid>,
+});
+
+entity!(one_time_tokens, "one_time_tokens", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub user_id: Option<Uuid>,
+    pub email: String,
+    pub purpose: String,
+    pub token_hash: String,
+    pub attempts: i32,
+    pub created_at: DateTimeUtc,
+    pub expires_at: DateTimeUtc,
+    pub used_at: Option<DateTimeUtc>,
+});
+
+entity!(ai_sessions, "ai_sessions", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub title: String,
+    pub status: String,
+    pub created_at: DateTimeUtc,
+    pub updated_at: DateTimeUtc,
+});
+
+entity!(ai_messages, "ai_messages", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub session_id: Uuid,
+    pub request_id: Uuid,
+    pub role: String,
+    pub content: String,
+    pub status: String,
+    pub model: Option<String>,
+    pub provider: Option<String>,
+    pub cached: bool,
+    pub latency_ms: Option<i64>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub error_code: Option<String>,
+    pub created_at: DateTimeUtc,
+});
+
+entity!(ai_feedback, "ai_feedback", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub message_id: Uuid,
+    pub user_id: Uuid,
+    pub rating: String,
+    pub comment: Option<String>,
+    pub created_at: DateTimeUtc,
+});
+
+entity!(generation_jobs, "generation_jobs", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub kind: String,
+    pub prompt: String,
+    pub n: i32,
+    pub provider: Option<String>,
+    pub status: String,
+    pub results: Option<Json>,
+    pub error_code: Option<String>,
+    pub created_at: DateTimeUtc,
+    pub updated_at: DateTimeUtc,
+});

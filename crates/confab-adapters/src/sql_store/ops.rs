@@ -21,7 +21,7 @@ use super::entities::{
 use super::{Sql, read, store_err};
 
 /// An insert's values: every field of `model`, as given.
-fn values<M, A>(model: M) -> A
+pub(super) fn values<M, A>(model: M) -> A
 where
     M: IntoActiveModel<A>,
     A: ActiveModelTrait,

@@ -11,10 +11,13 @@
 //! - **Cursor pages by id.** Ids are UUIDv7, so id order is creation order: `before` pages go
 //!   newest first, `after` pages oldest first, and following the last id of one page with the
 //!   next page visits every row exactly once.
+//! - **At most once.** Rotating a refresh token and using a one-time token are
+//!   compare-and-set: of two concurrent callers exactly one succeeds.
 //! - **Transactions.** [`Store::begin`] gives a [`StoreTx`] with the same operations; nothing
 //!   it wrote is visible to others until [`StoreTx::commit`], and dropping it uncommitted
 //!   rolls everything back. (A message, the chat's latest-message pointer and the outbox row
-//!   that announces it commit together.)
+//!   that announces it commit together.) After an error inside a transaction, drop it: on
+//!   PostgreSQL it accepts nothing more.
 //! - **Outages.** When the database cannot be reached, calls return
 //!   [`StoreError::Unavailable`] within the pool's acquire timeout, and work again when it is
 //!   back, without a restart. Reads may go to a read replica when one is configured; writes and
@@ -24,8 +27,10 @@ use async_trait::async_trait;
 
 use super::health::HealthCheck;
 use crate::domain::{
-    Chat, ChatId, EventId, Member, MemberRole, Message, MessageId, NewChat, NewUser, OutboxEntry,
-    Page, SecurityEvent, StoredServiceError, Timestamp, User, UserId,
+    AiFeedback, AiMessage, AiRequestId, AiSession, AiSessionId, Chat, ChatId, EventId,
+    GenerationId, GenerationJob, Member, MemberRole, Message, MessageId, NewChat, NewUser,
+    OneTimeToken, OneTimeTokenId, OutboxEntry, Page, RefreshFamily, RefreshFamilyId, RefreshToken,
+    RefreshTokenId, SecurityEvent, StoredServiceError, Timestamp, TokenPurpose, User, UserId,
 };
 use crate::error::BoxError;
 
@@ -150,16 +155,134 @@ pub trait AuditStore: Send + Sync {
     async fn record_service_error(&self, error: &StoredServiceError) -> Result<(), StoreError>;
 }
 
+/// Refresh-token families and one-time tokens (SPEC §3 "Accounts and auth"). Tokens are kept
+/// only as hashes; the service hashes what the client presents and looks that up.
+#[async_trait]
+pub trait TokenStore: Send + Sync {
+    /// A new family with its first token. `NotFound` when the user does not exist.
+    async fn create_refresh_family(
+        &self,
+        family: &RefreshFamily,
+        first: &RefreshToken,
+    ) -> Result<(), StoreError>;
+    /// The token with this hash, and its family.
+    async fn refresh_token_by_hash(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<(RefreshToken, RefreshFamily)>, StoreError>;
+    async fn refresh_token_by_id(
+        &self,
+        id: RefreshTokenId,
+    ) -> Result<Option<RefreshToken>, StoreError>;
+    /// Exchanges `old` for `successor`, atomically and at most once: `Ok(false)` when `old`
+    /// was already rotated (a concurrent refresh won, or the token is being reused). The
+    /// successor is stored only when this returns `Ok(true)`.
+    async fn rotate_refresh_token(
+        &self,
+        old: RefreshTokenId,
+        successor: &RefreshToken,
+        at: Timestamp,
+    ) -> Result<bool, StoreError>;
+    /// Revokes the family (reuse detected, logout); revoking twice keeps the first reason.
+    async fn revoke_refresh_family(
+        &self,
+        family: RefreshFamilyId,
+        reason: &str,
+        at: Timestamp,
+    ) -> Result<(), StoreError>;
+    /// Revokes every live family of the user (logout-all, password change); how many.
+    async fn revoke_user_refresh_families(
+        &self,
+        user: UserId,
+        reason: &str,
+        at: Timestamp,
+    ) -> Result<u64, StoreError>;
+    /// Deletes families that expired before `before`, with their tokens; how many.
+    async fn purge_refresh_families(&self, before: Timestamp) -> Result<u64, StoreError>;
+
+    /// `Conflict` when a token with the same purpose and hash exists.
+    async fn create_one_time_token(&self, token: &OneTimeToken) -> Result<(), StoreError>;
+    async fn one_time_token(
+        &self,
+        purpose: TokenPurpose,
+        token_hash: &str,
+    ) -> Result<Option<OneTimeToken>, StoreError>;
+    /// The newest unused, unexpired token of this purpose for `email` (an OTP is checked
+    /// against it).
+    async fn latest_one_time_token(
+        &self,
+        email: &str,
+        purpose: TokenPurpose,
+        now: Timestamp,
+    ) -> Result<Option<OneTimeToken>, StoreError>;
+    /// Counts a failed attempt; returns the new count.
+    async fn count_one_time_attempt(&self, id: OneTimeTokenId) -> Result<i32, StoreError>;
+    /// Marks the token used, at most once and only before it expires: whether this call did.
+    async fn use_one_time_token(
+        &self,
+        id: OneTimeTokenId,
+        at: Timestamp,
+    ) -> Result<bool, StoreError>;
+    /// Deletes tokens that expired before `before`; how many.
+    async fn purge_one_time_tokens(&self, before: Timestamp) -> Result<u64, StoreError>;
+}
+
+/// AI sessions, their messages, feedback, and generation jobs (SPEC §3 "AI assistant").
+#[async_trait]
+pub trait AiStore: Send + Sync {
+    async fn create_ai_session(&self, session: &AiSession) -> Result<(), StoreError>;
+    async fn ai_session(&self, id: AiSessionId) -> Result<Option<AiSession>, StoreError>;
+    /// The user's sessions, most recently updated first.
+    async fn ai_sessions_of(&self, user: UserId, limit: u32) -> Result<Vec<AiSession>, StoreError>;
+    async fn set_ai_session_status(
+        &self,
+        id: AiSessionId,
+        status: &str,
+        at: Timestamp,
+    ) -> Result<(), StoreError>;
+    async fn delete_ai_session(&self, id: AiSessionId) -> Result<bool, StoreError>;
+    /// `Conflict` when the request already has a message of that role: a redelivered answer
+    /// is not stored twice.
+    async fn insert_ai_message(&self, message: &AiMessage) -> Result<(), StoreError>;
+    async fn ai_message(
+        &self,
+        id: crate::domain::AiMessageId,
+    ) -> Result<Option<AiMessage>, StoreError>;
+    async fn ai_message_for_request(
+        &self,
+        request: AiRequestId,
+        role: &str,
+    ) -> Result<Option<AiMessage>, StoreError>;
+    /// The session's last `limit` messages, oldest first (the model's context).
+    async fn recent_ai_messages(
+        &self,
+        session: AiSessionId,
+        limit: u32,
+    ) -> Result<Vec<AiMessage>, StoreError>;
+    /// Writes content, status, model, provider, cached, latency, usage and error code.
+    async fn update_ai_message(&self, message: &AiMessage) -> Result<(), StoreError>;
+    /// One rating per user and message: a second call replaces the first.
+    async fn put_ai_feedback(&self, feedback: &AiFeedback) -> Result<(), StoreError>;
+    async fn create_generation(&self, job: &GenerationJob) -> Result<(), StoreError>;
+    async fn generation(&self, id: GenerationId) -> Result<Option<GenerationJob>, StoreError>;
+    /// Writes status, results, provider and error code.
+    async fn update_generation(&self, job: &GenerationJob) -> Result<(), StoreError>;
+    /// Deletes sessions and jobs last updated before `before` (retention); how many of each.
+    async fn purge_ai_history(&self, before: Timestamp) -> Result<(u64, u64), StoreError>;
+}
+
 /// The operations, inside a transaction.
 #[async_trait]
-pub trait StoreTx: UserStore + ChatStore + MessageStore + OutboxStore + AuditStore {
+pub trait StoreTx:
+    UserStore + ChatStore + MessageStore + OutboxStore + AuditStore + TokenStore + AiStore
+{
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 
 /// The whole store.
 #[async_trait]
 pub trait Store:
-    UserStore + ChatStore + MessageStore + OutboxStore + AuditStore + HealthCheck
+    UserStore + ChatStore + MessageStore + OutboxStore + AuditStore + TokenStore + AiStore + HealthCheck
 {
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError>;
 }

@@ -9,9 +9,11 @@ use serde_json::json;
 
 use super::unique;
 use crate::domain::{
-    ChatId, ChatKind, EventId, MemberRole, Message, MessageId, MessageKind, NewChat, NewUser,
-    OutboxEntry, Page, SecurityEvent, SecurityEventId, ServiceErrorId, StoredServiceError, User,
-    UserId, now,
+    AiFeedback, AiMessage, AiMessageId, AiRequestId, AiSession, AiSessionId, ChatId, ChatKind,
+    EventId, GenerationId, GenerationJob, MemberRole, Message, MessageId, MessageKind, NewChat,
+    NewUser, OneTimeToken, OneTimeTokenId, OutboxEntry, Page, RefreshFamily, RefreshFamilyId,
+    RefreshToken, RefreshTokenId, SecurityEvent, SecurityEventId, ServiceErrorId,
+    StoredServiceError, TokenPurpose, User, UserId, now,
 };
 use crate::ports::health::HealthStatus;
 use crate::ports::store::{Store, StoreError};
@@ -44,6 +46,12 @@ where
         the_outbox_hands_out_pending_entries_oldest_first,
         a_processed_event_conflicts_the_second_time,
         security_events_are_listed_per_user_newest_first,
+        a_refresh_token_rotates_once_and_its_family_can_be_revoked,
+        exactly_one_of_concurrent_rotations_wins,
+        expired_refresh_families_are_purged_with_their_tokens,
+        one_time_tokens_are_single_use_expire_and_count_attempts,
+        ai_sessions_keep_messages_once_per_request_and_feedback,
+        generations_are_updated_and_old_ai_history_is_purged,
         health_is_ok_with_a_kind,
     );
 }
@@ -598,4 +606,454 @@ async fn health_is_ok_with_a_kind(store: Arc<dyn Store>) {
         "{}",
         health.kind
     );
+}
+
+fn family(user: UserId, expires_in: Span) -> RefreshFamily {
+    RefreshFamily {
+        id: RefreshFamilyId::new(),
+        user_id: user,
+        created_at: now(),
+        expires_at: now() + expires_in,
+        revoked_at: None,
+        revoked_reason: None,
+    }
+}
+
+fn refresh(family: &RefreshFamily) -> RefreshToken {
+    RefreshToken {
+        id: RefreshTokenId::new(),
+        family_id: family.id,
+        token_hash: unique("hash-"),
+        created_at: now(),
+        expires_at: family.expires_at,
+        rotated_at: None,
+        replaced_by: None,
+    }
+}
+
+async fn a_refresh_token_rotates_once_and_its_family_can_be_revoked(store: Arc<dyn Store>) {
+    let ann = user(&*store).await;
+    let fam = family(ann.id, Span::days(30));
+    let first = refresh(&fam);
+    store.create_refresh_family(&fam, &first).await.unwrap();
+    let (found, found_family) = store
+        .refresh_token_by_hash(&first.token_hash)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((found, found_family), (first.clone(), fam.clone()));
+    assert_eq!(
+        store.refresh_token_by_hash("no-such-hash").await.unwrap(),
+        None
+    );
+
+    let second = refresh(&fam);
+    assert!(
+        store
+            .rotate_refresh_token(first.id, &second, now())
+            .await
+            .unwrap()
+    );
+    let reused = refresh(&fam);
+    assert!(
+        !store
+            .rotate_refresh_token(first.id, &reused, now())
+            .await
+            .unwrap(),
+        "a rotated token rotates once"
+    );
+    assert_eq!(
+        store
+            .refresh_token_by_hash(&reused.token_hash)
+            .await
+            .unwrap(),
+        None,
+        "the loser's successor is not stored"
+    );
+    let old = store.refresh_token_by_id(first.id).await.unwrap().unwrap();
+    assert_eq!(old.replaced_by, Some(second.id));
+    assert!(old.rotated_at.is_some());
+
+    store
+        .revoke_refresh_family(fam.id, "refresh_reused", now())
+        .await
+        .unwrap();
+    store
+        .revoke_refresh_family(fam.id, "logout", now())
+        .await
+        .unwrap();
+    let (_, revoked) = store
+        .refresh_token_by_hash(&second.token_hash)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(revoked.revoked_at.is_some());
+    assert_eq!(
+        revoked.revoked_reason.as_deref(),
+        Some("refresh_reused"),
+        "the first reason stays"
+    );
+
+    let (a, b) = (
+        family(ann.id, Span::days(30)),
+        family(ann.id, Span::days(30)),
+    );
+    store.create_refresh_family(&a, &refresh(&a)).await.unwrap();
+    store.create_refresh_family(&b, &refresh(&b)).await.unwrap();
+    assert_eq!(
+        store
+            .revoke_user_refresh_families(ann.id, "logout_all", now())
+            .await
+            .unwrap(),
+        2,
+        "only live families count"
+    );
+    let ghost = family(UserId::new(), Span::days(1));
+    let missing = store.create_refresh_family(&ghost, &refresh(&ghost)).await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound(_))),
+        "{missing:?}"
+    );
+}
+
+async fn exactly_one_of_concurrent_rotations_wins(store: Arc<dyn Store>) {
+    let ann = user(&*store).await;
+    let fam = family(ann.id, Span::days(30));
+    let first = refresh(&fam);
+    store.create_refresh_family(&fam, &first).await.unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, successor) = (store.clone(), refresh(&fam));
+            tokio::spawn(async move {
+                store
+                    .rotate_refresh_token(first.id, &successor, now())
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut winners = 0;
+    for task in tasks {
+        winners += usize::from(task.await.unwrap());
+    }
+    assert_eq!(
+        winners, 1,
+        "two tabs refreshing at once: one rotation, the other sees it rotated"
+    );
+}
+
+async fn expired_refresh_families_are_purged_with_their_tokens(store: Arc<dyn Store>) {
+    let ann = user(&*store).await;
+    let (old, live) = (
+        family(ann.id, -Span::hours(1)),
+        family(ann.id, Span::days(30)),
+    );
+    let (old_token, live_token) = (refresh(&old), refresh(&live));
+    store.create_refresh_family(&old, &old_token).await.unwrap();
+    store
+        .create_refresh_family(&live, &live_token)
+        .await
+        .unwrap();
+    assert_eq!(store.purge_refresh_families(now()).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .refresh_token_by_hash(&old_token.token_hash)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(
+        store
+            .refresh_token_by_hash(&live_token.token_hash)
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+fn code(email: &str, purpose: TokenPurpose, expires_in: Span) -> OneTimeToken {
+    OneTimeToken {
+        id: OneTimeTokenId::new(),
+        user_id: None,
+        email: email.into(),
+        purpose,
+        token_hash: unique("otp-hash-"),
+        attempts: 0,
+        created_at: now(),
+        expires_at: now() + expires_in,
+        used_at: None,
+    }
+}
+
+async fn one_time_tokens_are_single_use_expire_and_count_attempts(store: Arc<dyn Store>) {
+    let email = format!("{}@example.com", unique("otp"));
+    let otp = code(&email, TokenPurpose::Otp, Span::minutes(10));
+    store.create_one_time_token(&otp).await.unwrap();
+    assert_eq!(
+        store
+            .one_time_token(TokenPurpose::Otp, &otp.token_hash)
+            .await
+            .unwrap(),
+        Some(otp.clone())
+    );
+    assert_eq!(
+        store
+            .one_time_token(TokenPurpose::PasswordReset, &otp.token_hash)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .latest_one_time_token(&email, TokenPurpose::Otp, now())
+            .await
+            .unwrap()
+            .map(|t| t.id),
+        Some(otp.id)
+    );
+    assert_eq!(store.count_one_time_attempt(otp.id).await.unwrap(), 1);
+    assert_eq!(store.count_one_time_attempt(otp.id).await.unwrap(), 2);
+
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.use_one_time_token(otp.id, now()).await.unwrap() })
+        })
+        .collect();
+    let mut used = 0;
+    for task in tasks {
+        used += usize::from(task.await.unwrap());
+    }
+    assert_eq!(used, 1, "single use, however many try at once");
+    assert_eq!(
+        store
+            .latest_one_time_token(&email, TokenPurpose::Otp, now())
+            .await
+            .unwrap(),
+        None
+    );
+
+    let expired = code(&email, TokenPurpose::PasswordReset, -Span::minutes(1));
+    store.create_one_time_token(&expired).await.unwrap();
+    assert!(
+        !store.use_one_time_token(expired.id, now()).await.unwrap(),
+        "an expired token cannot be used"
+    );
+    assert_eq!(
+        store
+            .latest_one_time_token(&email, TokenPurpose::PasswordReset, now())
+            .await
+            .unwrap(),
+        None
+    );
+    let twin = OneTimeToken {
+        id: OneTimeTokenId::new(),
+        ..expired.clone()
+    };
+    assert!(matches!(
+        store.create_one_time_token(&twin).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.purge_one_time_tokens(now()).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .one_time_token(TokenPurpose::PasswordReset, &expired.token_hash)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(matches!(
+        store.count_one_time_attempt(expired.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+fn ai_turn(session: AiSessionId, request: AiRequestId, role: &str, content: &str) -> AiMessage {
+    AiMessage {
+        id: AiMessageId::new(),
+        session_id: session,
+        request_id: request,
+        role: role.into(),
+        content: content.into(),
+        status: "complete".into(),
+        model: None,
+        provider: None,
+        cached: false,
+        latency_ms: None,
+        prompt_tokens: None,
+        completion_tokens: None,
+        error_code: None,
+        created_at: now(),
+    }
+}
+
+async fn ai_sessions_keep_messages_once_per_request_and_feedback(store: Arc<dyn Store>) {
+    let ann = user(&*store).await;
+    let mut sessions = Vec::new();
+    for title in ["first", "second"] {
+        let s = AiSession {
+            id: AiSessionId::new(),
+            user_id: ann.id,
+            title: title.into(),
+            status: "idle".into(),
+            created_at: now(),
+            updated_at: now(),
+        };
+        store.create_ai_session(&s).await.unwrap();
+        sessions.push(s);
+    }
+    assert_eq!(
+        store.ai_session(sessions[0].id).await.unwrap(),
+        Some(sessions[0].clone())
+    );
+    store
+        .set_ai_session_status(sessions[0].id, "queued", now() + Span::seconds(1))
+        .await
+        .unwrap();
+    let listed: Vec<AiSessionId> = store
+        .ai_sessions_of(ann.id, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(
+        listed,
+        [sessions[0].id, sessions[1].id],
+        "most recently updated first"
+    );
+    assert_eq!(
+        store
+            .ai_session(sessions[0].id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "queued"
+    );
+
+    let session = sessions[0].id;
+    let mut turns = Vec::new();
+    for i in 0..3 {
+        let request = AiRequestId::new();
+        let question = ai_turn(session, request, "user", &format!("q{i}"));
+        let mut answer = ai_turn(session, request, "assistant", "");
+        answer.status = "streaming".into();
+        store.insert_ai_message(&question).await.unwrap();
+        store.insert_ai_message(&answer).await.unwrap();
+        turns.push((question, answer));
+    }
+    let (_, answer) = &turns[2];
+    let twice = store
+        .insert_ai_message(&ai_turn(session, answer.request_id, "assistant", "again"))
+        .await;
+    assert!(
+        matches!(twice, Err(StoreError::Conflict(_))),
+        "a redelivered answer is not stored twice: {twice:?}"
+    );
+
+    let mut done = answer.clone();
+    done.content = "Paris.".into();
+    done.status = "complete".into();
+    done.model = Some("smollm2-135m".into());
+    done.provider = Some("openai".into());
+    done.cached = true;
+    done.latency_ms = Some(420);
+    done.prompt_tokens = Some(12);
+    done.completion_tokens = Some(3);
+    store.update_ai_message(&done).await.unwrap();
+    assert_eq!(store.ai_message(done.id).await.unwrap(), Some(done.clone()));
+    assert_eq!(
+        store
+            .ai_message_for_request(done.request_id, "assistant")
+            .await
+            .unwrap(),
+        Some(done.clone())
+    );
+
+    let context = store.recent_ai_messages(session, 4).await.unwrap();
+    let contents: Vec<&str> = context.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(
+        contents,
+        ["q1", "", "q2", "Paris."],
+        "the last N, oldest first"
+    );
+
+    let feedback = |rating: &str| AiFeedback {
+        message_id: done.id,
+        user_id: ann.id,
+        rating: rating.into(),
+        comment: Some("ok".into()),
+        created_at: now(),
+    };
+    store.put_ai_feedback(&feedback("up")).await.unwrap();
+    store.put_ai_feedback(&feedback("down")).await.unwrap();
+    let orphan = AiFeedback {
+        message_id: AiMessageId::new(),
+        ..feedback("up")
+    };
+    assert!(matches!(
+        store.put_ai_feedback(&orphan).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    assert!(store.delete_ai_session(session).await.unwrap());
+    assert!(!store.delete_ai_session(session).await.unwrap());
+    assert_eq!(
+        store.ai_message(done.id).await.unwrap(),
+        None,
+        "messages go with their session"
+    );
+    assert!(matches!(
+        store.set_ai_session_status(session, "idle", now()).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn generations_are_updated_and_old_ai_history_is_purged(store: Arc<dyn Store>) {
+    let ann = user(&*store).await;
+    let mut job = GenerationJob {
+        id: GenerationId::new(),
+        user_id: ann.id,
+        kind: "image".into(),
+        prompt: "a lighthouse at dusk".into(),
+        n: 2,
+        provider: None,
+        status: "queued".into(),
+        results: None,
+        error_code: None,
+        created_at: now(),
+        updated_at: now(),
+    };
+    store.create_generation(&job).await.unwrap();
+    job.status = "succeeded".into();
+    job.provider = Some("replicate".into());
+    job.results = Some(json!({"images": ["media/a.webp", "media/b.webp"]}));
+    job.updated_at = now();
+    store.update_generation(&job).await.unwrap();
+    assert_eq!(store.generation(job.id).await.unwrap(), Some(job.clone()));
+    let session = AiSession {
+        id: AiSessionId::new(),
+        user_id: ann.id,
+        title: "t".into(),
+        status: "idle".into(),
+        created_at: now(),
+        updated_at: now(),
+    };
+    store.create_ai_session(&session).await.unwrap();
+
+    assert_eq!(
+        store.purge_ai_history(now() - Span::days(1)).await.unwrap(),
+        (0, 0),
+        "recent history stays"
+    );
+    assert_eq!(
+        store
+            .purge_ai_history(now() + Span::seconds(1))
+            .await
+            .unwrap(),
+        (1, 1)
+    );
+    assert_eq!(store.generation(job.id).await.unwrap(), None);
+    assert_eq!(store.ai_session(session.id).await.unwrap(), None);
 }
