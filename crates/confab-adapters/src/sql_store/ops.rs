@@ -9,10 +9,10 @@ use confab_core::domain::{
 use confab_core::ports::store::{
     AuditStore, ChatStore, MessageStore, OutboxStore, StoreError, UserStore,
 };
-use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::sea_query::{Expr, ExprTrait, Func, LikeExpr};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, TransactionSession, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, EntityTrait, IntoActiveModel,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, TransactionSession, TransactionTrait,
 };
 
 use super::entities::{
@@ -204,6 +204,33 @@ where
             return Err(StoreError::NotFound(format!("user {}", u.id)));
         }
         Ok(())
+    }
+
+    async fn search_users(&self, query: &str, limit: u32) -> Result<Vec<User>, StoreError> {
+        let query = query.trim();
+        if query.is_empty() {
+            return Ok(Vec::new());
+        }
+        // LIKE's own wildcards in the query are literal.
+        let escaped: String = query
+            .to_lowercase()
+            .chars()
+            .flat_map(|c| match c {
+                '%' | '_' | '\\' => vec!['\\', c],
+                c => vec![c],
+            })
+            .collect();
+        let by_name = Expr::expr(Func::lower(Expr::col(users::Column::Name)))
+            .like(LikeExpr::new(format!("{escaped}%")).escape('\\'));
+        let by_email = users::Column::Email.eq(query.to_lowercase());
+        let found = read!(self, |c| users::Entity::find()
+            .filter(Condition::any().add(by_name.clone()).add(by_email.clone()))
+            .order_by_asc(users::Column::Name)
+            .order_by_asc(users::Column::Id)
+            .limit(u64::from(limit.clamp(1, 200)))
+            .all(c)
+            .await);
+        Ok(found.map_err(store_err)?.into_iter().map(user).collect())
     }
 
     async fn delete_user(&self, id: UserId) -> Result<bool, StoreError> {

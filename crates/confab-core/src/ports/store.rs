@@ -62,6 +62,9 @@ pub trait UserStore: Send + Sync {
     /// Deletes the user, their memberships and personal records; their messages stay, with
     /// no sender. Whether the user existed.
     async fn delete_user(&self, id: UserId) -> Result<bool, StoreError>;
+    /// Users whose name starts with `query` (any case), or whose email is exactly `query`;
+    /// never by email prefix, so addresses cannot be harvested. Ordered by name, then id.
+    async fn search_users(&self, query: &str, limit: u32) -> Result<Vec<User>, StoreError>;
 }
 
 #[async_trait]

@@ -33,6 +33,7 @@ where
     cases!(
         users_are_created_found_and_unique_by_email,
         updating_a_user_writes_its_fields,
+        users_are_found_by_name_prefix_or_exact_email_only,
         deleting_a_user_keeps_their_messages_without_a_sender,
         chats_have_members_and_a_member_is_added_once,
         a_direct_chat_is_unique_per_pair_in_either_order,
@@ -1056,4 +1057,51 @@ async fn generations_are_updated_and_old_ai_history_is_purged(store: Arc<dyn Sto
     );
     assert_eq!(store.generation(job.id).await.unwrap(), None);
     assert_eq!(store.ai_session(session.id).await.unwrap(), None);
+}
+
+async fn users_are_found_by_name_prefix_or_exact_email_only(store: Arc<dyn Store>) {
+    let mut made = Vec::new();
+    for (name, email) in [
+        ("Anna Schmidt", "anna@example.com"),
+        ("annabel", "belle@example.com"),
+        ("Bob", "bob@example.com"),
+        ("50%_off", "deals@example.com"),
+    ] {
+        let u = store
+            .create_user(NewUser {
+                email: email.into(),
+                name: name.into(),
+                password_hash: None,
+            })
+            .await
+            .unwrap();
+        made.push(u);
+    }
+    let names = |found: Vec<User>| found.into_iter().map(|u| u.name).collect::<Vec<_>>();
+    assert_eq!(
+        names(store.search_users("ANN", 10).await.unwrap()),
+        ["Anna Schmidt", "annabel"]
+    );
+    assert_eq!(
+        names(store.search_users("ann", 1).await.unwrap()),
+        ["Anna Schmidt"],
+        "limited"
+    );
+    assert_eq!(
+        names(store.search_users("bob@example.com", 10).await.unwrap()),
+        ["Bob"],
+        "exact email"
+    );
+    assert!(
+        store.search_users("bob@exa", 10).await.unwrap().is_empty(),
+        "never by email prefix"
+    );
+    assert!(store.search_users("anna@", 10).await.unwrap().is_empty());
+    assert_eq!(
+        names(store.search_users("50%", 10).await.unwrap()),
+        ["50%_off"],
+        "wildcards are literal"
+    );
+    assert!(store.search_users("5_", 10).await.unwrap().is_empty());
+    assert!(store.search_users("  ", 10).await.unwrap().is_empty());
 }
