@@ -2,7 +2,9 @@
 //! config beside it, and one factory per port that turns the `kind`-tagged config into
 //! `Arc<dyn Port>`.
 
+pub mod broker;
 pub mod cache;
+pub mod db_broker;
 pub mod fail_soft_cache;
 pub mod memory_cache;
 pub mod redis_cache;

@@ -247,6 +247,11 @@ impl SqlStore {
         Ok(known.into_iter().filter(|m| !applied.contains(m)).collect())
     }
 
+    /// The pool, for adapters that keep their own tables in the same database (the queue).
+    pub fn connection(&self) -> DatabaseConnection {
+        self.conn.clone()
+    }
+
     fn kind(&self) -> &'static str {
         match self.conn.get_database_backend() {
             DbBackend::Postgres => "postgres",

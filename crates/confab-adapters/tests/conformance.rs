@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use confab_adapters::cache::{CacheConfig, build_backend};
+use confab_adapters::db_broker::DbBroker;
 use confab_adapters::sql_store::{DatabaseConfig, PoolConfig, SqlStore, Synchronous};
 use confab_adapters::testing::TempDatabase;
+use confab_core::ports::broker::{Broker, RetryPolicy};
 use confab_core::ports::cache::Cache;
 use confab_core::ports::store::Store;
 use confab_core::settings::SecretUrl;
@@ -132,7 +134,10 @@ async fn migrations_are_idempotent_and_a_newer_schema_is_refused_by_name() {
         pool: PoolConfig::default(),
     };
     let store = SqlStore::connect(&config, dir.path()).await.unwrap();
-    assert_eq!(store.migrate().await.unwrap(), ["m0001_initial"]);
+    assert_eq!(
+        store.migrate().await.unwrap(),
+        confab_adapters::sql_store::known_migrations()
+    );
     assert!(
         store.migrate().await.unwrap().is_empty(),
         "a second run applies nothing"
@@ -198,4 +203,48 @@ async fn reads_go_to_the_replica_and_writes_and_retries_to_the_primary() {
     drop(tx);
     primary.drop().await;
     replica.drop().await;
+}
+
+const BROKER_SETTINGS: testing::broker::Settings = testing::broker::Settings {
+    visibility_timeout: Duration::from_millis(500),
+    retry: RetryPolicy {
+        max_attempts: 3,
+        base_delay: Duration::from_millis(100),
+    },
+};
+
+/// A broker on its own connection pool, as another process would have.
+async fn db_broker(config: &DatabaseConfig) -> Arc<dyn Broker> {
+    let store = SqlStore::connect(config, std::path::Path::new("."))
+        .await
+        .unwrap();
+    Arc::new(DbBroker::new(
+        store.connection(),
+        BROKER_SETTINGS.retry,
+        BROKER_SETTINGS.visibility_timeout,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_queue_passes_the_broker_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = DatabaseConfig::Sqlite {
+        path: Some(dir.path().join("queue.db")),
+        synchronous: Synchronous::Normal,
+        pool: PoolConfig::default(),
+    };
+    migrated(&config, dir.path()).await;
+    testing::broker::run_all(BROKER_SETTINGS, || db_broker(&config)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_queue_passes_the_broker_suite() {
+    let Some(admin) = testing::service_url("TEST_DATABASE_URL", "PostgreSQL queue") else {
+        return;
+    };
+    let db = TempDatabase::create(&admin).await;
+    let config = postgres_config(&db.url);
+    migrated(&config, std::path::Path::new(".")).await;
+    testing::broker::run_all(BROKER_SETTINGS, || db_broker(&config)).await;
+    db.drop().await;
 }

@@ -19,6 +19,7 @@ use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use confab_adapters::broker::QueueConfig;
 pub use confab_adapters::cache::CacheConfig;
 pub use confab_adapters::sql_store::{DatabaseConfig, PoolConfig, Synchronous};
 pub use confab_core::settings::{Secret, SecretUrl};
@@ -196,17 +197,6 @@ impl Default for RateLimitConfig {
     fn default() -> Self {
         Self { fail_open: true }
     }
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum QueueConfig {
-    /// The durable queue kept in the database.
-    #[default]
-    Database,
-    Rabbitmq {
-        url: SecretUrl,
-    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -564,7 +554,7 @@ impl Config {
         if let CacheConfig::Redis { url, .. } = &self.cache {
             check_scheme("cache.url", url, &["redis", "rediss"])?;
         }
-        if let QueueConfig::Rabbitmq { url } = &self.queue {
+        if let QueueConfig::Rabbitmq { url, .. } = &self.queue {
             check_scheme("queue.url", url, &["amqp", "amqps"])?;
         }
         if let MediaConfig::S3 {
@@ -660,8 +650,8 @@ impl Config {
             CacheConfig::Redis { url, .. } => url.redacted(),
         };
         let queue = match &self.queue {
-            QueueConfig::Database => "database".to_owned(),
-            QueueConfig::Rabbitmq { url } => url.redacted(),
+            QueueConfig::Database { .. } => "database".to_owned(),
+            QueueConfig::Rabbitmq { url, .. } => url.redacted(),
         };
         let media = match &self.media {
             MediaConfig::Local { .. } => "local".to_owned(),

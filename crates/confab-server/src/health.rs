@@ -66,6 +66,11 @@ impl Components {
                 check: ports.store.clone(),
             },
             Component {
+                name: "queue",
+                required: true,
+                check: ports.broker.clone(),
+            },
+            Component {
                 name: "cache",
                 required: false,
                 check: ports.cache.clone(),

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::Role;
 use confab_adapters::sql_store::SqlStore;
+use confab_core::ports::broker::Broker;
 use confab_core::ports::cache::Cache;
 use confab_core::ports::store::Store;
 
@@ -24,6 +25,7 @@ use crate::state::AppState;
 #[derive(Clone)]
 pub struct Ports {
     pub store: Arc<dyn Store>,
+    pub broker: Arc<dyn Broker>,
     pub cache: Arc<dyn Cache>,
 }
 
@@ -43,10 +45,13 @@ impl Ports {
         if !applied.is_empty() {
             tracing::info!(migrations = %applied.join(","), "Migrated the database.");
         }
+        let broker = confab_adapters::broker::build(&config.queue, &store)
+            .context("while setting up the queue")?;
         let cache = confab_adapters::cache::build(&config.cache, config.rate_limit.fail_open)
             .context("while setting up the cache (cache.url)")?;
         Ok(Self {
             store: Arc::new(store),
+            broker,
             cache,
         })
     }
@@ -91,6 +96,7 @@ impl Application {
                     .unwrap_or_else(|| Components::for_ports(&config, &ports)),
             ),
             store: ports.store,
+            broker: ports.broker,
             cache: ports.cache,
             config: Arc::new(config),
             metrics: crate::metrics::handle(),

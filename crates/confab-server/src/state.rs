@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use confab_core::ports::broker::Broker;
 use confab_core::ports::cache::Cache;
 use confab_core::ports::store::Store;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -16,6 +17,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub components: Arc<Components>,
     pub store: Arc<dyn Store>,
+    pub broker: Arc<dyn Broker>,
     pub cache: Arc<dyn Cache>,
     pub metrics: PrometheusHandle,
     pub started_at: Instant,

@@ -14,7 +14,7 @@ pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(Initial)]
+        vec![Box::new(Initial), Box::new(Queue)]
     }
 }
 
@@ -360,6 +360,51 @@ impl MigrationTrait for Initial {
         .await?;
         m.create_index(index("processed_events", &["processed_at"], false))
             .await?;
+        Ok(())
+    }
+}
+
+/// The durable queue kept in the database (the embedded `Broker`).
+struct Queue;
+
+impl MigrationName for Queue {
+    fn name(&self) -> &'static str {
+        "m0002_queue"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Queue {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table("queue_messages")
+                .col(pk_uuid("id"))
+                .col(string("queue"))
+                .col(uuid("envelope_id"))
+                .col(string("kind"))
+                .col(json_binary("payload"))
+                .col(string_null("trace_id"))
+                .col(at("created_at"))
+                // Deliveries so far; the next delivery is attempt + 1.
+                .col(integer("attempt").default(0))
+                .col(at("available_at"))
+                .col(at_null("locked_until"))
+                .col(uuid_null("lock_token"))
+                .col(at_null("dead_at"))
+                .col(text_null("last_error"))
+                .to_owned(),
+        )
+        .await?;
+        // A message is on a queue once, however often it is published (relay retries).
+        m.create_index(index("queue_messages", &["queue", "envelope_id"], true))
+            .await?;
+        m.create_index(index(
+            "queue_messages",
+            &["queue", "dead_at", "available_at"],
+            false,
+        ))
+        .await?;
         Ok(())
     }
 }

@@ -36,7 +36,7 @@ fn defaults_apply_when_nothing_is_configured() {
     assert_eq!(c.server.environment, Environment::Development);
     assert_eq!(c.database, DatabaseConfig::default());
     assert_eq!(c.cache, CacheConfig::default());
-    assert_eq!(c.queue, QueueConfig::Database);
+    assert_eq!(c.queue, QueueConfig::default());
 }
 
 #[test]
@@ -148,7 +148,7 @@ fn every_spec_alias_fills_its_setting() {
     );
     assert!(matches!(&c.cache, CacheConfig::Redis { url, .. } if url.scheme() == "rediss"));
     assert!(
-        matches!(&c.queue, QueueConfig::Rabbitmq { url } if url.expose().host_str() == Some("mq"))
+        matches!(&c.queue, QueueConfig::Rabbitmq { url, .. } if url.expose().host_str() == Some("mq"))
     );
     let MediaConfig::S3 {
         bucket,
@@ -238,7 +238,7 @@ fn the_second_name_of_each_alias_pair_works_too() {
         "PORT listens on every interface"
     );
     assert_eq!(c.server.app_url, "https://front.example.com");
-    assert!(matches!(&c.queue, QueueConfig::Rabbitmq { url } if url.scheme() == "amqps"));
+    assert!(matches!(&c.queue, QueueConfig::Rabbitmq { url, .. } if url.scheme() == "amqps"));
     assert!(matches!(&c.media, MediaConfig::S3 { bucket, .. } if bucket == "legacy-bucket"));
     assert!(matches!(&c.mail, MailConfig::Smtp { url: Some(u), .. } if u.scheme() == "smtps"));
     assert!(c.auth.jwt_secret.is_some());

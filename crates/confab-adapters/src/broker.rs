@@ -1,0 +1,95 @@
+//! Choosing the `Broker`: the `[queue]` config section and the one factory that reads it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use confab_core::ports::broker::{Broker, BrokerError, RetryPolicy};
+use confab_core::settings::{SecretUrl, lenient};
+use serde::{Deserialize, Serialize};
+
+use crate::db_broker::DbBroker;
+use crate::sql_store::SqlStore;
+
+const fn default_max_attempts() -> u32 {
+    5
+}
+
+const fn default_retry_base_ms() -> u64 {
+    1000
+}
+
+const fn default_visibility_timeout_secs() -> u64 {
+    30
+}
+
+/// `[queue]`: which broker, and how its queues retry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum QueueConfig {
+    /// Durable queues in the database (SQLite or PostgreSQL).
+    Database {
+        /// Deliveries before a message is dead-lettered.
+        #[serde(default = "default_max_attempts", deserialize_with = "lenient::value")]
+        max_attempts: u32,
+        /// The first retry waits this long; each later one twice the one before.
+        #[serde(default = "default_retry_base_ms", deserialize_with = "lenient::value")]
+        retry_base_ms: u64,
+        /// A received message not acknowledged within this time is delivered again.
+        #[serde(
+            default = "default_visibility_timeout_secs",
+            deserialize_with = "lenient::value"
+        )]
+        visibility_timeout_secs: u64,
+    },
+    Rabbitmq {
+        url: SecretUrl,
+        #[serde(default = "default_max_attempts", deserialize_with = "lenient::value")]
+        max_attempts: u32,
+        #[serde(default = "default_retry_base_ms", deserialize_with = "lenient::value")]
+        retry_base_ms: u64,
+    },
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self::Database {
+            max_attempts: default_max_attempts(),
+            retry_base_ms: default_retry_base_ms(),
+            visibility_timeout_secs: default_visibility_timeout_secs(),
+        }
+    }
+}
+
+impl QueueConfig {
+    pub fn retry(&self) -> RetryPolicy {
+        let (Self::Database {
+            max_attempts,
+            retry_base_ms,
+            ..
+        }
+        | Self::Rabbitmq {
+            max_attempts,
+            retry_base_ms,
+            ..
+        }) = self;
+        RetryPolicy {
+            max_attempts: (*max_attempts).max(1),
+            base_delay: Duration::from_millis(*retry_base_ms),
+        }
+    }
+}
+
+/// The broker `config` names. The database queue shares the store's pool.
+pub fn build(config: &QueueConfig, store: &SqlStore) -> Result<Arc<dyn Broker>, BrokerError> {
+    match config {
+        QueueConfig::Database { visibility_timeout_secs, .. } => Ok(Arc::new(DbBroker::new(
+            store.connection(),
+            config.retry(),
+            Duration::from_secs((*visibility_timeout_secs).max(1)),
+        ))),
+        QueueConfig::Rabbitmq { .. } => Err(BrokerError::Other(
+            "queue.kind = \"rabbitmq\" is not available in this build yet; unset RABBITMQ_URL/AMQP_URL to use the queue in the database"
+                .into(),
+        )),
+    }
+}

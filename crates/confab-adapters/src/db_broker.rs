@@ -1,0 +1,338 @@
+//! `DbBroker`: the embedded `Broker`, a durable queue in the database (SQLite or PostgreSQL).
+//!
+//! A message is a row of `queue_messages`. Receiving claims rows with one
+//! `UPDATE … RETURNING` that sets a lease (`lock_token`, `locked_until`); on PostgreSQL the
+//! candidate rows are locked `FOR UPDATE SKIP LOCKED` so competing consumers never wait on or
+//! take each other's rows, and SQLite serializes writers anyway. Ack deletes the row, nack
+//! schedules it again or marks it dead; both only for the current lease holder. A consumer
+//! that dies leaves its lease to run out, and the row is claimed again (at-least-once).
+//!
+//! Publishes in this process wake waiting receivers at once; other processes' publishes are
+//! picked up by polling.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::TimeDelta;
+use confab_core::domain::{EventId, Timestamp, now};
+use confab_core::ports::broker::{
+    Broker, BrokerError, DeadLetter, Delivery, Envelope, QueueDepth, RetryPolicy,
+};
+use confab_core::ports::health::{ComponentHealth, HealthCheck, HealthStatus};
+use confab_core::ports::store::StoreError;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, QueryResult, Statement, Value};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::sql_store::store_err;
+
+/// How often a receiver looks for messages published by other processes.
+const POLL: Duration = Duration::from_millis(100);
+
+pub struct DbBroker {
+    db: DatabaseConnection,
+    retry: RetryPolicy,
+    visibility_timeout: Duration,
+    published: Arc<Notify>,
+}
+
+fn broker_err(error: sea_orm::DbErr) -> BrokerError {
+    match store_err(error) {
+        StoreError::Unavailable(e) => BrokerError::Unavailable(e),
+        other => BrokerError::Other(Box::new(other)),
+    }
+}
+
+fn span(d: Duration) -> TimeDelta {
+    TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX)
+}
+
+impl DbBroker {
+    pub fn new(db: DatabaseConnection, retry: RetryPolicy, visibility_timeout: Duration) -> Self {
+        Self {
+            db,
+            retry,
+            visibility_timeout,
+            published: Arc::new(Notify::new()),
+        }
+    }
+
+    /// `sql` with `$1`… placeholders, in this backend's dialect.
+    fn statement(&self, sql: &str, values: Vec<Value>) -> Statement {
+        let backend = self.db.get_database_backend();
+        let sql = if backend == DbBackend::Sqlite {
+            sql.replace('$', "?")
+        } else {
+            sql.to_owned()
+        };
+        Statement::from_sql_and_values(backend, sql, values)
+    }
+
+    async fn execute(&self, sql: &str, values: Vec<Value>) -> Result<u64, BrokerError> {
+        let result = self
+            .db
+            .execute_raw(self.statement(sql, values))
+            .await
+            .map_err(broker_err)?;
+        Ok(result.rows_affected())
+    }
+
+    async fn claim(&self, queue: &str, max: u32) -> Result<Vec<Delivery>, BrokerError> {
+        let at = now();
+        let token = Uuid::now_v7();
+        let skip_locked = if self.db.get_database_backend() == DbBackend::Postgres {
+            "FOR UPDATE SKIP LOCKED"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "UPDATE queue_messages SET attempt = attempt + 1, locked_until = $1, lock_token = $2 \
+             WHERE id IN (SELECT id FROM queue_messages WHERE queue = $3 AND dead_at IS NULL \
+             AND available_at <= $4 AND (locked_until IS NULL OR locked_until <= $4) \
+             ORDER BY available_at, id LIMIT $5 {skip_locked}) \
+             RETURNING id, envelope_id, kind, payload, trace_id, created_at, attempt, available_at"
+        );
+        let values = vec![
+            (at + span(self.visibility_timeout)).into(),
+            token.into(),
+            queue.into(),
+            at.into(),
+            i64::from(max.max(1)).into(),
+        ];
+        let rows = self
+            .db
+            .query_all_raw(self.statement(&sql, values))
+            .await
+            .map_err(broker_err)?;
+        let mut claimed = rows
+            .iter()
+            .map(|row| delivery(queue, token, row))
+            .collect::<Result<Vec<_>, _>>()?;
+        // RETURNING does not promise the subquery's order.
+        claimed.sort_by_key(|(order, _)| *order);
+        Ok(claimed.into_iter().map(|(_, d)| d).collect())
+    }
+}
+
+fn delivery(
+    queue: &str,
+    token: Uuid,
+    row: &QueryResult,
+) -> Result<((Timestamp, Uuid), Delivery), BrokerError> {
+    let get = |e: sea_orm::DbErr| BrokerError::Other(Box::new(e));
+    let id: Uuid = row.try_get("", "id").map_err(get)?;
+    let attempt: i32 = row.try_get("", "attempt").map_err(get)?;
+    let available_at: Timestamp = row.try_get("", "available_at").map_err(get)?;
+    let envelope = Envelope {
+        id: EventId(row.try_get("", "envelope_id").map_err(get)?),
+        kind: row.try_get("", "kind").map_err(get)?,
+        attempt: u32::try_from(attempt).unwrap_or(0),
+        created_at: row.try_get("", "created_at").map_err(get)?,
+        trace_id: row.try_get("", "trace_id").map_err(get)?,
+        payload: row.try_get("", "payload").map_err(get)?,
+    };
+    Ok((
+        (available_at, id),
+        Delivery {
+            queue: queue.to_owned(),
+            envelope,
+            receipt: format!("{id}/{token}"),
+        },
+    ))
+}
+
+/// The row id and lease token a receipt names.
+fn receipt(delivery: &Delivery) -> Result<(Uuid, Uuid), BrokerError> {
+    let parse = || -> Option<(Uuid, Uuid)> {
+        let (id, token) = delivery.receipt.split_once('/')?;
+        Some((Uuid::parse_str(id).ok()?, Uuid::parse_str(token).ok()?))
+    };
+    parse().ok_or_else(|| {
+        BrokerError::Other(format!("not a receipt of this broker: {:?}", delivery.receipt).into())
+    })
+}
+
+#[async_trait]
+impl HealthCheck for DbBroker {
+    async fn health(&self) -> ComponentHealth {
+        let kind = match self.db.get_database_backend() {
+            DbBackend::Postgres => "postgres",
+            _ => "sqlite",
+        };
+        let started = std::time::Instant::now();
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            self.db.execute_unprepared("SELECT 1"),
+        )
+        .await
+        {
+            Ok(Ok(_)) => ComponentHealth::new(HealthStatus::Ok, kind)
+                .with_latency_ms(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
+            Ok(Err(e)) => ComponentHealth::new(HealthStatus::Down, kind).with_error(e.to_string()),
+            Err(_) => {
+                ComponentHealth::new(HealthStatus::Down, kind).with_error("no answer within 2 s")
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for DbBroker {
+    async fn publish(&self, queue: &str, e: &Envelope) -> Result<(), BrokerError> {
+        let at = now();
+        let inserted = self
+            .db
+            .execute_raw(self.statement(
+                "INSERT INTO queue_messages (id, queue, envelope_id, kind, payload, trace_id, created_at, attempt, available_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8)",
+                vec![
+                    Uuid::now_v7().into(),
+                    queue.into(),
+                    e.id.0.into(),
+                    e.kind.clone().into(),
+                    e.payload.clone().into(),
+                    e.trace_id.clone().into(),
+                    e.created_at.into(),
+                    at.into(),
+                ],
+            ))
+            .await;
+        if let Err(error) = inserted {
+            match store_err(error) {
+                // Already on this queue: a republish (an outbox relay retrying) is a no-op.
+                StoreError::Conflict(_) => {}
+                StoreError::Unavailable(e) => return Err(BrokerError::Unavailable(e)),
+                other => return Err(BrokerError::Other(Box::new(other))),
+            }
+        }
+        self.published.notify_waiters();
+        Ok(())
+    }
+
+    async fn receive(
+        &self,
+        queue: &str,
+        max: u32,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Register for the wake-up before looking, so a publish in between is not missed.
+            let published = self.published.notified();
+            let claimed = self.claim(queue, max).await?;
+            let now = tokio::time::Instant::now();
+            if !claimed.is_empty() || now >= deadline {
+                return Ok(claimed);
+            }
+            let nap = POLL.min(deadline - now);
+            let _ = tokio::time::timeout(nap, published).await;
+        }
+    }
+
+    async fn ack(&self, d: &Delivery) -> Result<(), BrokerError> {
+        let (id, token) = receipt(d)?;
+        let deleted = self
+            .execute(
+                "DELETE FROM queue_messages WHERE id = $1 AND lock_token = $2",
+                vec![id.into(), token.into()],
+            )
+            .await?;
+        if deleted == 0 {
+            return Err(BrokerError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    async fn nack(&self, d: &Delivery, error: &str) -> Result<(), BrokerError> {
+        let (id, token) = receipt(d)?;
+        let at = now();
+        let settled = if d.envelope.attempt >= self.retry.max_attempts {
+            self.execute(
+                "UPDATE queue_messages SET dead_at = $1, last_error = $2, locked_until = NULL, lock_token = NULL \
+                 WHERE id = $3 AND lock_token = $4",
+                vec![at.into(), error.into(), id.into(), token.into()],
+            )
+            .await?
+        } else {
+            let retry_at = at + span(self.retry.delay_after(d.envelope.attempt));
+            self.execute(
+                "UPDATE queue_messages SET available_at = $1, last_error = $2, locked_until = NULL, lock_token = NULL \
+                 WHERE id = $3 AND lock_token = $4",
+                vec![retry_at.into(), error.into(), id.into(), token.into()],
+            )
+            .await?
+        };
+        if settled == 0 {
+            return Err(BrokerError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        let row = self
+            .db
+            .query_one_raw(self.statement(
+                "SELECT \
+                 COALESCE(SUM(CASE WHEN dead_at IS NULL THEN 1 ELSE 0 END), 0) AS pending, \
+                 COALESCE(SUM(CASE WHEN dead_at IS NULL THEN 0 ELSE 1 END), 0) AS dead \
+                 FROM queue_messages WHERE queue = $1",
+                vec![queue.into()],
+            ))
+            .await
+            .map_err(broker_err)?;
+        let count = |column: &str| -> Result<u64, BrokerError> {
+            let n: i64 = row
+                .as_ref()
+                .map(|r| r.try_get("", column))
+                .transpose()
+                .map_err(|e| BrokerError::Other(Box::new(e)))?
+                .unwrap_or(0);
+            Ok(u64::try_from(n).unwrap_or(0))
+        };
+        Ok(QueueDepth {
+            pending: count("pending")?,
+            dead: count("dead")?,
+        })
+    }
+
+    async fn dead_letters(&self, queue: &str, limit: u32) -> Result<Vec<DeadLetter>, BrokerError> {
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT id, envelope_id, kind, payload, trace_id, created_at, attempt, available_at, dead_at, last_error \
+                 FROM queue_messages WHERE queue = $1 AND dead_at IS NOT NULL ORDER BY dead_at, id LIMIT $2",
+                vec![queue.into(), i64::from(limit.clamp(1, 1000)).into()],
+            ))
+            .await
+            .map_err(broker_err)?;
+        rows.iter()
+            .map(|row| {
+                let (_, d) = delivery(queue, Uuid::nil(), row)?;
+                let get = |e: sea_orm::DbErr| BrokerError::Other(Box::new(e));
+                Ok(DeadLetter {
+                    envelope: d.envelope,
+                    last_error: row
+                        .try_get::<Option<String>>("", "last_error")
+                        .map_err(get)?
+                        .unwrap_or_default(),
+                    failed_at: row.try_get("", "dead_at").map_err(get)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn replay_dead_letters(&self, queue: &str) -> Result<u64, BrokerError> {
+        let replayed = self
+            .execute(
+                "UPDATE queue_messages SET dead_at = NULL, attempt = 0, available_at = $1, last_error = NULL \
+                 WHERE queue = $2 AND dead_at IS NOT NULL",
+                vec![now().into(), queue.into()],
+            )
+            .await?;
+        if replayed > 0 {
+            self.published.notify_waiters();
+        }
+        Ok(replayed)
+    }
+}
