@@ -50,6 +50,39 @@ pub enum Command {
     /// Check every configured backend and print a table: component, status, latency, error.
     /// Exits 1 when a component is down.
     Doctor,
+    /// Inspect the queues and their dead letters.
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueAction {
+    /// Messages waiting (or in flight, or waiting to be retried) and dead, per queue.
+    Stats,
+    /// Messages that used up their attempts.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// List a queue's dead letters, oldest first, with their last error.
+    List {
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(confab_core::ports::broker::queues::ALL))]
+        queue: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Put a queue's dead letters back on the queue, their attempts reset.
+    Replay {
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(confab_core::ports::broker::queues::ALL))]
+        queue: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Command, ConfigAction, Role};
+use crate::cli::{Cli, Command, ConfigAction, DlqAction, QueueAction, Role};
 use confab_adapters::sql_store::{SqlStore, known_migrations};
 use confab_core::ports::health::{ComponentHealth, HealthStatus};
 
@@ -81,6 +81,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Doctor => Ok(doctor(&config).await),
+        Command::Queue { action } => queue(&config, action).await,
     }
 }
 
@@ -149,4 +150,43 @@ async fn doctor(config: &Config) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// `confab queue …`: what is waiting and what died, on the configured broker.
+async fn queue(config: &Config, action: QueueAction) -> Result<ExitCode, Failure> {
+    let ports = crate::startup::Ports::build(config).await?;
+    let broker = &ports.broker;
+    let fail = |e: confab_core::ports::broker::BrokerError| Failure::Other(anyhow::Error::new(e));
+    match action {
+        QueueAction::Stats => {
+            println!("{:<16} {:>9} {:>6}", "QUEUE", "PENDING", "DEAD");
+            for queue in confab_core::ports::broker::queues::ALL {
+                let depth = broker.depth(queue).await.map_err(fail)?;
+                println!("{queue:<16} {:>9} {:>6}", depth.pending, depth.dead);
+            }
+        }
+        QueueAction::Dlq {
+            action: DlqAction::List { queue, limit },
+        } => {
+            let dead = broker.dead_letters(&queue, limit).await.map_err(fail)?;
+            println!("{} dead letter(s) on {queue}", dead.len());
+            for letter in dead {
+                println!(
+                    "{}  {}  {}  attempts {}  {}",
+                    letter.envelope.id,
+                    letter.failed_at.to_rfc3339(),
+                    letter.envelope.kind,
+                    letter.envelope.attempt,
+                    letter.last_error
+                );
+            }
+        }
+        QueueAction::Dlq {
+            action: DlqAction::Replay { queue },
+        } => {
+            let replayed = broker.replay_dead_letters(&queue).await.map_err(fail)?;
+            println!("replayed {replayed} dead letter(s) onto {queue}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod startup;
 pub mod state;
 pub mod telemetry;
+pub mod workers;

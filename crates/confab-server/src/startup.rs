@@ -150,6 +150,11 @@ impl Application {
         .with_graceful_shutdown(token.clone().cancelled_owned());
         let mut server = tokio::spawn(server.into_future());
         crate::metrics::spawn_upkeep(self.state.metrics.clone(), token.clone());
+        crate::workers::spawn_outbox_relay(
+            self.state.store.clone(),
+            self.state.broker.clone(),
+            token.clone(),
+        );
 
         // Biased: once the token is cancelled the server may finish in the same poll, and the
         // shutdown path (with its log lines) must still be the one taken.

@@ -372,3 +372,83 @@ async fn rediss_urls_connect_over_verified_tls() {
     .await;
     child.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_commands_show_stats_list_dead_letters_and_replay_them() {
+    use confab_adapters::db_broker::DbBroker;
+    use confab_adapters::sql_store::SqlStore;
+    use confab_core::ports::broker::{Broker, Envelope, RetryPolicy};
+    use confab_server::config::DatabaseConfig;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (output, _, stderr) = run(confab(dir.path()).arg("migrate"));
+    assert!(output.status.success(), "{stderr}");
+    // A mail that failed its only attempt, in the embedded database.
+    let store = SqlStore::connect(&DatabaseConfig::default(), &dir.path().join("confab-data"))
+        .await
+        .unwrap();
+    let broker = DbBroker::new(
+        store.connection(),
+        RetryPolicy {
+            max_attempts: 1,
+            base_delay: Duration::from_millis(1),
+        },
+        Duration::from_secs(30),
+    );
+    let id = confab_core::domain::EventId::new();
+    let envelope = Envelope {
+        id,
+        kind: "mail.verify_email".into(),
+        attempt: 0,
+        created_at: confab_core::domain::now(),
+        trace_id: None,
+        payload: serde_json::json!({"to": "ann@example.com"}),
+    };
+    broker.publish("mail", &envelope).await.unwrap();
+    let got = broker
+        .receive("mail", 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    broker
+        .nack(&got[0], "smtp: connection refused")
+        .await
+        .unwrap();
+
+    let (output, stdout, stderr) = run(confab(dir.path()).args(["queue", "stats"]));
+    assert!(output.status.success(), "{stderr}");
+    let mail = stdout
+        .lines()
+        .find(|l| l.starts_with("mail "))
+        .expect("a mail row");
+    assert_eq!(
+        mail.split_whitespace().collect::<Vec<_>>(),
+        ["mail", "0", "1"],
+        "{stdout}"
+    );
+
+    let (output, stdout, _) = run(confab(dir.path()).args(["queue", "dlq", "list", "mail"]));
+    assert!(output.status.success());
+    assert!(
+        stdout.contains(&id.to_string()) && stdout.contains("smtp: connection refused"),
+        "{stdout}"
+    );
+
+    let (output, stdout, _) = run(confab(dir.path()).args(["queue", "dlq", "replay", "mail"]));
+    assert!(output.status.success());
+    assert!(stdout.contains("replayed 1"), "{stdout}");
+    let again = broker
+        .receive("mail", 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        again[0].envelope.id, id,
+        "the replayed mail is delivered again"
+    );
+
+    let (output, _, stderr) = run(confab(dir.path()).args(["queue", "dlq", "list", "mails"]));
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "an unknown queue is a usage error: {stderr}"
+    );
+}

@@ -5,6 +5,7 @@
 mod cache;
 mod cli;
 mod config;
+mod delivery;
 mod helpers;
 mod http;
 mod logs;

@@ -1,0 +1,3 @@
+//! Use cases over the ports. Each takes the ports it needs; none does I/O of its own.
+
+pub mod delivery;

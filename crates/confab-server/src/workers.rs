@@ -1,0 +1,46 @@
+//! Background work: consume → call a service → ack, and the outbox relay.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use confab_core::ports::broker::Broker;
+use confab_core::ports::store::Store;
+use confab_core::services::delivery::relay_outbox;
+use tokio_util::sync::CancellationToken;
+
+/// How many outbox rows one relay round moves.
+const RELAY_BATCH: u32 = 100;
+/// How often an idle relay looks for new rows.
+const RELAY_IDLE: Duration = Duration::from_millis(200);
+
+/// Moves committed outbox rows to the broker until `shutdown`. While the broker is down the
+/// rows wait (backing off up to 5 s between tries) and nothing is lost.
+pub fn spawn_outbox_relay(
+    store: Arc<dyn Store>,
+    broker: Arc<dyn Broker>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut backoff = RELAY_IDLE;
+        loop {
+            let pause = match relay_outbox(&*store, &*broker, RELAY_BATCH).await {
+                // A full batch: there may be more right away.
+                Ok(moved) if moved == RELAY_BATCH as usize => Duration::ZERO,
+                Ok(_) => {
+                    backoff = RELAY_IDLE;
+                    RELAY_IDLE
+                }
+                Err(error) => {
+                    tracing::warn!(%error, retry_in_ms = backoff.as_millis(), "Outbox relay could not publish; the messages wait.");
+                    let pause = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    pause
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    })
+}

@@ -1,0 +1,292 @@
+//! Messages on their way: the outbox relay and idempotent consumers (SPEC §6).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use confab_adapters::db_broker::DbBroker;
+use confab_adapters::sql_store::SqlStore;
+use confab_core::domain::{
+    EventId, NewUser, OutboxEntry, Page, SecurityEvent, SecurityEventId, UserId, now,
+};
+use confab_core::ports::broker::RetryPolicy;
+use confab_core::ports::broker::{
+    Broker, BrokerError, DeadLetter, Delivery, Envelope, QueueDepth, queues,
+};
+use confab_core::ports::health::{ComponentHealth, HealthCheck};
+use confab_core::ports::store::Store;
+use confab_core::ports::store::{StoreError, StoreTx};
+use confab_core::services::delivery::{Handled, Work, handle_once, relay_outbox};
+use confab_core::testing::eventually;
+use confab_server::config::{DatabaseConfig, PoolConfig, Synchronous};
+use confab_server::startup::Overrides;
+
+use crate::helpers::{spawn_app, spawn_app_with};
+
+fn entry(queue: &str, kind: &str) -> OutboxEntry {
+    OutboxEntry {
+        id: EventId::new(),
+        queue: queue.into(),
+        kind: kind.into(),
+        payload: serde_json::json!({"kind": kind}),
+        trace_id: Some("trace-9".into()),
+        created_at: now(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_outbox_rows_reach_their_queue_and_are_marked_published() {
+    let app = spawn_app().await;
+    let (store, broker) = (app.state.store.clone(), app.state.broker.clone());
+    let first = entry(queues::EVENTS, "user.registered");
+    let tx = store.begin().await.unwrap();
+    tx.enqueue(&first).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let got = broker
+        .receive(queues::EVENTS, 10, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        got.len(),
+        1,
+        "the relay running with the server published it"
+    );
+    assert_eq!(got[0].envelope.id, first.id);
+    assert_eq!(got[0].envelope.kind, "user.registered");
+    assert_eq!(got[0].envelope.trace_id.as_deref(), Some("trace-9"));
+    broker.ack(&got[0]).await.unwrap();
+    eventually(
+        "the row is marked published",
+        Duration::from_secs(5),
+        || async { store.pending_outbox(10).await.unwrap().is_empty() },
+    )
+    .await;
+}
+
+/// A broker that refuses to publish while `down` is set.
+struct Flaky {
+    inner: Arc<dyn Broker>,
+    down: AtomicBool,
+}
+
+#[async_trait]
+impl HealthCheck for Flaky {
+    async fn health(&self) -> ComponentHealth {
+        self.inner.health().await
+    }
+}
+
+#[async_trait]
+impl Broker for Flaky {
+    async fn publish(&self, queue: &str, envelope: &Envelope) -> Result<(), BrokerError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(BrokerError::Unavailable("the broker is down".into()));
+        }
+        self.inner.publish(queue, envelope).await
+    }
+    async fn receive(
+        &self,
+        queue: &str,
+        max: u32,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        self.inner.receive(queue, max, wait).await
+    }
+    async fn ack(&self, d: &Delivery) -> Result<(), BrokerError> {
+        self.inner.ack(d).await
+    }
+    async fn nack(&self, d: &Delivery, error: &str) -> Result<(), BrokerError> {
+        self.inner.nack(d, error).await
+    }
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        self.inner.depth(queue).await
+    }
+    async fn dead_letters(&self, queue: &str, limit: u32) -> Result<Vec<DeadLetter>, BrokerError> {
+        self.inner.dead_letters(queue, limit).await
+    }
+    async fn replay_dead_letters(&self, queue: &str) -> Result<u64, BrokerError> {
+        self.inner.replay_dead_letters(queue).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_delays_outbox_messages_and_loses_none() {
+    // A store and queue of the test's own: no server relay runs beside this one.
+    let dir = tempfile::tempdir().unwrap();
+    let config = DatabaseConfig::Sqlite {
+        path: Some(dir.path().join("outage.db")),
+        synchronous: Synchronous::Normal,
+        pool: PoolConfig::default(),
+    };
+    let sql = SqlStore::connect(&config, dir.path()).await.unwrap();
+    sql.migrate().await.unwrap();
+    let inner: Arc<dyn Broker> = Arc::new(DbBroker::new(
+        sql.connection(),
+        RetryPolicy::default(),
+        Duration::from_secs(30),
+    ));
+    let store: Arc<dyn Store> = Arc::new(sql);
+    let flaky = Flaky {
+        inner,
+        down: AtomicBool::new(true),
+    };
+    let queue = queues::EVENTS;
+    let sent: Vec<OutboxEntry> = (0..3).map(|n| entry(queue, &format!("e{n}"))).collect();
+    for e in &sent {
+        store.enqueue(e).await.unwrap();
+    }
+    for _ in 0..3 {
+        assert!(
+            relay_outbox(&*store, &flaky, 100).await.is_err(),
+            "the outage is reported"
+        );
+    }
+    assert_eq!(
+        store.pending_outbox(100).await.unwrap(),
+        sent,
+        "every row waits, in order"
+    );
+    assert_eq!(flaky.depth(queue).await.unwrap().pending, 0);
+
+    flaky.down.store(false, Ordering::SeqCst);
+    assert_eq!(relay_outbox(&*store, &flaky, 100).await.unwrap(), 3);
+    assert!(store.pending_outbox(100).await.unwrap().is_empty());
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        for d in flaky
+            .receive(queue, 10, Duration::from_secs(5))
+            .await
+            .unwrap()
+        {
+            flaky.ack(&d).await.unwrap();
+            got.push(d.envelope.id);
+        }
+    }
+    assert_eq!(
+        got,
+        sent.iter().map(|e| e.id).collect::<Vec<_>>(),
+        "all of them, in order"
+    );
+}
+
+/// The consumer's effect: a security event for `user`, written in the consumer's transaction
+/// (or a failure instead, when `fail` is set).
+fn effect(user: UserId, fail: bool) -> Work<'static> {
+    Box::new(move |tx: &dyn StoreTx| {
+        Box::pin(async move {
+            tx.record_security_event(&SecurityEvent {
+                id: SecurityEventId::new(),
+                user_id: Some(user),
+                kind: "effect".into(),
+                ip: None,
+                user_agent: None,
+                details: serde_json::json!({}),
+                created_at: now(),
+            })
+            .await?;
+            if fail {
+                return Err(StoreError::Other("the work failed after writing".into()));
+            }
+            Ok(())
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_consumer_died_is_redelivered_and_takes_effect_once() {
+    let app = spawn_app_with(
+        |c| {
+            c.queue = confab_server::config::QueueConfig::Database {
+                max_attempts: 5,
+                retry_base_ms: 50,
+                visibility_timeout_secs: 1,
+            };
+        },
+        Overrides::default(),
+    )
+    .await;
+    let (store, broker) = (app.state.store.clone(), app.state.broker.clone());
+    let user = store
+        .create_user(NewUser {
+            email: "effect@example.com".into(),
+            name: "E".into(),
+            password_hash: None,
+        })
+        .await
+        .unwrap()
+        .id;
+    let effects = || async {
+        store
+            .security_events(user, Page::newest(50))
+            .await
+            .unwrap()
+            .len()
+    };
+    let queue = "effect-test";
+    let envelope = Envelope {
+        id: EventId::new(),
+        kind: "x".into(),
+        attempt: 0,
+        created_at: now(),
+        trace_id: None,
+        payload: serde_json::json!({}),
+    };
+    broker.publish(queue, &envelope).await.unwrap();
+    let first = broker
+        .receive(queue, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    // The consumer dies here, between receive and ack: nothing committed, nothing acked.
+    drop(first);
+
+    let again = broker
+        .receive(queue, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        again[0].envelope.id, envelope.id,
+        "redelivered after the visibility timeout"
+    );
+    assert_eq!(again[0].envelope.attempt, 2);
+    // This attempt's work fails after writing: rolled back, and the delivery is retried.
+    let failed = handle_once(&*store, &*broker, "audit", &again[0], effect(user, true)).await;
+    assert!(failed.is_err());
+    assert_eq!(effects().await, 0, "a failed attempt leaves no trace");
+
+    let retried = broker
+        .receive(queue, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(retried[0].envelope.attempt, 3);
+    let outcome = handle_once(&*store, &*broker, "audit", &retried[0], effect(user, false))
+        .await
+        .unwrap();
+    assert_eq!(outcome, Handled::Done);
+    assert_eq!(effects().await, 1);
+
+    // The same envelope once more (a relay republishing after a crash): no second effect.
+    broker.publish(queue, &envelope).await.unwrap();
+    let duplicate = broker
+        .receive(queue, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let outcome = handle_once(
+        &*store,
+        &*broker,
+        "audit",
+        &duplicate[0],
+        effect(user, false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome, Handled::Duplicate);
+    assert_eq!(effects().await, 1, "the effect happened once");
+    assert_eq!(
+        broker.depth(queue).await.unwrap().pending,
+        0,
+        "every delivery was settled"
+    );
+}
