@@ -8,6 +8,7 @@ use confab_core::settings::{SecretUrl, lenient};
 use serde::{Deserialize, Serialize};
 
 use crate::db_broker::DbBroker;
+use crate::metered_broker::MeteredBroker;
 use crate::sql_store::SqlStore;
 
 const fn default_max_attempts() -> u32 {
@@ -79,17 +80,18 @@ impl QueueConfig {
     }
 }
 
-/// The broker `config` names. The database queue shares the store's pool.
-pub fn build(config: &QueueConfig, store: &SqlStore) -> Result<Arc<dyn Broker>, BrokerError> {
-    match config {
-        QueueConfig::Database { visibility_timeout_secs, .. } => Ok(Arc::new(DbBroker::new(
+/// The broker `config` names, with its metrics. The database queue shares the store's pool.
+pub fn build(config: &QueueConfig, store: &SqlStore) -> Result<Arc<MeteredBroker>, BrokerError> {
+    let backend: Arc<dyn Broker> = match config {
+        QueueConfig::Database { visibility_timeout_secs, .. } => Arc::new(DbBroker::new(
             store.connection(),
             config.retry(),
             Duration::from_secs((*visibility_timeout_secs).max(1)),
-        ))),
+        )),
         QueueConfig::Rabbitmq { .. } => Err(BrokerError::Other(
             "queue.kind = \"rabbitmq\" is not available in this build yet; unset RABBITMQ_URL/AMQP_URL to use the queue in the database"
                 .into(),
-        )),
-    }
+        ))?,
+    };
+    Ok(Arc::new(MeteredBroker::new(backend, config.retry())))
 }

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod db_broker;
 pub mod fail_soft_cache;
 pub mod memory_cache;
+pub mod metered_broker;
 pub mod redis_cache;
 pub mod sql_store;
 #[cfg(feature = "testing")]

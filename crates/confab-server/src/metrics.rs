@@ -52,6 +52,16 @@ pub fn spawn_upkeep(
 }
 
 fn describe() {
+    metrics::describe_counter!("queue_published_total", "Messages published, by queue.");
+    metrics::describe_counter!(
+        "queue_consumed_total",
+        "Deliveries settled, by queue and outcome (ack, nack, dead, lease_lost)."
+    );
+    metrics::describe_gauge!("queue_depth", "Messages per queue: pending or dead.");
+    metrics::describe_counter!(
+        "cache_errors_total",
+        "Cache calls that found the cache unreachable."
+    );
     metrics::describe_counter!(
         "http_requests_total",
         "HTTP requests served, by method, matched route and status."

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::Role;
+use confab_adapters::metered_broker::MeteredBroker;
 use confab_adapters::sql_store::SqlStore;
 use confab_core::ports::broker::Broker;
 use confab_core::ports::cache::Cache;
@@ -26,6 +27,8 @@ use crate::state::AppState;
 pub struct Ports {
     pub store: Arc<dyn Store>,
     pub broker: Arc<dyn Broker>,
+    /// The same broker, for what only the metered wrapper offers (depth gauges).
+    pub metered_broker: Arc<MeteredBroker>,
     pub cache: Arc<dyn Cache>,
 }
 
@@ -45,13 +48,14 @@ impl Ports {
         if !applied.is_empty() {
             tracing::info!(migrations = %applied.join(","), "Migrated the database.");
         }
-        let broker = confab_adapters::broker::build(&config.queue, &store)
+        let metered_broker = confab_adapters::broker::build(&config.queue, &store)
             .context("while setting up the queue")?;
         let cache = confab_adapters::cache::build(&config.cache, config.rate_limit.fail_open)
             .context("while setting up the cache (cache.url)")?;
         Ok(Self {
             store: Arc::new(store),
-            broker,
+            broker: metered_broker.clone(),
+            metered_broker,
             cache,
         })
     }
@@ -71,6 +75,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     state: AppState,
+    depths: Arc<MeteredBroker>,
 }
 
 impl Application {
@@ -89,6 +94,7 @@ impl Application {
             .await
             .with_context(|| format!("while binding {listen} (server.listen)"))?;
         let ports = Ports::build(&config).await?;
+        let depths = ports.metered_broker.clone();
         let state = AppState {
             components: Arc::new(
                 overrides
@@ -108,6 +114,7 @@ impl Application {
             listener,
             router,
             state,
+            depths,
         })
     }
 
@@ -150,6 +157,7 @@ impl Application {
         .with_graceful_shutdown(token.clone().cancelled_owned());
         let mut server = tokio::spawn(server.into_future());
         crate::metrics::spawn_upkeep(self.state.metrics.clone(), token.clone());
+        crate::workers::spawn_depth_gauges(self.depths.clone(), token.clone());
         crate::workers::spawn_outbox_relay(
             self.state.store.clone(),
             self.state.broker.clone(),

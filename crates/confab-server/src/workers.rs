@@ -44,3 +44,20 @@ pub fn spawn_outbox_relay(
         }
     })
 }
+
+/// Keeps `queue_depth` current (every 5 s) until `shutdown`.
+pub fn spawn_depth_gauges(
+    broker: Arc<confab_adapters::metered_broker::MeteredBroker>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => broker.record_depths(&confab_core::ports::broker::queues::ALL).await,
+            }
+        }
+    })
+}

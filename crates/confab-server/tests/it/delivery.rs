@@ -63,6 +63,16 @@ async fn committed_outbox_rows_reach_their_queue_and_are_marked_published() {
         || async { store.pending_outbox(10).await.unwrap().is_empty() },
     )
     .await;
+
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    for series in [
+        r#"queue_published_total{queue="events"}"#,
+        r#"queue_consumed_total{queue="events",outcome="ack"}"#,
+        r#"queue_depth{queue="mail",state="pending"}"#,
+        r#"queue_depth{queue="mail",state="dead"}"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
 }
 
 /// A broker that refuses to publish while `down` is set.
