@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::db_broker::DbBroker;
 use crate::metered_broker::MeteredBroker;
+use crate::rabbit_broker::RabbitBroker;
 use crate::sql_store::SqlStore;
 
 const fn default_max_attempts() -> u32 {
@@ -48,6 +49,12 @@ pub enum QueueConfig {
         max_attempts: u32,
         #[serde(default = "default_retry_base_ms", deserialize_with = "lenient::value")]
         retry_base_ms: u64,
+        /// A received message not acknowledged within this time is delivered again.
+        #[serde(
+            default = "default_visibility_timeout_secs",
+            deserialize_with = "lenient::value"
+        )]
+        visibility_timeout_secs: u64,
     },
 }
 
@@ -80,18 +87,34 @@ impl QueueConfig {
     }
 }
 
-/// The broker `config` names, with its metrics. The database queue shares the store's pool.
-pub fn build(config: &QueueConfig, store: &SqlStore) -> Result<Arc<MeteredBroker>, BrokerError> {
+/// The broker `config` names, with its metrics. The database queue shares the store's pool;
+/// RabbitMQ must be reachable (a publish must be able to wait for its confirm).
+pub async fn build(
+    config: &QueueConfig,
+    store: &SqlStore,
+) -> Result<Arc<MeteredBroker>, BrokerError> {
     let backend: Arc<dyn Broker> = match config {
-        QueueConfig::Database { visibility_timeout_secs, .. } => Arc::new(DbBroker::new(
+        QueueConfig::Database {
+            visibility_timeout_secs,
+            ..
+        } => Arc::new(DbBroker::new(
             store.connection(),
             config.retry(),
             Duration::from_secs((*visibility_timeout_secs).max(1)),
         )),
-        QueueConfig::Rabbitmq { .. } => Err(BrokerError::Other(
-            "queue.kind = \"rabbitmq\" is not available in this build yet; unset RABBITMQ_URL/AMQP_URL to use the queue in the database"
-                .into(),
-        ))?,
+        QueueConfig::Rabbitmq {
+            url,
+            visibility_timeout_secs,
+            ..
+        } => Arc::new(
+            RabbitBroker::connect(
+                url,
+                config.retry(),
+                Duration::from_secs((*visibility_timeout_secs).max(1)),
+                None,
+            )
+            .await?,
+        ),
     };
     Ok(Arc::new(MeteredBroker::new(backend, config.retry())))
 }

@@ -8,6 +8,7 @@ pub mod db_broker;
 pub mod fail_soft_cache;
 pub mod memory_cache;
 pub mod metered_broker;
+pub mod rabbit_broker;
 pub mod redis_cache;
 pub mod sql_store;
 #[cfg(feature = "testing")]

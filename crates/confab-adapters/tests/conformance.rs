@@ -248,3 +248,27 @@ async fn postgres_queue_passes_the_broker_suite() {
     testing::broker::run_all(BROKER_SETTINGS, || db_broker(&config)).await;
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_passes_the_broker_suite() {
+    let Some(url) = testing::service_url("TEST_AMQP_URL", "RabbitMQ broker") else {
+        return;
+    };
+    let url = SecretUrl::parse(&url).unwrap();
+    testing::broker::run_all(BROKER_SETTINGS, || {
+        let url = url.clone();
+        async move {
+            let broker = confab_adapters::rabbit_broker::RabbitBroker::connect(
+                &url,
+                BROKER_SETTINGS.retry,
+                BROKER_SETTINGS.visibility_timeout,
+                // The suite's queues are unique per case: let RabbitMQ drop them when idle.
+                Some(Duration::from_mins(1)),
+            )
+            .await
+            .unwrap();
+            Arc::new(broker) as Arc<dyn Broker>
+        }
+    })
+    .await;
+}

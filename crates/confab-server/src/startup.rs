@@ -49,7 +49,8 @@ impl Ports {
             tracing::info!(migrations = %applied.join(","), "Migrated the database.");
         }
         let metered_broker = confab_adapters::broker::build(&config.queue, &store)
-            .context("while setting up the queue")?;
+            .await
+            .with_context(|| format!("cannot connect to the queue {}", queue_target(config)))?;
         let cache = confab_adapters::cache::build(&config.cache, config.rate_limit.fail_open)
             .context("while setting up the cache (cache.url)")?;
         Ok(Self {
@@ -58,6 +59,14 @@ impl Ports {
             metered_broker,
             cache,
         })
+    }
+}
+
+/// Where the queue is, safe to print.
+fn queue_target(config: &Config) -> String {
+    match &config.queue {
+        confab_adapters::broker::QueueConfig::Database { .. } => "in the database".to_owned(),
+        confab_adapters::broker::QueueConfig::Rabbitmq { url, .. } => url.redacted(),
     }
 }
 

@@ -300,3 +300,59 @@ async fn a_message_whose_consumer_died_is_redelivered_and_takes_effect_once() {
         "every delivery was settled"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_runs_its_queues_on_rabbitmq() {
+    use lapin::options::QueueDeleteOptions;
+    let Some(amqp) = confab_core::testing::service_url("TEST_AMQP_URL", "RabbitMQ end to end")
+    else {
+        return;
+    };
+    let url = confab_server::config::SecretUrl::parse(&amqp).unwrap();
+    let app = spawn_app_with(
+        |c| {
+            c.queue = confab_server::config::QueueConfig::Rabbitmq {
+                url,
+                max_attempts: 2,
+                retry_base_ms: 100,
+                visibility_timeout_secs: 5,
+            };
+        },
+        Overrides::default(),
+    )
+    .await;
+    let health: serde_json::Value = app.get("/health").await.json().await.unwrap();
+    assert_eq!(
+        health["components"]["queue"]["kind"], "rabbitmq",
+        "{health}"
+    );
+    assert_eq!(health["components"]["queue"]["status"], "ok", "{health}");
+
+    let queue = confab_core::testing::unique("e2e-");
+    let sent = entry(&queue, "message.created");
+    app.state.store.enqueue(&sent).await.unwrap();
+    let got = app
+        .state
+        .broker
+        .receive(&queue, 1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1, "the relay published through RabbitMQ");
+    assert_eq!(got[0].envelope.id, sent.id);
+    app.state.broker.ack(&got[0]).await.unwrap();
+
+    let connection = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    for name in [
+        queue.clone(),
+        format!("{queue}.retry.1"),
+        format!("{queue}.dlq"),
+    ] {
+        channel
+            .queue_delete(name.into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}

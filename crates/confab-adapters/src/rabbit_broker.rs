@@ -1,0 +1,461 @@
+//! `RabbitBroker`: the production `Broker` on RabbitMQ (AMQP 0-9-1, lapin).
+//!
+//! Topology per queue `q`, declared on first use:
+//! - `q`: a durable quorum queue. RabbitMQ counts redeliveries itself (`x-delivery-count`).
+//! - `q.retry.N` for each attempt N below the maximum: a durable queue whose message TTL is
+//!   the backoff after attempt N and whose dead-letter target is `q`. A nacked message is
+//!   republished there and comes back when its TTL runs out: RabbitMQ does the waiting.
+//! - `q.dlq`: a durable queue for dead letters, with `x-last-error` and `x-failed-at` headers.
+//!
+//! Messages are persistent and every publish waits for the publisher confirm. `receive` pulls
+//! with `basic.get`; a delivery not settled within the visibility timeout is returned to the
+//! queue by this broker (a consumer that dies returns its messages by closing its channel), so
+//! the contract is the same as the database queue's. The connection recovers by itself.
+//!
+//! The attempt number is `x-attempts` (deliveries before the copy was republished) +
+//! `x-delivery-count` (redeliveries of this copy) + 1.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use confab_core::domain::{Timestamp, now};
+use confab_core::ports::broker::{
+    Broker, BrokerError, DeadLetter, Delivery, Envelope, QueueDepth, RetryPolicy,
+};
+use confab_core::ports::health::{ComponentHealth, HealthCheck, HealthStatus};
+use confab_core::settings::SecretUrl;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, BasicRejectOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::task::AbortHandle;
+
+const POLL: Duration = Duration::from_millis(50);
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn unavailable(error: lapin::Error) -> BrokerError {
+    BrokerError::Unavailable(Box::new(error))
+}
+
+/// Deliveries this broker holds: tag → (queue, lease deadline).
+type Leases = Arc<Mutex<HashMap<u64, (String, Instant)>>>;
+
+pub struct RabbitBroker {
+    connection: Connection,
+    /// Publishes (with confirms).
+    publisher: Channel,
+    /// Receives, acks and rejects: unacked messages belong to this channel.
+    consumer: Channel,
+    retry: RetryPolicy,
+    visibility_timeout: Duration,
+    /// Test deployments let unused queues expire; production never sets it.
+    queue_expiry: Option<Duration>,
+    declared: Mutex<HashSet<String>>,
+    leases: Leases,
+    reaper: AbortHandle,
+}
+
+impl Drop for RabbitBroker {
+    fn drop(&mut self) {
+        self.reaper.abort();
+    }
+}
+
+fn header_int(table: Option<&FieldTable>, key: &str) -> i64 {
+    match table.and_then(|t| t.inner().get(key)) {
+        Some(AMQPValue::LongLongInt(v)) => *v,
+        Some(AMQPValue::LongInt(v)) => i64::from(*v),
+        Some(AMQPValue::LongUInt(v)) => i64::from(*v),
+        Some(AMQPValue::ShortInt(v)) => i64::from(*v),
+        Some(AMQPValue::ShortUInt(v)) => i64::from(*v),
+        Some(AMQPValue::ShortShortInt(v)) => i64::from(*v),
+        Some(AMQPValue::ShortShortUInt(v)) => i64::from(*v),
+        _ => 0,
+    }
+}
+
+fn header_text(table: Option<&FieldTable>, key: &str) -> Option<String> {
+    match table.and_then(|t| t.inner().get(key)) {
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+impl RabbitBroker {
+    pub async fn connect(
+        url: &SecretUrl,
+        retry: RetryPolicy,
+        visibility_timeout: Duration,
+        queue_expiry: Option<Duration>,
+    ) -> Result<Self, BrokerError> {
+        let properties = ConnectionProperties::default().enable_auto_recover();
+        let connection = Connection::connect(url.expose().as_str(), properties)
+            .await
+            .map_err(unavailable)?;
+        let publisher = connection.create_channel().await.map_err(unavailable)?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(unavailable)?;
+        let consumer = connection.create_channel().await.map_err(unavailable)?;
+        let leases: Leases = Arc::default();
+        let reaper = tokio::spawn(reap(consumer.clone(), leases.clone())).abort_handle();
+        Ok(Self {
+            connection,
+            publisher,
+            consumer,
+            retry,
+            visibility_timeout,
+            queue_expiry,
+            declared: Mutex::default(),
+            leases,
+            reaper,
+        })
+    }
+
+    fn args(&self, quorum: bool) -> FieldTable {
+        let mut args = FieldTable::default();
+        if quorum {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        if let Some(expiry) = self.queue_expiry {
+            args.insert(
+                "x-expires".into(),
+                AMQPValue::LongLongInt(i64::try_from(expiry.as_millis()).unwrap_or(i64::MAX)),
+            );
+        }
+        args
+    }
+
+    /// Declares `queue`, its retry queues and its dead-letter queue, once per broker.
+    async fn ensure(&self, queue: &str) -> Result<(), BrokerError> {
+        if lock(&self.declared).contains(queue) {
+            return Ok(());
+        }
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        self.publisher
+            .queue_declare(queue.into(), durable, self.args(true))
+            .await
+            .map_err(unavailable)?;
+        for attempt in 1..self.retry.max_attempts {
+            let mut args = self.args(false);
+            let ttl =
+                i64::try_from(self.retry.delay_after(attempt).as_millis()).unwrap_or(i64::MAX);
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(queue.into()),
+            );
+            self.publisher
+                .queue_declare(format!("{queue}.retry.{attempt}").into(), durable, args)
+                .await
+                .map_err(unavailable)?;
+        }
+        self.publisher
+            .queue_declare(format!("{queue}.dlq").into(), durable, self.args(false))
+            .await
+            .map_err(unavailable)?;
+        lock(&self.declared).insert(queue.to_owned());
+        Ok(())
+    }
+
+    /// Publishes `envelope` to `routing_key` with `headers`, persistent, and waits for the
+    /// broker's confirm.
+    async fn send(
+        &self,
+        routing_key: &str,
+        envelope: &Envelope,
+        headers: FieldTable,
+    ) -> Result<(), BrokerError> {
+        let body = serde_json::to_vec(envelope).map_err(|e| BrokerError::Other(Box::new(e)))?;
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(envelope.id.to_string().into())
+            .with_headers(headers);
+        let confirm = self
+            .publisher
+            .basic_publish(
+                "".into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                &body,
+                properties,
+            )
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(unavailable)?;
+        if confirm.is_ack() {
+            Ok(())
+        } else {
+            Err(BrokerError::Unavailable(
+                "the broker refused the message (nack)".into(),
+            ))
+        }
+    }
+
+    /// The envelope of a received message, with its attempt number.
+    fn decode(message: &lapin::message::Delivery) -> Result<(Envelope, i64), BrokerError> {
+        let mut envelope: Envelope =
+            serde_json::from_slice(&message.data).map_err(|e| BrokerError::Other(Box::new(e)))?;
+        let headers = message.properties.headers().as_ref();
+        let before = header_int(headers, "x-attempts");
+        let redelivered = header_int(headers, "x-delivery-count");
+        envelope.attempt = u32::try_from(before + redelivered + 1).unwrap_or(u32::MAX);
+        Ok((envelope, before))
+    }
+
+    fn take_lease(&self, tag: u64) -> Result<(), BrokerError> {
+        lock(&self.leases)
+            .remove(&tag)
+            .map(|_| ())
+            .ok_or(BrokerError::LeaseLost)
+    }
+
+    fn tag(delivery: &Delivery) -> Result<u64, BrokerError> {
+        delivery.receipt.parse().map_err(|_| {
+            BrokerError::Other(
+                format!("not a receipt of this broker: {:?}", delivery.receipt).into(),
+            )
+        })
+    }
+}
+
+/// Returns deliveries whose lease ran out to their queue (a redelivery).
+async fn reap(channel: Channel, leases: Leases) {
+    loop {
+        tokio::time::sleep(POLL).await;
+        let expired: Vec<u64> = {
+            let mut leases = lock(&leases);
+            let now = Instant::now();
+            let tags: Vec<u64> = leases
+                .iter()
+                .filter(|(_, (_, until))| *until <= now)
+                .map(|(t, _)| *t)
+                .collect();
+            for tag in &tags {
+                leases.remove(tag);
+            }
+            tags
+        };
+        for tag in expired {
+            let _ = channel
+                .basic_reject(tag, BasicRejectOptions { requeue: true })
+                .await;
+        }
+    }
+}
+
+#[async_trait]
+impl HealthCheck for RabbitBroker {
+    async fn health(&self) -> ComponentHealth {
+        if self.connection.status().connected() {
+            ComponentHealth::new(HealthStatus::Ok, "rabbitmq")
+        } else {
+            ComponentHealth::new(HealthStatus::Down, "rabbitmq").with_error("not connected")
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for RabbitBroker {
+    async fn publish(&self, queue: &str, envelope: &Envelope) -> Result<(), BrokerError> {
+        self.ensure(queue).await?;
+        let mut headers = FieldTable::default();
+        headers.insert("x-attempts".into(), AMQPValue::LongLongInt(0));
+        self.send(queue, envelope, headers).await
+    }
+
+    async fn receive(
+        &self,
+        queue: &str,
+        max: u32,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        self.ensure(queue).await?;
+        let deadline = Instant::now() + wait;
+        loop {
+            let mut got = Vec::new();
+            while got.len() < max.max(1) as usize {
+                let Some(message) = self
+                    .consumer
+                    .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+                    .await
+                    .map_err(unavailable)?
+                else {
+                    break;
+                };
+                let tag = message.delivery.delivery_tag;
+                let (envelope, _) = Self::decode(&message.delivery)?;
+                lock(&self.leases).insert(
+                    tag,
+                    (queue.to_owned(), Instant::now() + self.visibility_timeout),
+                );
+                got.push(Delivery {
+                    queue: queue.to_owned(),
+                    envelope,
+                    receipt: tag.to_string(),
+                });
+            }
+            if !got.is_empty() || Instant::now() >= deadline {
+                return Ok(got);
+            }
+            tokio::time::sleep(POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError> {
+        let tag = Self::tag(delivery)?;
+        self.take_lease(tag)?;
+        self.consumer
+            .basic_ack(tag, BasicAckOptions::default())
+            .await
+            .map_err(|_| BrokerError::LeaseLost)
+    }
+
+    async fn nack(&self, delivery: &Delivery, error: &str) -> Result<(), BrokerError> {
+        let tag = Self::tag(delivery)?;
+        self.take_lease(tag)?;
+        let attempt = delivery.envelope.attempt;
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-attempts".into(),
+            AMQPValue::LongLongInt(i64::from(attempt)),
+        );
+        headers.insert(
+            "x-last-error".into(),
+            AMQPValue::LongString(LongString::from(error)),
+        );
+        let target = if attempt >= self.retry.max_attempts {
+            headers.insert(
+                "x-failed-at".into(),
+                AMQPValue::LongString(now().to_rfc3339().as_str().into()),
+            );
+            format!("{}.dlq", delivery.queue)
+        } else {
+            format!("{}.retry.{attempt}", delivery.queue)
+        };
+        // The copy is confirmed before the original is settled: a crash in between
+        // duplicates (at-least-once), it never loses.
+        self.send(&target, &delivery.envelope, headers).await?;
+        self.consumer
+            .basic_ack(tag, BasicAckOptions::default())
+            .await
+            .map_err(|_| BrokerError::LeaseLost)
+    }
+
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        self.ensure(queue).await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let count = |name: String| async move {
+            self.publisher
+                .queue_declare(ShortString::from(name), passive, FieldTable::default())
+                .await
+                .map(|q| u64::from(q.message_count()))
+                .map_err(unavailable)
+        };
+        let mut pending = count(queue.to_owned()).await?;
+        for attempt in 1..self.retry.max_attempts {
+            pending += count(format!("{queue}.retry.{attempt}")).await?;
+        }
+        let held = lock(&self.leases)
+            .values()
+            .filter(|(q, _)| q == queue)
+            .count() as u64;
+        Ok(QueueDepth {
+            pending: pending + held,
+            dead: count(format!("{queue}.dlq")).await?,
+        })
+    }
+
+    async fn dead_letters(&self, queue: &str, limit: u32) -> Result<Vec<DeadLetter>, BrokerError> {
+        self.ensure(queue).await?;
+        // Reading is taking without acking on a channel of its own; closing it puts every
+        // message back where it was.
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(unavailable)?;
+        let mut letters = Vec::new();
+        while letters.len() < limit as usize {
+            let Some(message) = channel
+                .basic_get(
+                    format!("{queue}.dlq").into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await
+                .map_err(unavailable)?
+            else {
+                break;
+            };
+            let headers = message.delivery.properties.headers().as_ref();
+            let mut envelope: Envelope = serde_json::from_slice(&message.delivery.data)
+                .map_err(|e| BrokerError::Other(Box::new(e)))?;
+            envelope.attempt = u32::try_from(header_int(headers, "x-attempts")).unwrap_or(0);
+            let failed_at = header_text(headers, "x-failed-at")
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                .map_or_else(now, Timestamp::from);
+            letters.push(DeadLetter {
+                envelope,
+                last_error: header_text(headers, "x-last-error").unwrap_or_default(),
+                failed_at,
+            });
+        }
+        let _ = channel.close(200, "listed".into()).await;
+        Ok(letters)
+    }
+
+    async fn replay_dead_letters(&self, queue: &str) -> Result<u64, BrokerError> {
+        self.ensure(queue).await?;
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(unavailable)?;
+        let mut replayed = 0;
+        while let Some(message) = channel
+            .basic_get(
+                format!("{queue}.dlq").into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
+            .map_err(unavailable)?
+        {
+            let envelope: Envelope = serde_json::from_slice(&message.delivery.data)
+                .map_err(|e| BrokerError::Other(Box::new(e)))?;
+            let mut headers = FieldTable::default();
+            headers.insert("x-attempts".into(), AMQPValue::LongLongInt(0));
+            self.send(queue, &envelope, headers).await?;
+            channel
+                .basic_ack(message.delivery.delivery_tag, BasicAckOptions::default())
+                .await
+                .map_err(unavailable)?;
+            replayed += 1;
+        }
+        let _ = channel.close(200, "replayed".into()).await;
+        Ok(replayed)
+    }
+}
