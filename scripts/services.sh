@@ -53,3 +53,34 @@ ensure_rabbitmq() {
   fi
   return 0
 }
+
+# Peers from PyPI live in one virtualenv outside the clone, reused across runs.
+PEERS_DIR="${CONFAB_PEERS_DIR:-$HOME/.cache/confab-peers}"
+
+_ensure_venv_package() { # module pip-spec
+  local python="$PEERS_DIR/venv/bin/python"
+  if [ ! -x "$python" ]; then
+    python3 -m venv "$PEERS_DIR/venv" >/dev/null 2>&1 || return 1
+  fi
+  "$python" -c "import $1" >/dev/null 2>&1 && return 0
+  echo "services: installing $2 from PyPI (once; cached in $PEERS_DIR)"
+  "$PEERS_DIR/venv/bin/pip" install --quiet --disable-pip-version-check "$2" >/dev/null 2>&1
+}
+
+# An S3-compatible server (moto's server mode) for the BlobStore tests. Signatures are not
+# checked and state is in memory: every run starts empty.
+ensure_s3() {
+  local port=${CONFAB_S3_PORT:-9011}
+  if ! _port_open "$port"; then
+    if ! _ensure_venv_package moto 'moto[server]'; then
+      echo "services: cannot install moto; the S3 tests will be skipped" >&2
+      return 0
+    fi
+    echo "services: starting the S3 peer (moto) on 127.0.0.1:$port"
+    nohup "$PEERS_DIR/venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$PEERS_DIR/moto.log" 2>&1 &
+    _wait_port s3 "$port" 30 || return 0
+  else
+    echo "services: S3 peer is up on 127.0.0.1:$port"
+  fi
+  export TEST_S3_ENDPOINT="${TEST_S3_ENDPOINT:-http://127.0.0.1:$port}"
+}

@@ -2,12 +2,14 @@
 //! config beside it, and one factory per port that turns the `kind`-tagged config into
 //! `Arc<dyn Port>`.
 
+pub mod blob;
 pub mod broker;
 pub mod cache;
 pub mod db_broker;
 pub mod fail_soft_cache;
 pub mod memory_cache;
 pub mod metered_broker;
+pub mod object_blob_store;
 pub mod rabbit_broker;
 pub mod redis_cache;
 pub mod sql_store;

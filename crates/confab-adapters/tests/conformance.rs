@@ -272,3 +272,79 @@ async fn rabbitmq_passes_the_broker_suite() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_disk_passes_the_blob_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = confab_adapters::blob::MediaConfig::Local {
+        path: Some(dir.path().join("media")),
+    };
+    testing::blob::run_all(|| async { confab_adapters::blob::build(&config, dir.path()).unwrap() })
+        .await;
+}
+
+/// A bucket of its own on the S3 peer (moto accepts unsigned requests; real S3 would not).
+async fn s3_bucket(endpoint: &str) -> confab_adapters::blob::MediaConfig {
+    let bucket = unique("confab-test-").to_lowercase();
+    let created = reqwest::Client::new()
+        .put(format!("{endpoint}/{bucket}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        created.status().is_success(),
+        "create bucket: {}",
+        created.status()
+    );
+    confab_adapters::blob::MediaConfig::S3 {
+        bucket,
+        region: Some("us-east-1".into()),
+        endpoint: Some(endpoint.to_owned()),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some(confab_core::settings::Secret::new("test")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_passes_the_blob_suite_and_presigns_urls_a_browser_can_fetch() {
+    let Some(endpoint) = testing::service_url("TEST_S3_ENDPOINT", "S3 blob store") else {
+        return;
+    };
+    let config = s3_bucket(&endpoint).await;
+    let dir = tempfile::tempdir().unwrap();
+    testing::blob::run_all(|| async { confab_adapters::blob::build(&config, dir.path()).unwrap() })
+        .await;
+
+    let store = confab_adapters::blob::build(&config, dir.path()).unwrap();
+    let key = confab_core::ports::blob::BlobKey::parse("presign/photo.jpg").unwrap();
+    store.put(&key, b"jpeg bytes".to_vec()).await.unwrap();
+    let url = store
+        .presigned_get(&key, Duration::from_mins(5))
+        .await
+        .unwrap()
+        .expect("S3 presigns");
+    assert!(url.contains("X-Amz-Signature="), "{url}");
+    let fetched = reqwest::get(&url).await.unwrap();
+    assert_eq!(fetched.status(), 200);
+    assert_eq!(fetched.bytes().await.unwrap().as_ref(), b"jpeg bytes");
+}
+
+#[tokio::test]
+async fn local_disk_has_no_presigned_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        confab_adapters::blob::build(&confab_adapters::blob::MediaConfig::default(), dir.path())
+            .unwrap();
+    let key = confab_core::ports::blob::BlobKey::parse("a/b.txt").unwrap();
+    assert_eq!(
+        store
+            .presigned_get(&key, Duration::from_mins(1))
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(
+        dir.path().join("media").is_dir(),
+        "the default root is <data_dir>/media"
+    );
+}

@@ -3,6 +3,7 @@
 //! Every port reports its own [`health::ComponentHealth`]; `/ready`, `/health` and
 //! `confab doctor` are built from those reports and nothing else.
 
+pub mod blob;
 pub mod broker;
 pub mod cache;
 pub mod health;

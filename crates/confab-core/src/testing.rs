@@ -3,6 +3,7 @@
 // Test code states its expectations with unwrap: a failure is the test failing.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)]
 
+pub mod blob;
 pub mod broker;
 pub mod cache;
 pub mod store;

@@ -19,6 +19,7 @@ use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use confab_adapters::blob::MediaConfig;
 pub use confab_adapters::broker::QueueConfig;
 pub use confab_adapters::cache::CacheConfig;
 pub use confab_adapters::sql_store::{DatabaseConfig, PoolConfig, Synchronous};
@@ -196,34 +197,6 @@ pub struct RateLimitConfig {
 impl Default for RateLimitConfig {
     fn default() -> Self {
         Self { fail_open: true }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum MediaConfig {
-    Local {
-        /// Defaults to `<data_dir>/media`.
-        #[serde(default)]
-        path: Option<PathBuf>,
-    },
-    S3 {
-        bucket: String,
-        #[serde(default)]
-        region: Option<String>,
-        /// For S3-compatible servers; path-style addressing is used with it.
-        #[serde(default)]
-        endpoint: Option<String>,
-        #[serde(default)]
-        access_key_id: Option<String>,
-        #[serde(default)]
-        secret_access_key: Option<Secret>,
-    },
-}
-
-impl Default for MediaConfig {
-    fn default() -> Self {
-        Self::Local { path: None }
     }
 }
 

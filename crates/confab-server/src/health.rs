@@ -76,6 +76,11 @@ impl Components {
                 check: ports.cache.clone(),
             },
             Component {
+                name: "storage",
+                required: false,
+                check: ports.blobs.clone(),
+            },
+            Component {
                 name: "ai",
                 required: false,
                 check: Arc::new(ai_health(config)),

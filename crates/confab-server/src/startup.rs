@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::Role;
 use confab_adapters::metered_broker::MeteredBroker;
 use confab_adapters::sql_store::SqlStore;
+use confab_core::ports::blob::BlobStore;
 use confab_core::ports::broker::Broker;
 use confab_core::ports::cache::Cache;
 use confab_core::ports::store::Store;
@@ -30,6 +31,7 @@ pub struct Ports {
     /// The same broker, for what only the metered wrapper offers (depth gauges).
     pub metered_broker: Arc<MeteredBroker>,
     pub cache: Arc<dyn Cache>,
+    pub blobs: Arc<dyn BlobStore>,
 }
 
 impl Ports {
@@ -53,11 +55,14 @@ impl Ports {
             .with_context(|| format!("cannot connect to the queue {}", queue_target(config)))?;
         let cache = confab_adapters::cache::build(&config.cache, config.rate_limit.fail_open)
             .context("while setting up the cache (cache.url)")?;
+        let blobs = confab_adapters::blob::build(&config.media, &config.server.data_dir)
+            .context("while setting up media storage ([media])")?;
         Ok(Self {
             store: Arc::new(store),
             broker: metered_broker.clone(),
             metered_broker,
             cache,
+            blobs,
         })
     }
 }
@@ -113,6 +118,7 @@ impl Application {
             store: ports.store,
             broker: ports.broker,
             cache: ports.cache,
+            blobs: ports.blobs,
             config: Arc::new(config),
             metrics: crate::metrics::handle(),
             started_at: Instant::now(),

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use confab_core::ports::blob::BlobStore;
 use confab_core::ports::broker::Broker;
 use confab_core::ports::cache::Cache;
 use confab_core::ports::store::Store;
@@ -19,6 +20,7 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub broker: Arc<dyn Broker>,
     pub cache: Arc<dyn Cache>,
+    pub blobs: Arc<dyn BlobStore>,
     pub metrics: PrometheusHandle,
     pub started_at: Instant,
     /// Cancelled when the process begins to shut down; `/ready` then answers 503.

@@ -42,6 +42,16 @@ async fn health_lists_components_with_version_and_uptime() {
     );
     assert_eq!(ai["kind"], "none");
     assert!(ai["lastError"].is_null());
+    // The embedded shape: every SPEC §3 component, each from its port.
+    for (name, kind) in [
+        ("database", "sqlite"),
+        ("queue", "sqlite"),
+        ("cache", "memory"),
+        ("storage", "local"),
+    ] {
+        assert_eq!(body["components"][name]["status"], "ok", "{name}: {body}");
+        assert_eq!(body["components"][name]["kind"], kind, "{name}: {body}");
+    }
     assert_eq!(app.get("/ready").await.status(), 200);
 }
 
