@@ -84,3 +84,24 @@ ensure_s3() {
   fi
   export TEST_S3_ENDPOINT="${TEST_S3_ENDPOINT:-http://127.0.0.1:$port}"
 }
+
+# A real SMTP server that keeps what it receives in a Maildir (aiosmtpd), for the mail tests.
+ensure_smtp() {
+  local port=${CONFAB_SMTP_PORT:-9025}
+  local maildir="$PEERS_DIR/maildir"
+  if ! _port_open "$port"; then
+    if ! _ensure_venv_package aiosmtpd aiosmtpd; then
+      echo "services: cannot install aiosmtpd; the SMTP tests will be skipped" >&2
+      return 0
+    fi
+    mkdir -p "$maildir/tmp" "$maildir/new" "$maildir/cur"
+    echo "services: starting the SMTP sink (aiosmtpd) on 127.0.0.1:$port"
+    nohup "$PEERS_DIR/venv/bin/python" -m aiosmtpd -n -l "127.0.0.1:$port" \
+      -c aiosmtpd.handlers.Mailbox "$maildir" >"$PEERS_DIR/aiosmtpd.log" 2>&1 &
+    _wait_port smtp "$port" 30 || return 0
+  else
+    echo "services: SMTP sink is up on 127.0.0.1:$port"
+  fi
+  export TEST_SMTP_ADDR="${TEST_SMTP_ADDR:-127.0.0.1:$port}"
+  export TEST_SMTP_MAILDIR="${TEST_SMTP_MAILDIR:-$maildir}"
+}

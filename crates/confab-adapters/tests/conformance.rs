@@ -348,3 +348,96 @@ async fn local_disk_has_no_presigned_urls() {
         "the default root is <data_dir>/media"
     );
 }
+
+/// The complete messages in `dirs` (temporary files of a write in progress excluded).
+fn messages_in(dirs: &[std::path::PathBuf]) -> Vec<String> {
+    let mut found = Vec::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') {
+                found.push(std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_mailer_passes_the_mailer_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let mailer =
+        confab_adapters::mail::build(&confab_adapters::mail::MailConfig::default(), dir.path())
+            .unwrap();
+    let outbox = dir.path().join("outbox");
+    testing::mailer::run_all(mailer, || {
+        std::future::ready(messages_in(std::slice::from_ref(&outbox)))
+    })
+    .await;
+    let names: Vec<String> = std::fs::read_dir(&outbox)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| std::path::Path::new(n)
+            .extension()
+            .is_some_and(|e| e == "eml")),
+        "only whole .eml files remain: {names:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_passes_the_mailer_suite_against_a_real_smtp_server() {
+    let Some(addr) = testing::service_url("TEST_SMTP_ADDR", "SMTP mailer") else {
+        return;
+    };
+    let maildir = std::path::PathBuf::from(
+        std::env::var("TEST_SMTP_MAILDIR").expect("TEST_SMTP_MAILDIR with TEST_SMTP_ADDR"),
+    );
+    let config = confab_adapters::mail::MailConfig::Smtp {
+        url: Some(SecretUrl::parse(&format!("smtp://{addr}")).unwrap()),
+        host: None,
+        port: None,
+        user: None,
+        password: None,
+        secure: false,
+        from: "Chat <no-reply@example.com>".into(),
+    };
+    let mailer = confab_adapters::mail::build(&config, std::path::Path::new(".")).unwrap();
+    let dirs = [maildir.join("new"), maildir.join("cur")];
+    testing::mailer::run_all(mailer, || std::future::ready(messages_in(&dirs))).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_smtp_server_is_a_retryable_failure() {
+    let config = confab_adapters::mail::MailConfig::Smtp {
+        url: Some(SecretUrl::parse("smtp://127.0.0.1:1").unwrap()),
+        host: None,
+        port: None,
+        user: None,
+        password: None,
+        secure: false,
+        from: "no-reply@example.com".into(),
+    };
+    let mailer = confab_adapters::mail::build(&config, std::path::Path::new(".")).unwrap();
+    let mail = confab_core::ports::mailer::Mail {
+        id: confab_core::domain::EventId::new(),
+        to: "ann@example.com".into(),
+        subject: "x".into(),
+        text: "x".into(),
+        html: None,
+    };
+    let err = mailer.send(&mail).await.unwrap_err();
+    assert!(
+        matches!(err, confab_core::ports::mailer::MailError::Unavailable(_)),
+        "{err:?}"
+    );
+    assert_eq!(
+        mailer.health().await.status,
+        confab_core::ports::health::HealthStatus::Down
+    );
+}

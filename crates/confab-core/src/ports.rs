@@ -7,4 +7,5 @@ pub mod blob;
 pub mod broker;
 pub mod cache;
 pub mod health;
+pub mod mailer;
 pub mod store;

@@ -22,6 +22,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub use confab_adapters::blob::MediaConfig;
 pub use confab_adapters::broker::QueueConfig;
 pub use confab_adapters::cache::CacheConfig;
+pub use confab_adapters::mail::MailConfig;
 pub use confab_adapters::sql_store::{DatabaseConfig, PoolConfig, Synchronous};
 pub use confab_core::settings::{Secret, SecretUrl};
 pub use env::Env;
@@ -197,50 +198,6 @@ pub struct RateLimitConfig {
 impl Default for RateLimitConfig {
     fn default() -> Self {
         Self { fail_open: true }
-    }
-}
-
-fn default_from() -> String {
-    "confab <no-reply@localhost>".into()
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum MailConfig {
-    /// `.eml` files in an outbox folder.
-    File {
-        /// Defaults to `<data_dir>/outbox`.
-        #[serde(default)]
-        path: Option<PathBuf>,
-        #[serde(default = "default_from")]
-        from: String,
-    },
-    Smtp {
-        /// `smtp://user:pass@host:587` (STARTTLS) or `smtps://…:465` (TLS); or use `host` etc.
-        #[serde(default)]
-        url: Option<SecretUrl>,
-        #[serde(default)]
-        host: Option<String>,
-        #[serde(default, deserialize_with = "confab_core::settings::lenient::option")]
-        port: Option<u16>,
-        #[serde(default)]
-        user: Option<String>,
-        #[serde(default)]
-        password: Option<Secret>,
-        /// Implicit TLS (port 465) instead of STARTTLS.
-        #[serde(default, deserialize_with = "confab_core::settings::lenient::value")]
-        secure: bool,
-        #[serde(default = "default_from")]
-        from: String,
-    },
-}
-
-impl Default for MailConfig {
-    fn default() -> Self {
-        Self::File {
-            path: None,
-            from: default_from(),
-        }
     }
 }
 

@@ -81,6 +81,11 @@ impl Components {
                 check: ports.blobs.clone(),
             },
             Component {
+                name: "mail",
+                required: false,
+                check: ports.mailer.clone(),
+            },
+            Component {
                 name: "ai",
                 required: false,
                 check: Arc::new(ai_health(config)),

@@ -17,6 +17,7 @@ use confab_adapters::sql_store::SqlStore;
 use confab_core::ports::blob::BlobStore;
 use confab_core::ports::broker::Broker;
 use confab_core::ports::cache::Cache;
+use confab_core::ports::mailer::Mailer;
 use confab_core::ports::store::Store;
 
 use crate::config::Config;
@@ -32,6 +33,7 @@ pub struct Ports {
     pub metered_broker: Arc<MeteredBroker>,
     pub cache: Arc<dyn Cache>,
     pub blobs: Arc<dyn BlobStore>,
+    pub mailer: Arc<dyn Mailer>,
 }
 
 impl Ports {
@@ -57,12 +59,15 @@ impl Ports {
             .context("while setting up the cache (cache.url)")?;
         let blobs = confab_adapters::blob::build(&config.media, &config.server.data_dir)
             .context("while setting up media storage ([media])")?;
+        let mailer = confab_adapters::mail::build(&config.mail, &config.server.data_dir)
+            .context("while setting up mail ([mail])")?;
         Ok(Self {
             store: Arc::new(store),
             broker: metered_broker.clone(),
             metered_broker,
             cache,
             blobs,
+            mailer,
         })
     }
 }
@@ -119,6 +124,7 @@ impl Application {
             broker: ports.broker,
             cache: ports.cache,
             blobs: ports.blobs,
+            mailer: ports.mailer,
             config: Arc::new(config),
             metrics: crate::metrics::handle(),
             started_at: Instant::now(),

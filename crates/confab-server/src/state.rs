@@ -6,6 +6,7 @@ use std::time::Instant;
 use confab_core::ports::blob::BlobStore;
 use confab_core::ports::broker::Broker;
 use confab_core::ports::cache::Cache;
+use confab_core::ports::mailer::Mailer;
 use confab_core::ports::store::Store;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +22,7 @@ pub struct AppState {
     pub broker: Arc<dyn Broker>,
     pub cache: Arc<dyn Cache>,
     pub blobs: Arc<dyn BlobStore>,
+    pub mailer: Arc<dyn Mailer>,
     pub metrics: PrometheusHandle,
     pub started_at: Instant,
     /// Cancelled when the process begins to shut down; `/ready` then answers 503.

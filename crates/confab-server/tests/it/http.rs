@@ -48,6 +48,7 @@ async fn health_lists_components_with_version_and_uptime() {
         ("queue", "sqlite"),
         ("cache", "memory"),
         ("storage", "local"),
+        ("mail", "file"),
     ] {
         assert_eq!(body["components"][name]["status"], "ok", "{name}: {body}");
         assert_eq!(body["components"][name]["kind"], kind, "{name}: {body}");
