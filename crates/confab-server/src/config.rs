@@ -120,6 +120,8 @@ pub struct ServerConfig {
     pub shutdown_timeout_secs: u64,
     /// The largest JSON request body accepted.
     pub json_body_limit_bytes: usize,
+    /// A folder whose files replace the built-in mail templates of the same name.
+    pub mail_templates_dir: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -133,6 +135,7 @@ impl Default for ServerConfig {
             request_timeout_secs: 30,
             shutdown_timeout_secs: 10,
             json_body_limit_bytes: 1024 * 1024,
+            mail_templates_dir: None,
         }
     }
 }

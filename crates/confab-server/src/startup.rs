@@ -125,6 +125,13 @@ impl Application {
             cache: ports.cache,
             blobs: ports.blobs,
             mailer: ports.mailer,
+            templates: Arc::new(
+                crate::mail::Templates::load(
+                    config.server.mail_templates_dir.as_deref(),
+                    &config.server.app_url,
+                )
+                .context("while loading the mail templates (server.mail_templates_dir)")?,
+            ),
             config: Arc::new(config),
             metrics: crate::metrics::handle(),
             started_at: Instant::now(),
@@ -179,6 +186,7 @@ impl Application {
         let mut server = tokio::spawn(server.into_future());
         crate::metrics::spawn_upkeep(self.state.metrics.clone(), token.clone());
         crate::workers::spawn_depth_gauges(self.depths.clone(), token.clone());
+        crate::workers::spawn_mail_worker(self.state.clone(), token.clone());
         crate::workers::spawn_outbox_relay(
             self.state.store.clone(),
             self.state.broker.clone(),

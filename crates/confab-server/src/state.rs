@@ -23,6 +23,7 @@ pub struct AppState {
     pub cache: Arc<dyn Cache>,
     pub blobs: Arc<dyn BlobStore>,
     pub mailer: Arc<dyn Mailer>,
+    pub templates: Arc<crate::mail::Templates>,
     pub metrics: PrometheusHandle,
     pub started_at: Instant,
     /// Cancelled when the process begins to shut down; `/ready` then answers 503.

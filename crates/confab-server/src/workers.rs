@@ -61,3 +61,44 @@ pub fn spawn_depth_gauges(
         }
     })
 }
+
+/// Consumes the `mail` queue until `shutdown`: each message rendered, sent once, acked; a
+/// failure nacked (retried with backoff, then dead-lettered).
+pub fn spawn_mail_worker(
+    state: crate::state::AppState,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    use confab_core::ports::broker::queues::MAIL;
+    tokio::spawn(async move {
+        loop {
+            let batch = tokio::select! {
+                () = shutdown.cancelled() => return,
+                batch = state.broker.receive(MAIL, 8, Duration::from_secs(1)) => batch,
+            };
+            match batch {
+                Ok(deliveries) => {
+                    for delivery in deliveries {
+                        let handled = crate::mail::deliver(
+                            &*state.store,
+                            &*state.broker,
+                            &*state.mailer,
+                            &state.templates,
+                            &delivery,
+                        )
+                        .await;
+                        if let Err(error) = handled {
+                            tracing::warn!(
+                                error = format!("{error:#}"),
+                                "Mail worker could not settle a delivery."
+                            );
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "Mail worker cannot reach the queue; retrying.");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    })
+}

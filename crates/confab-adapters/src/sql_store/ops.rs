@@ -576,6 +576,14 @@ where
         Ok(())
     }
 
+    async fn was_processed(&self, consumer: &str, event: EventId) -> Result<bool, StoreError> {
+        let found = processed_events::Entity::find_by_id((consumer.to_owned(), event.0))
+            .one(&self.conn)
+            .await
+            .map_err(store_err)?;
+        Ok(found.is_some())
+    }
+
     async fn mark_processed(
         &self,
         consumer: &str,

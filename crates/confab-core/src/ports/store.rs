@@ -144,6 +144,9 @@ pub trait OutboxStore: Send + Sync {
         event: EventId,
         at: Timestamp,
     ) -> Result<(), StoreError>;
+    /// Whether `consumer` already handled `event` (for effects outside the database, which
+    /// cannot share its transaction: check, act, then mark).
+    async fn was_processed(&self, consumer: &str, event: EventId) -> Result<bool, StoreError>;
 }
 
 #[async_trait]

@@ -538,7 +538,13 @@ async fn the_outbox_hands_out_pending_entries_oldest_first(store: Arc<dyn Store>
 
 async fn a_processed_event_conflicts_the_second_time(store: Arc<dyn Store>) {
     let event = EventId::new();
+    assert!(!store.was_processed("mail", event).await.unwrap());
     store.mark_processed("mail", event, now()).await.unwrap();
+    assert!(store.was_processed("mail", event).await.unwrap());
+    assert!(
+        !store.was_processed("analytics", event).await.unwrap(),
+        "per consumer"
+    );
     let again = store.mark_processed("mail", event, now()).await;
     assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
     store

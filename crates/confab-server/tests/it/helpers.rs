@@ -16,6 +16,7 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub shutdown: CancellationToken,
     pub server: JoinHandle<anyhow::Result<()>>,
+    pub data_dir: std::path::PathBuf,
     _data: tempfile::TempDir,
 }
 
@@ -66,6 +67,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Config), overrides: Over
             .expect("a client"),
         shutdown,
         server,
+        data_dir: data.path().to_owned(),
         _data: data,
     }
 }

@@ -9,4 +9,5 @@ mod delivery;
 mod helpers;
 mod http;
 mod logs;
+mod mail;
 mod store;
