@@ -1,8 +1,9 @@
 //! Queue figures for BENCHMARKS.md (issue 4): the durable queue in the database.
 //!
-//! cargo run --release -p confab-adapters --example queue_bench -- [sqlite|postgres] [messages]
+//! cargo run --release -p confab-adapters --example queue_bench -- [sqlite|postgres|rabbitmq] [messages]
 //!
-//! postgres uses a fresh database on TEST_DATABASE_URL. Loopback only.
+//! postgres uses a fresh database on TEST_DATABASE_URL; rabbitmq uses TEST_AMQP_URL (its
+//! queues expire a minute after the run), with the outbox in SQLite. Loopback only.
 #![allow(
     clippy::unwrap_used,
     clippy::cast_precision_loss,
@@ -68,22 +69,43 @@ async fn main() {
     };
     let sql = SqlStore::connect(&config, dir.path()).await.unwrap();
     sql.migrate().await.unwrap();
-    let broker: Arc<dyn Broker> = Arc::new(DbBroker::new(
-        sql.connection(),
-        RetryPolicy::default(),
-        Duration::from_secs(30),
-    ));
+    let broker: Arc<dyn Broker> = if backend == "rabbitmq" {
+        let url = std::env::var("TEST_AMQP_URL").expect("TEST_AMQP_URL for rabbitmq");
+        Arc::new(
+            confab_adapters::rabbit_broker::RabbitBroker::connect(
+                &SecretUrl::parse(&url).unwrap(),
+                RetryPolicy::default(),
+                Duration::from_secs(30),
+                Some(Duration::from_mins(1)),
+            )
+            .await
+            .unwrap(),
+        )
+    } else {
+        Arc::new(DbBroker::new(
+            sql.connection(),
+            RetryPolicy::default(),
+            Duration::from_secs(30),
+        ))
+    };
+    // Queue names of this run (RabbitMQ keeps queues between runs until they expire).
+    let run = EventId::new().to_string();
+    let (rtt, load, lag) = (
+        format!("rtt-{run}"),
+        format!("load-{run}"),
+        format!("lag-{run}"),
+    );
     let store: Arc<dyn Store> = Arc::new(sql);
     println!("backend: {backend}");
 
     // Unloaded round trip: publish one, a waiting consumer receives and acks it.
     let consumer = {
-        let broker = broker.clone();
+        let (broker, rtt) = (broker.clone(), rtt.clone());
         tokio::spawn(async move {
             let mut seen = 0;
             while seen < 500 {
                 for d in broker
-                    .receive("rtt", 32, Duration::from_secs(1))
+                    .receive(&rtt, 32, Duration::from_secs(1))
                     .await
                     .unwrap()
                 {
@@ -96,8 +118,8 @@ async fn main() {
     let mut samples = Vec::with_capacity(500);
     for n in 0..500 {
         let started = Instant::now();
-        broker.publish("rtt", &envelope(n)).await.unwrap();
-        while broker.depth("rtt").await.unwrap().pending > 0 {
+        broker.publish(&rtt, &envelope(n)).await.unwrap();
+        while broker.depth(&rtt).await.unwrap().pending > 0 {
             tokio::task::yield_now().await;
         }
         samples.push(started.elapsed());
@@ -114,12 +136,12 @@ async fn main() {
     let started = Instant::now();
     let consumers: Vec<_> = (0..2)
         .map(|_| {
-            let broker = broker.clone();
+            let (broker, load) = (broker.clone(), load.clone());
             tokio::spawn(async move {
                 let mut n = 0;
                 loop {
                     let batch = broker
-                        .receive("load", 32, Duration::from_millis(500))
+                        .receive(&load, 32, Duration::from_millis(500))
                         .await
                         .unwrap();
                     if batch.is_empty() {
@@ -135,11 +157,11 @@ async fn main() {
         .collect();
     let publishers: Vec<_> = (0..4)
         .map(|p| {
-            let broker = broker.clone();
+            let (broker, load) = (broker.clone(), load.clone());
             tokio::spawn(async move {
                 for n in 0..total / 4 {
                     broker
-                        .publish("load", &envelope(p * total + n))
+                        .publish(&load, &envelope(p * total + n))
                         .await
                         .unwrap();
                 }
@@ -166,7 +188,7 @@ async fn main() {
         let tx = store.begin().await.unwrap();
         tx.enqueue(&OutboxEntry {
             id: EventId::new(),
-            queue: "lag".into(),
+            queue: lag.clone(),
             kind: "e".into(),
             payload: serde_json::json!({"n": n}),
             trace_id: None,
@@ -185,7 +207,7 @@ async fn main() {
     let mut lags = Vec::with_capacity(burst);
     while lags.len() < burst {
         for d in broker
-            .receive("lag", 32, Duration::from_secs(2))
+            .receive(&lag, 32, Duration::from_secs(2))
             .await
             .unwrap()
         {

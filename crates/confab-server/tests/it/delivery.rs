@@ -356,3 +356,103 @@ async fn the_server_runs_its_queues_on_rabbitmq() {
             .unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rabbitmq_outage_delays_messages_and_loses_none() {
+    use lapin::options::QueueDeleteOptions;
+    let Some(amqp) = confab_core::testing::service_url("TEST_AMQP_URL", "RabbitMQ outage") else {
+        return;
+    };
+    // confab reaches RabbitMQ through a proxy the test cuts: an outage as confab sees it,
+    // without stopping the RabbitMQ other tests share.
+    let mut url = url::Url::parse(&amqp).unwrap();
+    let target: std::net::SocketAddr =
+        format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5672))
+            .parse()
+            .unwrap();
+    let proxy = crate::helpers::Proxy::start(target).await;
+    url.set_port(Some(proxy.address.port())).unwrap();
+    let app = spawn_app_with(
+        |c| {
+            c.queue = confab_server::config::QueueConfig::Rabbitmq {
+                url: confab_server::config::SecretUrl::parse(url.as_str()).unwrap(),
+                max_attempts: 2,
+                retry_base_ms: 100,
+                visibility_timeout_secs: 5,
+            };
+        },
+        Overrides::default(),
+    )
+    .await;
+    let (store, broker) = (app.state.store.clone(), app.state.broker.clone());
+    let queue = confab_core::testing::unique("outage-");
+    store.enqueue(&entry(&queue, "before")).await.unwrap();
+    let got = broker
+        .receive(&queue, 1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    broker.ack(&got[0]).await.unwrap();
+
+    proxy.cut();
+    // Requests keep succeeding: what they publish waits in the outbox.
+    let during: Vec<OutboxEntry> = (0..3)
+        .map(|n| entry(&queue, &format!("during-{n}")))
+        .collect();
+    for e in &during {
+        let tx = store.begin().await.unwrap();
+        tx.enqueue(e).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await; // Let the relay try and fail.
+    let waiting = store.pending_outbox(100).await.unwrap();
+    assert_eq!(
+        waiting.iter().filter(|e| e.queue == queue).count(),
+        3,
+        "held while RabbitMQ is away"
+    );
+    assert_eq!(
+        app.get("/ready").await.status(),
+        503,
+        "the queue is a required component"
+    );
+
+    proxy.restore();
+    let mut arrived = Vec::new();
+    let started = std::time::Instant::now();
+    while arrived.len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_mins(1),
+            "only {arrived:?} arrived after the outage"
+        );
+        match broker.receive(&queue, 10, Duration::from_secs(1)).await {
+            Ok(batch) => {
+                for d in batch {
+                    broker.ack(&d).await.unwrap();
+                    arrived.push(d.envelope.kind.clone());
+                }
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    assert_eq!(
+        arrived,
+        ["during-0", "during-1", "during-2"],
+        "all of them, in order, once"
+    );
+    assert_eq!(app.get("/ready").await.status(), 200);
+
+    let connection = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    for name in [
+        queue.clone(),
+        format!("{queue}.retry.1"),
+        format!("{queue}.dlq"),
+    ] {
+        channel
+            .queue_delete(name.into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}

@@ -1,8 +1,6 @@
 //! The database as the service lives with it: lost while running, back again (issue 3).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -15,68 +13,8 @@ use confab_server::http::error::ApiError;
 use confab_server::http::extract::ApiPath;
 use confab_server::startup::Overrides;
 use confab_server::state::AppState;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::AbortHandle;
 
-use crate::helpers::{assert_error, spawn_app_with};
-
-/// A TCP proxy the test can cut (every connection dropped, new ones refused) and restore.
-struct Proxy {
-    address: SocketAddr,
-    up: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<AbortHandle>>>,
-    accept: AbortHandle,
-}
-
-impl Proxy {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let up = Arc::new(AtomicBool::new(true));
-        let connections = Arc::new(Mutex::new(Vec::new()));
-        let (flag, list) = (up.clone(), connections.clone());
-        let accept = tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                if !flag.load(Ordering::SeqCst) {
-                    continue; // Dropped: the client sees its connection closed.
-                }
-                let relay = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                list.lock().unwrap().push(relay.abort_handle());
-            }
-        });
-        Self {
-            address,
-            up,
-            connections,
-            accept: accept.abort_handle(),
-        }
-    }
-
-    fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        for relay in self.connections.lock().unwrap().drain(..) {
-            relay.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
-}
+use crate::helpers::{Proxy, assert_error, spawn_app_with};
 
 /// A route that needs the store, as every resource route will.
 fn user_route() -> Router<AppState> {
