@@ -104,4 +104,6 @@ ensure_smtp() {
   fi
   export TEST_SMTP_ADDR="${TEST_SMTP_ADDR:-127.0.0.1:$port}"
   export TEST_SMTP_MAILDIR="${TEST_SMTP_MAILDIR:-$maildir}"
+  # Tests that stop and start a sink of their own run this Python (it has aiosmtpd).
+  export TEST_SMTP_PYTHON="${TEST_SMTP_PYTHON:-$PEERS_DIR/venv/bin/python}"
 }

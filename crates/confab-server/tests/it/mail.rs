@@ -208,3 +208,137 @@ async fn a_mail_that_cannot_be_rendered_is_retried_not_lost() {
         "kept for a retry, then its dead letter"
     );
 }
+
+/// An aiosmtpd of the test's own on a free port, writing to a Maildir, to stop and start.
+struct TempSmtp {
+    port: u16,
+    python: String,
+    maildir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl TempSmtp {
+    fn new() -> Option<Self> {
+        let python = confab_core::testing::service_url("TEST_SMTP_PYTHON", "SMTP outage")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let maildir = tempfile::tempdir().unwrap();
+        for sub in ["tmp", "new", "cur"] {
+            std::fs::create_dir_all(maildir.path().join(sub)).unwrap();
+        }
+        Some(Self {
+            port,
+            python,
+            maildir,
+            child: None,
+        })
+    }
+
+    fn start(&mut self) {
+        let child = std::process::Command::new(&self.python)
+            .args([
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{}", self.port),
+            ])
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(self.maildir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("aiosmtpd starts");
+        self.child = Some(child);
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "aiosmtpd did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn delivered(&self) -> Vec<String> {
+        std::fs::read_dir(self.maildir.path().join("new"))
+            .unwrap()
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for TempSmtp {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_smtp_server_down_mail_is_retried_dead_lettered_and_replay_delivers_it() {
+    let Some(mut sink) = TempSmtp::new() else {
+        return;
+    };
+    let url = confab_server::config::SecretUrl::parse(&format!("smtp://127.0.0.1:{}", sink.port))
+        .unwrap();
+    let app = spawn_app_with(
+        |c| {
+            c.mail = confab_server::config::MailConfig::Smtp {
+                url: Some(url),
+                host: None,
+                port: None,
+                user: None,
+                password: None,
+                secure: false,
+                from: "Chat <no-reply@example.com>".into(),
+            };
+            c.queue = confab_server::config::QueueConfig::Database {
+                max_attempts: 3,
+                retry_base_ms: 50,
+                visibility_timeout_secs: 30,
+            };
+        },
+        Overrides::default(),
+    )
+    .await;
+    let broker = app.state.broker.clone();
+    let mail = verify_mail();
+    // The sink is not running: the server's mail worker tries, retries, and gives up.
+    broker.publish(queues::MAIL, &mail).await.unwrap();
+    eventually(
+        "the mail is dead-lettered",
+        Duration::from_secs(15),
+        || async { broker.depth(queues::MAIL).await.unwrap().dead == 1 },
+    )
+    .await;
+    let dead = broker.dead_letters(queues::MAIL, 10).await.unwrap();
+    assert_eq!(dead[0].envelope.id, mail.id);
+    assert!(
+        dead[0].last_error.contains("unavailable"),
+        "{}",
+        dead[0].last_error
+    );
+
+    sink.start();
+    assert_eq!(broker.replay_dead_letters(queues::MAIL).await.unwrap(), 1);
+    eventually(
+        "the replayed mail reaches the SMTP server",
+        Duration::from_secs(15),
+        || async { !sink.delivered().is_empty() },
+    )
+    .await;
+    let delivered = sink.delivered();
+    assert_eq!(delivered.len(), 1, "delivered once");
+    assert!(
+        delivered[0].contains("verify-email?token=tok-123"),
+        "{}",
+        delivered[0]
+    );
+}
