@@ -12,8 +12,13 @@
     clippy::too_many_lines
 )]
 
+#[path = "common.rs"]
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use common::percentile;
 
 use confab_adapters::db_broker::DbBroker;
 use confab_adapters::sql_store::{DatabaseConfig, PoolConfig, SqlStore, Synchronous};
@@ -33,10 +38,6 @@ fn envelope(n: usize) -> Envelope {
         trace_id: None,
         payload: serde_json::json!({"n": n, "chatId": "0190c0de-0000-7000-8000-000000000000"}),
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn ms(d: Duration) -> String {

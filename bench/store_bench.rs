@@ -12,8 +12,13 @@
     clippy::too_many_lines
 )]
 
+#[path = "common.rs"]
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use common::percentile;
 
 use confab_adapters::cache::{CacheConfig, build_backend};
 use confab_adapters::sql_store::{DatabaseConfig, PoolConfig, SqlStore, Synchronous};
@@ -38,10 +43,6 @@ fn cpu_time() -> Duration {
     // Fields 14 and 15 of stat(5), counted after the command name: utime, stime in ticks.
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     Duration::from_millis(ticks * 10)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn micros(d: Duration) -> String {

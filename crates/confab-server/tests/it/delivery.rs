@@ -303,7 +303,6 @@ async fn a_message_whose_consumer_died_is_redelivered_and_takes_effect_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_runs_its_queues_on_rabbitmq() {
-    use lapin::options::QueueDeleteOptions;
     let Some(amqp) = confab_core::testing::service_url("TEST_AMQP_URL", "RabbitMQ end to end")
     else {
         return;
@@ -341,25 +340,11 @@ async fn the_server_runs_its_queues_on_rabbitmq() {
     assert_eq!(got[0].envelope.id, sent.id);
     app.state.broker.ack(&got[0]).await.unwrap();
 
-    let connection = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    for name in [
-        queue.clone(),
-        format!("{queue}.retry.1"),
-        format!("{queue}.dlq"),
-    ] {
-        channel
-            .queue_delete(name.into(), QueueDeleteOptions::default())
-            .await
-            .unwrap();
-    }
+    delete_rabbit_queues(&amqp, &queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rabbitmq_outage_delays_messages_and_loses_none() {
-    use lapin::options::QueueDeleteOptions;
     let Some(amqp) = confab_core::testing::service_url("TEST_AMQP_URL", "RabbitMQ outage") else {
         return;
     };
@@ -441,17 +426,22 @@ async fn a_rabbitmq_outage_delays_messages_and_loses_none() {
     );
     assert_eq!(app.get("/ready").await.status(), 200);
 
-    let connection = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
+    delete_rabbit_queues(&amqp, &queue).await;
+}
+
+/// Deletes a test queue and its retry and dead-letter queues from the shared RabbitMQ.
+async fn delete_rabbit_queues(amqp: &str, queue: &str) {
+    let connection = lapin::Connection::connect(amqp, lapin::ConnectionProperties::default())
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
     for name in [
-        queue.clone(),
+        queue.to_owned(),
         format!("{queue}.retry.1"),
         format!("{queue}.dlq"),
     ] {
         channel
-            .queue_delete(name.into(), QueueDeleteOptions::default())
+            .queue_delete(name.into(), lapin::options::QueueDeleteOptions::default())
             .await
             .unwrap();
     }
