@@ -7,10 +7,12 @@
 //!   republished there and comes back when its TTL runs out: RabbitMQ does the waiting.
 //! - `q.dlq`: a durable queue for dead letters, with `x-last-error` and `x-failed-at` headers.
 //!
-//! Messages are persistent and every publish waits for the publisher confirm. `receive` pulls
-//! with `basic.get`; a delivery not settled within the visibility timeout is returned to the
-//! queue by this broker (a consumer that dies returns its messages by closing its channel), so
-//! the contract is the same as the database queue's. The connection recovers by itself.
+//! Messages are persistent and every publish waits for the publisher confirm. `receive`
+//! consumes (server push, so a waiting receiver gets a message at once) and cancels its
+//! consumer before returning, which keeps the pull contract: nothing is held that was not
+//! handed out. A delivery not settled within the visibility timeout is returned to the queue
+//! by this broker (a consumer that dies returns its messages by closing its channel), so the
+//! contract is the same as the database queue's. The connection recovers by itself.
 //!
 //! The attempt number is `x-attempts` (deliveries before the copy was republished) +
 //! `x-delivery-count` (redeliveries of this copy) + 1.
@@ -26,15 +28,19 @@ use confab_core::ports::broker::{
 };
 use confab_core::ports::health::{ComponentHealth, HealthCheck, HealthStatus};
 use confab_core::settings::SecretUrl;
+use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, BasicRejectOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::task::AbortHandle;
 
+/// How often the lease reaper looks for leases that ran out.
 const POLL: Duration = Duration::from_millis(50);
+/// After the first message of a receive, how long to wait for the next before returning.
+const BATCH_GAP: Duration = Duration::from_millis(2);
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -58,6 +64,7 @@ pub struct RabbitBroker {
     /// Test deployments let unused queues expire; production never sets it.
     queue_expiry: Option<Duration>,
     declared: Mutex<HashSet<String>>,
+    receiving: tokio::sync::Mutex<()>,
     leases: Leases,
     reaper: AbortHandle,
 }
@@ -116,6 +123,7 @@ impl RabbitBroker {
             visibility_timeout,
             queue_expiry,
             declared: Mutex::default(),
+            receiving: tokio::sync::Mutex::new(()),
             leases,
             reaper,
         })
@@ -292,35 +300,60 @@ impl Broker for RabbitBroker {
         wait: Duration,
     ) -> Result<Vec<Delivery>, BrokerError> {
         self.ensure(queue).await?;
-        let deadline = Instant::now() + wait;
-        loop {
-            let mut got = Vec::new();
-            while got.len() < max.max(1) as usize {
-                let Some(message) = self
-                    .consumer
-                    .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-                    .await
-                    .map_err(unavailable)?
-                else {
-                    break;
-                };
-                let tag = message.delivery.delivery_tag;
-                let (envelope, _) = Self::decode(&message.delivery)?;
-                lock(&self.leases).insert(
-                    tag,
-                    (queue.to_owned(), Instant::now() + self.visibility_timeout),
-                );
-                got.push(Delivery {
-                    queue: queue.to_owned(),
-                    envelope,
-                    receipt: tag.to_string(),
-                });
+        let max = max.clamp(1, u32::from(u16::MAX));
+        // One receive at a time on this broker's channel: the prefetch is set per consumer.
+        let _turn = self.receiving.lock().await;
+        let prefetch = u16::try_from(max).unwrap_or(u16::MAX);
+        self.consumer
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await
+            .map_err(unavailable)?;
+        let tag = format!("confab-{}", uuid::Uuid::now_v7());
+        let mut stream = self
+            .consumer
+            .basic_consume(
+                queue.into(),
+                tag.clone().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        // RabbitMQ pushes a message the moment one is ready: wait for the first, then take
+        // what is already on its way.
+        let mut raw = Vec::new();
+        if let Ok(Some(first)) = tokio::time::timeout(wait, stream.next()).await {
+            raw.push(first.map_err(unavailable)?);
+            while raw.len() < max as usize {
+                match tokio::time::timeout(BATCH_GAP, stream.next()).await {
+                    Ok(Some(next)) => raw.push(next.map_err(unavailable)?),
+                    _ => break,
+                }
             }
-            if !got.is_empty() || Instant::now() >= deadline {
-                return Ok(got);
-            }
-            tokio::time::sleep(POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
         }
+        // Cancelled after every receive, so a message whose lease runs out goes to whichever
+        // consumer is waiting then, not back to this one.
+        self.consumer
+            .basic_cancel(tag.into(), BasicCancelOptions::default())
+            .await
+            .map_err(unavailable)?;
+        // What was pushed before the cancel took effect is this receive's too (the prefetch
+        // bounds the total to `max`).
+        while let Ok(Some(late)) = tokio::time::timeout(BATCH_GAP * 10, stream.next()).await {
+            raw.push(late.map_err(unavailable)?);
+        }
+        let deadline = Instant::now() + self.visibility_timeout;
+        let mut got = Vec::with_capacity(raw.len());
+        for message in raw {
+            let (envelope, _) = Self::decode(&message)?;
+            lock(&self.leases).insert(message.delivery_tag, (queue.to_owned(), deadline));
+            got.push(Delivery {
+                queue: queue.to_owned(),
+                envelope,
+                receipt: message.delivery_tag.to_string(),
+            });
+        }
+        Ok(got)
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError> {
