@@ -180,13 +180,30 @@ impl HealthCheck for DbBroker {
 #[async_trait]
 impl Broker for DbBroker {
     async fn publish(&self, queue: &str, e: &Envelope) -> Result<(), BrokerError> {
-        let at = now();
-        let inserted = self
-            .db
-            .execute_raw(self.statement(
-                "INSERT INTO queue_messages (id, queue, envelope_id, kind, payload, trace_id, created_at, attempt, available_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8)",
-                vec![
+        self.publish_all(queue, std::slice::from_ref(e)).await
+    }
+
+    async fn publish_all(&self, queue: &str, envelopes: &[Envelope]) -> Result<(), BrokerError> {
+        // One statement per chunk (far below both backends' parameter limits). A message
+        // already on this queue is skipped: a republish (an outbox relay retrying) is a no-op.
+        for chunk in envelopes.chunks(500) {
+            let at = now();
+            let mut rows = Vec::with_capacity(chunk.len());
+            let mut values = Vec::with_capacity(chunk.len() * 8);
+            for (i, e) in chunk.iter().enumerate() {
+                let p = i * 8;
+                rows.push(format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, 0, ${})",
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    p + 5,
+                    p + 6,
+                    p + 7,
+                    p + 8
+                ));
+                values.extend([
                     Uuid::now_v7().into(),
                     queue.into(),
                     e.id.0.into(),
@@ -195,18 +212,18 @@ impl Broker for DbBroker {
                     e.trace_id.clone().into(),
                     e.created_at.into(),
                     at.into(),
-                ],
-            ))
-            .await;
-        if let Err(error) = inserted {
-            match store_err(error) {
-                // Already on this queue: a republish (an outbox relay retrying) is a no-op.
-                StoreError::Conflict(_) => {}
-                StoreError::Unavailable(e) => return Err(BrokerError::Unavailable(e)),
-                other => return Err(BrokerError::Other(Box::new(other))),
+                ]);
             }
+            let sql = format!(
+                "INSERT INTO queue_messages (id, queue, envelope_id, kind, payload, trace_id, created_at, attempt, available_at) \
+                 VALUES {} ON CONFLICT (queue, envelope_id) DO NOTHING",
+                rows.join(", ")
+            );
+            self.execute(&sql, values).await?;
         }
-        self.published.notify_waiters();
+        if !envelopes.is_empty() {
+            self.published.notify_waiters();
+        }
         Ok(())
     }
 

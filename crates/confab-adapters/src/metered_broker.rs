@@ -60,6 +60,13 @@ impl Broker for MeteredBroker {
         Ok(())
     }
 
+    async fn publish_all(&self, queue: &str, envelopes: &[Envelope]) -> Result<(), BrokerError> {
+        self.inner.publish_all(queue, envelopes).await?;
+        metrics::counter!("queue_published_total", "queue" => queue.to_owned())
+            .increment(envelopes.len() as u64);
+        Ok(())
+    }
+
     async fn receive(
         &self,
         queue: &str,

@@ -185,22 +185,21 @@ impl RabbitBroker {
         Ok(())
     }
 
-    /// Publishes `envelope` to `routing_key` with `headers`, persistent, and waits for the
-    /// broker's confirm.
-    async fn send(
+    /// Publishes `envelope` to `routing_key` with `headers`, persistent; the returned future
+    /// resolves with the broker's confirm.
+    async fn start_send(
         &self,
         routing_key: &str,
         envelope: &Envelope,
         headers: FieldTable,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<lapin::PublisherConfirm, BrokerError> {
         let body = serde_json::to_vec(envelope).map_err(|e| BrokerError::Other(Box::new(e)))?;
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_message_id(envelope.id.to_string().into())
             .with_headers(headers);
-        let confirm = self
-            .publisher
+        self.publisher
             .basic_publish(
                 "".into(),
                 routing_key.into(),
@@ -209,9 +208,21 @@ impl RabbitBroker {
                 properties,
             )
             .await
-            .map_err(unavailable)?
-            .await
-            .map_err(unavailable)?;
+            .map_err(unavailable)
+    }
+
+    /// Publishes and waits for the broker's confirm.
+    async fn send(
+        &self,
+        routing_key: &str,
+        envelope: &Envelope,
+        headers: FieldTable,
+    ) -> Result<(), BrokerError> {
+        let confirm = self.start_send(routing_key, envelope, headers).await?;
+        Self::confirmed(&confirm.await.map_err(unavailable)?)
+    }
+
+    fn confirmed(confirm: &lapin::Confirmation) -> Result<(), BrokerError> {
         if confirm.is_ack() {
             Ok(())
         } else {
@@ -287,10 +298,23 @@ impl HealthCheck for RabbitBroker {
 #[async_trait]
 impl Broker for RabbitBroker {
     async fn publish(&self, queue: &str, envelope: &Envelope) -> Result<(), BrokerError> {
+        self.publish_all(queue, std::slice::from_ref(envelope))
+            .await
+    }
+
+    async fn publish_all(&self, queue: &str, envelopes: &[Envelope]) -> Result<(), BrokerError> {
         self.ensure(queue).await?;
-        let mut headers = FieldTable::default();
-        headers.insert("x-attempts".into(), AMQPValue::LongLongInt(0));
-        self.send(queue, envelope, headers).await
+        // All frames first, then all confirms: one round trip for the batch, not one each.
+        let mut confirms = Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            let mut headers = FieldTable::default();
+            headers.insert("x-attempts".into(), AMQPValue::LongLongInt(0));
+            confirms.push(self.start_send(queue, envelope, headers).await?);
+        }
+        for confirm in confirms {
+            Self::confirmed(&confirm.await.map_err(unavailable)?)?;
+        }
+        Ok(())
     }
 
     async fn receive(

@@ -5,8 +5,10 @@
 //!
 //! - **Queues** are named (`chat_requests`, `chat_responses`, `mail`, `events`); each has a
 //!   dead-letter queue. Messages are [`Envelope`]s.
-//! - **Durable publish.** `publish` returns `Ok` only once the message is stored (a database
-//!   commit, a publisher confirm): a crash of any process afterwards loses nothing.
+//! - **Durable publish.** `publish` and `publish_all` return `Ok` only once the messages are
+//!   stored (a database commit, publisher confirms): a crash of any process afterwards loses
+//!   nothing. Publishing an envelope id a queue already holds may store it once or twice;
+//!   consumers are idempotent either way.
 //! - **At-least-once delivery.** `receive` hands out up to `max` messages (the prefetch) that
 //!   no other consumer holds. A consumer acknowledges after its work is durable. A message
 //!   that is neither acked nor nacked (the consumer died) is delivered again after the
@@ -114,6 +116,9 @@ pub enum BrokerError {
 #[async_trait]
 pub trait Broker: HealthCheck {
     async fn publish(&self, queue: &str, envelope: &Envelope) -> Result<(), BrokerError>;
+    /// Publishes `envelopes` to `queue` in order, as one batch where the backend allows it;
+    /// `Ok` once every one is stored.
+    async fn publish_all(&self, queue: &str, envelopes: &[Envelope]) -> Result<(), BrokerError>;
     /// Up to `max` messages, waiting up to `wait` for the first.
     async fn receive(
         &self,

@@ -27,17 +27,21 @@ pub async fn relay_outbox(
     let pending = store.pending_outbox(batch).await?;
     let mut published = Vec::with_capacity(pending.len());
     let mut failure = None;
-    for entry in &pending {
-        let envelope = Envelope {
-            id: entry.id,
-            kind: entry.kind.clone(),
-            attempt: 0,
-            created_at: entry.created_at,
-            trace_id: entry.trace_id.clone(),
-            payload: entry.payload.clone(),
-        };
-        match broker.publish(&entry.queue, &envelope).await {
-            Ok(()) => published.push(entry.id),
+    // Consecutive entries for the same queue go as one batch: order is kept per queue.
+    for run in pending.chunk_by(|a, b| a.queue == b.queue) {
+        let envelopes: Vec<Envelope> = run
+            .iter()
+            .map(|entry| Envelope {
+                id: entry.id,
+                kind: entry.kind.clone(),
+                attempt: 0,
+                created_at: entry.created_at,
+                trace_id: entry.trace_id.clone(),
+                payload: entry.payload.clone(),
+            })
+            .collect();
+        match broker.publish_all(&run[0].queue, &envelopes).await {
+            Ok(()) => published.extend(run.iter().map(|entry| entry.id)),
             Err(e) => {
                 failure = Some(e);
                 break;

@@ -36,6 +36,7 @@ where
     cases!(
         a_published_message_is_received_intact_and_acked_away,
         one_consumer_receives_in_publish_order,
+        a_batch_is_published_whole_and_in_order,
         competing_consumers_share_the_queue_without_duplicates,
         a_message_held_by_a_dead_consumer_comes_back,
         an_ack_after_the_lease_passed_is_refused,
@@ -113,6 +114,27 @@ where
         }
     }
     assert_eq!(got, sent.iter().map(|e| e.id).collect::<Vec<_>>());
+}
+
+async fn a_batch_is_published_whole_and_in_order<F, Fut>(_: &Settings, make: &F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let broker = make().await;
+    let queue = unique("q-");
+    broker.publish_all(&queue, &[]).await.unwrap();
+    let batch: Vec<Envelope> = (0..25).map(|n| envelope("e", n)).collect();
+    broker.publish_all(&queue, &batch).await.unwrap();
+    assert_eq!(broker.depth(&queue).await.unwrap().pending, 25);
+    let mut got = Vec::new();
+    while got.len() < batch.len() {
+        for d in broker.receive(&queue, 10, WAIT).await.unwrap() {
+            broker.ack(&d).await.unwrap();
+            got.push(d.envelope.id);
+        }
+    }
+    assert_eq!(got, batch.iter().map(|e| e.id).collect::<Vec<_>>());
 }
 
 async fn competing_consumers_share_the_queue_without_duplicates<F, Fut>(_: &Settings, make: &F)

@@ -96,6 +96,12 @@ impl Broker for Flaky {
         }
         self.inner.publish(queue, envelope).await
     }
+    async fn publish_all(&self, queue: &str, envelopes: &[Envelope]) -> Result<(), BrokerError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(BrokerError::Unavailable("the broker is down".into()));
+        }
+        self.inner.publish_all(queue, envelopes).await
+    }
     async fn receive(
         &self,
         queue: &str,
