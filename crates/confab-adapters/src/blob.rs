@@ -57,7 +57,19 @@ pub fn build(config: &MediaConfig, data_dir: &Path) -> Result<Arc<dyn BlobStore>
             access_key_id,
             secret_access_key,
         } => {
+            // Bounded: an S3 outage must fail a request in seconds, not after object_store's
+            // default of ten retries over three minutes.
             let mut builder = AmazonS3Builder::new()
+                .with_client_options(
+                    object_store::ClientOptions::new()
+                        .with_timeout(std::time::Duration::from_secs(10))
+                        .with_connect_timeout(std::time::Duration::from_secs(3)),
+                )
+                .with_retry(object_store::RetryConfig {
+                    max_retries: 2,
+                    retry_timeout: std::time::Duration::from_secs(10),
+                    ..object_store::RetryConfig::default()
+                })
                 .with_bucket_name(bucket)
                 .with_region(region.clone().unwrap_or_else(|| "us-east-1".into()))
                 .with_virtual_hosted_style_request(false);

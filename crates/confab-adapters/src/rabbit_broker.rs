@@ -50,8 +50,17 @@ fn unavailable(error: lapin::Error) -> BrokerError {
     BrokerError::Unavailable(Box::new(error))
 }
 
-/// Deliveries this broker holds: tag → (queue, lease deadline).
-type Leases = Arc<Mutex<HashMap<u64, (String, Instant)>>>;
+/// A delivery this broker holds. Settling goes through lapin's `Acker`, which refuses to act
+/// once its channel has closed: after a recovery the channel numbers deliveries from 1 again,
+/// and a raw tag could otherwise ack a different message.
+struct Lease {
+    queue: String,
+    until: Instant,
+    acker: lapin::Acker,
+}
+
+/// Deliveries this broker holds, by receipt (unique, never reused).
+type Leases = Arc<Mutex<HashMap<String, Lease>>>;
 
 pub struct RabbitBroker {
     connection: Connection,
@@ -114,7 +123,7 @@ impl RabbitBroker {
             .map_err(unavailable)?;
         let consumer = connection.create_channel().await.map_err(unavailable)?;
         let leases: Leases = Arc::default();
-        let reaper = tokio::spawn(reap(consumer.clone(), leases.clone())).abort_handle();
+        let reaper = tokio::spawn(reap(leases.clone())).abort_handle();
         Ok(Self {
             connection,
             publisher,
@@ -243,42 +252,78 @@ impl RabbitBroker {
         Ok((envelope, before))
     }
 
-    fn take_lease(&self, tag: u64) -> Result<(), BrokerError> {
-        lock(&self.leases)
-            .remove(&tag)
-            .map(|_| ())
-            .ok_or(BrokerError::LeaseLost)
+    /// Moves a message that is not an envelope to `queue.dlq` as it came, then settles it.
+    async fn dead_letter_raw(
+        &self,
+        queue: &str,
+        receipt: &str,
+        message: &lapin::message::Delivery,
+        error: &str,
+    ) {
+        tracing::warn!(queue, %error, "A message that is not a confab envelope goes to the dead letters.");
+        let Some(lease) = lock(&self.leases).remove(receipt) else {
+            return;
+        };
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-last-error".into(),
+            AMQPValue::LongString(LongString::from(error)),
+        );
+        headers.insert(
+            "x-failed-at".into(),
+            AMQPValue::LongString(now().to_rfc3339().as_str().into()),
+        );
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        let copied = async {
+            self.publisher
+                .basic_publish(
+                    "".into(),
+                    format!("{queue}.dlq").into(),
+                    BasicPublishOptions::default(),
+                    &message.data,
+                    properties,
+                )
+                .await?
+                .await
+        }
+        .await;
+        let _ = if copied.is_ok_and(|c| c.is_ack()) {
+            lease.acker.ack(BasicAckOptions::default()).await
+        } else {
+            lease
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await
+        };
     }
 
-    fn tag(delivery: &Delivery) -> Result<u64, BrokerError> {
-        delivery.receipt.parse().map_err(|_| {
-            BrokerError::Other(
-                format!("not a receipt of this broker: {:?}", delivery.receipt).into(),
-            )
-        })
+    fn take_lease(&self, delivery: &Delivery) -> Result<Lease, BrokerError> {
+        lock(&self.leases)
+            .remove(&delivery.receipt)
+            .ok_or(BrokerError::LeaseLost)
     }
 }
 
 /// Returns deliveries whose lease ran out to their queue (a redelivery).
-async fn reap(channel: Channel, leases: Leases) {
+async fn reap(leases: Leases) {
     loop {
         tokio::time::sleep(POLL).await;
-        let expired: Vec<u64> = {
+        let expired: Vec<Lease> = {
             let mut leases = lock(&leases);
             let now = Instant::now();
-            let tags: Vec<u64> = leases
+            let receipts: Vec<String> = leases
                 .iter()
-                .filter(|(_, (_, until))| *until <= now)
-                .map(|(t, _)| *t)
+                .filter(|(_, lease)| lease.until <= now)
+                .map(|(receipt, _)| receipt.clone())
                 .collect();
-            for tag in &tags {
-                leases.remove(tag);
-            }
-            tags
+            receipts.iter().filter_map(|r| leases.remove(r)).collect()
         };
-        for tag in expired {
-            let _ = channel
-                .basic_reject(tag, BasicRejectOptions { requeue: true })
+        for lease in expired {
+            let _ = lease
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
                 .await;
         }
     }
@@ -366,32 +411,47 @@ impl Broker for RabbitBroker {
         while let Ok(Some(late)) = tokio::time::timeout(BATCH_GAP * 10, stream.next()).await {
             raw.push(late.map_err(unavailable)?);
         }
-        let deadline = Instant::now() + self.visibility_timeout;
+        let deadline = Instant::now()
+            .checked_add(self.visibility_timeout)
+            .unwrap_or_else(|| Instant::now() + Duration::from_hours(24));
         let mut got = Vec::with_capacity(raw.len());
         for message in raw {
-            let (envelope, _) = Self::decode(&message)?;
-            lock(&self.leases).insert(message.delivery_tag, (queue.to_owned(), deadline));
-            got.push(Delivery {
+            // Leased before anything can fail, so no message is ever held and forgotten.
+            let receipt = uuid::Uuid::now_v7().to_string();
+            let lease = Lease {
                 queue: queue.to_owned(),
-                envelope,
-                receipt: message.delivery_tag.to_string(),
-            });
+                until: deadline,
+                acker: message.acker.clone(),
+            };
+            lock(&self.leases).insert(receipt.clone(), lease);
+            match Self::decode(&message) {
+                Ok((envelope, _)) => got.push(Delivery {
+                    queue: queue.to_owned(),
+                    envelope,
+                    receipt,
+                }),
+                // Not one of ours (the queue names are shared with older systems): straight to
+                // the dead letters, as it came, rather than retried forever.
+                Err(error) => {
+                    self.dead_letter_raw(queue, &receipt, &message, &error.to_string())
+                        .await;
+                }
+            }
         }
         Ok(got)
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError> {
-        let tag = Self::tag(delivery)?;
-        self.take_lease(tag)?;
-        self.consumer
-            .basic_ack(tag, BasicAckOptions::default())
-            .await
-            .map_err(|_| BrokerError::LeaseLost)
+        let lease = self.take_lease(delivery)?;
+        match lease.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => Ok(()),
+            // The channel closed (and RabbitMQ requeued the message) or it was settled.
+            Ok(false) | Err(_) => Err(BrokerError::LeaseLost),
+        }
     }
 
     async fn nack(&self, delivery: &Delivery, error: &str) -> Result<(), BrokerError> {
-        let tag = Self::tag(delivery)?;
-        self.take_lease(tag)?;
+        let lease = self.take_lease(delivery)?;
         let attempt = delivery.envelope.attempt;
         let mut headers = FieldTable::default();
         headers.insert(
@@ -412,12 +472,19 @@ impl Broker for RabbitBroker {
             format!("{}.retry.{attempt}", delivery.queue)
         };
         // The copy is confirmed before the original is settled: a crash in between
-        // duplicates (at-least-once), it never loses.
-        self.send(&target, &delivery.envelope, headers).await?;
-        self.consumer
-            .basic_ack(tag, BasicAckOptions::default())
-            .await
-            .map_err(|_| BrokerError::LeaseLost)
+        // duplicates (at-least-once), it never loses. If the copy cannot be made, the original
+        // goes back to its queue instead.
+        if let Err(e) = self.send(&target, &delivery.envelope, headers).await {
+            let _ = lease
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await;
+            return Err(e);
+        }
+        match lease.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => Ok(()),
+            Ok(false) | Err(_) => Err(BrokerError::LeaseLost),
+        }
     }
 
     async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
@@ -439,7 +506,7 @@ impl Broker for RabbitBroker {
         }
         let held = lock(&self.leases)
             .values()
-            .filter(|(q, _)| q == queue)
+            .filter(|lease| lease.queue == queue)
             .count() as u64;
         Ok(QueueDepth {
             pending: pending + held,
@@ -469,8 +536,11 @@ impl Broker for RabbitBroker {
                 break;
             };
             let headers = message.delivery.properties.headers().as_ref();
-            let mut envelope: Envelope = serde_json::from_slice(&message.delivery.data)
-                .map_err(|e| BrokerError::Other(Box::new(e)))?;
+            // A message that is not an envelope (dead-lettered as it came) is not listed.
+            let Ok(mut envelope) = serde_json::from_slice::<Envelope>(&message.delivery.data)
+            else {
+                continue;
+            };
             envelope.attempt = u32::try_from(header_int(headers, "x-attempts")).unwrap_or(0);
             let failed_at = header_text(headers, "x-failed-at")
                 .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
@@ -501,8 +571,11 @@ impl Broker for RabbitBroker {
             .await
             .map_err(unavailable)?
         {
-            let envelope: Envelope = serde_json::from_slice(&message.delivery.data)
-                .map_err(|e| BrokerError::Other(Box::new(e)))?;
+            // Not an envelope: it stays among the dead letters (released when this channel
+            // closes) for someone to look at.
+            let Ok(envelope) = serde_json::from_slice::<Envelope>(&message.delivery.data) else {
+                continue;
+            };
             let mut headers = FieldTable::default();
             headers.insert("x-attempts".into(), AMQPValue::LongLongInt(0));
             self.send(queue, &envelope, headers).await?;

@@ -441,3 +441,57 @@ async fn an_unreachable_smtp_server_is_a_retryable_failure() {
         confab_core::ports::health::HealthStatus::Down
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_sends_a_message_that_is_not_an_envelope_to_the_dead_letters() {
+    let Some(url) = testing::service_url("TEST_AMQP_URL", "RabbitMQ broker") else {
+        return;
+    };
+    let broker = confab_adapters::rabbit_broker::RabbitBroker::connect(
+        &SecretUrl::parse(&url).unwrap(),
+        BROKER_SETTINGS.retry,
+        BROKER_SETTINGS.visibility_timeout,
+        Some(Duration::from_mins(1)),
+    )
+    .await
+    .unwrap();
+    let queue = unique("q-raw-");
+    broker.depth(&queue).await.unwrap(); // Declares the queue's topology.
+    // Something else (an older system sharing the queue name) publishes plain text.
+    let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"not json at all",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    let got = broker
+        .receive(&queue, 10, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(got.is_empty(), "not handed to a consumer");
+    testing::eventually("it is dead-lettered", Duration::from_secs(5), || async {
+        broker.depth(&queue).await.unwrap()
+            == confab_core::ports::broker::QueueDepth {
+                pending: 0,
+                dead: 1,
+            }
+    })
+    .await;
+    assert!(
+        broker.dead_letters(&queue, 10).await.unwrap().is_empty(),
+        "listing skips it"
+    );
+    assert_eq!(
+        broker.replay_dead_letters(&queue).await.unwrap(),
+        0,
+        "replay leaves it"
+    );
+}

@@ -487,6 +487,7 @@ impl Config {
         if let CacheConfig::Redis { url, .. } = &self.cache {
             check_scheme("cache.url", url, &["redis", "rediss"])?;
         }
+        self.validate_queue()?;
         if let QueueConfig::Rabbitmq { url, .. } = &self.queue {
             check_scheme("queue.url", url, &["amqp", "amqps"])?;
         }
@@ -539,6 +540,52 @@ impl Config {
         ] {
             if let Some(url) = url {
                 check_http_url(setting, url)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queue settings within sane bounds (and far from any arithmetic overflow).
+    fn validate_queue(&self) -> Result<(), ConfigError> {
+        let (max_attempts, retry_base_ms, visibility_timeout_secs) = match &self.queue {
+            QueueConfig::Database {
+                max_attempts,
+                retry_base_ms,
+                visibility_timeout_secs,
+            }
+            | QueueConfig::Rabbitmq {
+                max_attempts,
+                retry_base_ms,
+                visibility_timeout_secs,
+                ..
+            } => (*max_attempts, *retry_base_ms, *visibility_timeout_secs),
+        };
+        for (setting, value, range, wanted) in [
+            (
+                "queue.max_attempts",
+                u64::from(max_attempts),
+                1..=100,
+                "a number of attempts from 1 to 100",
+            ),
+            (
+                "queue.retry_base_ms",
+                retry_base_ms,
+                1..=3_600_000,
+                "milliseconds from 1 to 3600000",
+            ),
+            (
+                "queue.visibility_timeout_secs",
+                visibility_timeout_secs,
+                1..=86_400,
+                "seconds from 1 to 86400",
+            ),
+        ] {
+            if !range.contains(&value) {
+                return Err(ConfigError::invalid(
+                    setting,
+                    format!("{value} is out of range"),
+                    wanted,
+                ));
             }
         }
         Ok(())

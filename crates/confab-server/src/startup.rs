@@ -184,14 +184,17 @@ impl Application {
         )
         .with_graceful_shutdown(token.clone().cancelled_owned());
         let mut server = tokio::spawn(server.into_future());
-        crate::metrics::spawn_upkeep(self.state.metrics.clone(), token.clone());
-        crate::workers::spawn_depth_gauges(self.depths.clone(), token.clone());
-        crate::workers::spawn_mail_worker(self.state.clone(), token.clone());
-        crate::workers::spawn_outbox_relay(
-            self.state.store.clone(),
-            self.state.broker.clone(),
-            token.clone(),
-        );
+        // Background work stops with the same token and is waited for (in-flight work drains).
+        let workers = vec![
+            crate::metrics::spawn_upkeep(self.state.metrics.clone(), token.clone()),
+            crate::workers::spawn_depth_gauges(self.depths.clone(), token.clone()),
+            crate::workers::spawn_mail_worker(self.state.clone(), token.clone()),
+            crate::workers::spawn_outbox_relay(
+                self.state.store.clone(),
+                self.state.broker.clone(),
+                token.clone(),
+            ),
+        ];
 
         // Biased: once the token is cancelled the server may finish in the same poll, and the
         // shutdown path (with its log lines) must still be the one taken.
@@ -204,19 +207,31 @@ impl Application {
         }
         tracing::info!(
             deadline_secs = deadline.as_secs(),
-            "Shutting down: no new connections; waiting for in-flight requests."
+            "Shutting down: no new connections; waiting for in-flight requests and workers."
         );
-        if let Ok(result) = tokio::time::timeout(deadline, &mut server).await {
+        let stop_by = tokio::time::Instant::now() + deadline;
+        let http_result = if let Ok(result) = tokio::time::timeout_at(stop_by, &mut server).await {
             result
                 .context("the HTTP server task failed")?
-                .context("while serving HTTP")?;
-            tracing::info!("Stopped.");
+                .context("while serving HTTP")
         } else {
             // Connections already accepted run on their own tasks; they end when the process
             // does, which `main` does as soon as this returns.
             server.abort();
             tracing::warn!("Shutdown deadline passed; closing the remaining connections.");
+            Ok(())
+        };
+        let drained = tokio::time::timeout_at(stop_by, async {
+            for worker in workers {
+                let _ = worker.await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("Shutdown deadline passed; background work is cut off.");
         }
+        http_result?;
+        tracing::info!("Stopped.");
         Ok(())
     }
 }

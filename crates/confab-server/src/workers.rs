@@ -96,7 +96,10 @@ pub fn spawn_mail_worker(
                 }
                 Err(error) => {
                     tracing::warn!(%error, "Mail worker cannot reach the queue; retrying.");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
                 }
             }
         }

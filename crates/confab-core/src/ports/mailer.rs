@@ -35,7 +35,8 @@ impl Mail {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MailError {
-    #[error("not a mail address: {0:?}")]
+    /// The address is kept for the caller but never printed: addresses are personal data.
+    #[error("not a valid mail address")]
     InvalidAddress(String),
     /// Worth retrying: the server is unreachable, timed out or said "try later".
     #[error("the mail server is unavailable")]

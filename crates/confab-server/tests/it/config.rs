@@ -550,3 +550,18 @@ fn cors_entries_are_normalised_as_browsers_send_origins() {
         ["https://app.example.com", "http://localhost:*"]
     );
 }
+
+#[test]
+fn queue_settings_are_bounded() {
+    for (var, value) in [
+        ("CONFAB__QUEUE__MAX_ATTEMPTS", "0"),
+        ("CONFAB__QUEUE__RETRY_BASE_MS", "99999999999"),
+        (
+            "CONFAB__QUEUE__VISIBILITY_TIMEOUT_SECS",
+            "18446744073709551615",
+        ),
+    ] {
+        let err = load("", &[(var, value)]).unwrap_err();
+        assert!(err.setting.starts_with("queue."), "{var}: {err}");
+    }
+}
