@@ -19,13 +19,13 @@ use confab_core::domain::{EventId, Timestamp, now};
 use confab_core::ports::broker::{
     Broker, BrokerError, DeadLetter, Delivery, Envelope, QueueDepth, RetryPolicy,
 };
-use confab_core::ports::health::{ComponentHealth, HealthCheck, HealthStatus};
+use confab_core::ports::health::{ComponentHealth, HealthCheck};
 use confab_core::ports::store::StoreError;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, QueryResult, Statement, Value};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::sql_store::store_err;
+use crate::sql_store::{database_health, store_err};
 
 /// How often a receiver looks for messages published by other processes.
 const POLL: Duration = Duration::from_millis(100);
@@ -156,24 +156,7 @@ fn receipt(delivery: &Delivery) -> Result<(Uuid, Uuid), BrokerError> {
 #[async_trait]
 impl HealthCheck for DbBroker {
     async fn health(&self) -> ComponentHealth {
-        let kind = match self.db.get_database_backend() {
-            DbBackend::Postgres => "postgres",
-            _ => "sqlite",
-        };
-        let started = std::time::Instant::now();
-        match tokio::time::timeout(
-            Duration::from_secs(2),
-            self.db.execute_unprepared("SELECT 1"),
-        )
-        .await
-        {
-            Ok(Ok(_)) => ComponentHealth::new(HealthStatus::Ok, kind)
-                .with_latency_ms(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
-            Ok(Err(e)) => ComponentHealth::new(HealthStatus::Down, kind).with_error(e.to_string()),
-            Err(_) => {
-                ComponentHealth::new(HealthStatus::Down, kind).with_error("no answer within 2 s")
-            }
-        }
+        database_health(&self.db).await
     }
 }
 

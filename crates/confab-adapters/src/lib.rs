@@ -16,3 +16,11 @@ pub mod redis_cache;
 pub mod sql_store;
 #[cfg(feature = "testing")]
 pub mod testing;
+
+/// Locks a mutex that guards a plain map or flag. A poisoned lock only means another caller
+/// panicked mid-update; the data is still usable, so it is taken as it is.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

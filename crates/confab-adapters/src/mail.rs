@@ -197,8 +197,9 @@ impl HealthCheck for SmtpMailer {
     async fn health(&self) -> ComponentHealth {
         let started = std::time::Instant::now();
         match self.transport.test_connection().await {
-            Ok(true) => ComponentHealth::new(HealthStatus::Ok, "smtp")
-                .with_latency_ms(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
+            Ok(true) => {
+                ComponentHealth::new(HealthStatus::Ok, "smtp").with_latency(started.elapsed())
+            }
             Ok(false) => ComponentHealth::new(HealthStatus::Down, "smtp")
                 .with_error("the server did not answer NOOP"),
             Err(e) => ComponentHealth::new(HealthStatus::Down, "smtp").with_error(e.to_string()),

@@ -6,7 +6,7 @@
 //! held across an await.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -19,6 +19,8 @@ use moka::ops::compute::{CompResult, Op};
 use tokio::sync::broadcast;
 
 /// How many messages a slow subscription may fall behind before it loses some.
+use crate::lock;
+
 const CHANNEL_CAPACITY: usize = 1024;
 /// Rate-limit states are swept of finished windows when there are more than this many.
 const RATE_SWEEP_AT: usize = 10_000;
@@ -59,12 +61,6 @@ pub struct MemoryCache {
     channels: Mutex<HashMap<String, broadcast::Sender<Arc<[u8]>>>>,
     rates: Mutex<HashMap<String, u64>>,
     clock: Instant,
-}
-
-/// A poisoned lock only means another caller panicked mid-update of a plain map; the map is
-/// still usable.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl MemoryCache {

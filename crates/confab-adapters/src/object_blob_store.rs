@@ -65,9 +65,7 @@ impl HealthCheck for ObjectBlobStore {
         let checked = tokio::time::timeout(Duration::from_secs(2), self.store.head(&probe)).await;
         match checked {
             Ok(Ok(_) | Err(object_store::Error::NotFound { .. })) => {
-                ComponentHealth::new(HealthStatus::Ok, self.kind).with_latency_ms(
-                    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                )
+                ComponentHealth::new(HealthStatus::Ok, self.kind).with_latency(started.elapsed())
             }
             Ok(Err(e)) => {
                 ComponentHealth::new(HealthStatus::Down, self.kind).with_error(e.to_string())

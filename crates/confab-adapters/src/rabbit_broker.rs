@@ -18,7 +18,7 @@
 //! `x-delivery-count` (redeliveries of this copy) + 1.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -38,13 +38,11 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::task::AbortHandle;
 
 /// How often the lease reaper looks for leases that ran out.
+use crate::lock;
+
 const POLL: Duration = Duration::from_millis(50);
 /// After the first message of a receive, how long to wait for the next before returning.
 const BATCH_GAP: Duration = Duration::from_millis(2);
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 fn unavailable(error: lapin::Error) -> BrokerError {
     BrokerError::Unavailable(Box::new(error))
@@ -242,14 +240,14 @@ impl RabbitBroker {
     }
 
     /// The envelope of a received message, with its attempt number.
-    fn decode(message: &lapin::message::Delivery) -> Result<(Envelope, i64), BrokerError> {
+    fn decode(message: &lapin::message::Delivery) -> Result<Envelope, BrokerError> {
         let mut envelope: Envelope =
             serde_json::from_slice(&message.data).map_err(|e| BrokerError::Other(Box::new(e)))?;
         let headers = message.properties.headers().as_ref();
         let before = header_int(headers, "x-attempts");
         let redelivered = header_int(headers, "x-delivery-count");
         envelope.attempt = u32::try_from(before + redelivered + 1).unwrap_or(u32::MAX);
-        Ok((envelope, before))
+        Ok(envelope)
     }
 
     /// Moves a message that is not an envelope to `queue.dlq` as it came, then settles it.
@@ -425,7 +423,7 @@ impl Broker for RabbitBroker {
             };
             lock(&self.leases).insert(receipt.clone(), lease);
             match Self::decode(&message) {
-                Ok((envelope, _)) => got.push(Delivery {
+                Ok(envelope) => got.push(Delivery {
                     queue: queue.to_owned(),
                     envelope,
                     receipt,

@@ -10,7 +10,7 @@
 //! limit uses Redis's clock, so nodes with skewed clocks still agree.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -24,6 +24,7 @@ use redis::{PushInfo, PushKind, RedisError, Script};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::AbortHandle;
 
+use crate::lock;
 use crate::memory_cache::subscription;
 
 const CHANNEL_CAPACITY: usize = 1024;
@@ -65,10 +66,6 @@ struct Shared {
     /// Local subscribers by full (prefixed) channel name.
     channels: Mutex<HashMap<String, broadcast::Sender<Arc<[u8]>>>>,
     link: Mutex<Link>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 pub struct RedisCache {
@@ -254,8 +251,9 @@ impl HealthCheck for RedisCache {
         )
         .await;
         match pinged {
-            Ok(Ok(_)) => ComponentHealth::new(HealthStatus::Ok, "redis")
-                .with_latency_ms(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
+            Ok(Ok(_)) => {
+                ComponentHealth::new(HealthStatus::Ok, "redis").with_latency(started.elapsed())
+            }
             Ok(Err(e)) => {
                 ComponentHealth::new(HealthStatus::Down, "redis").with_error(e.to_string())
             }

@@ -251,14 +251,6 @@ impl SqlStore {
     pub fn connection(&self) -> DatabaseConnection {
         self.conn.clone()
     }
-
-    fn kind(&self) -> &'static str {
-        match self.conn.get_database_backend() {
-            DbBackend::Postgres => "postgres",
-            DbBackend::Sqlite => "sqlite",
-            _ => "sql",
-        }
-    }
 }
 
 /// The migrations recorded in the database (none when it was never migrated).
@@ -350,21 +342,30 @@ fn is_unavailable(error: &DbErr) -> bool {
 #[async_trait]
 impl HealthCheck for SqlStore {
     async fn health(&self) -> ComponentHealth {
-        let started = Instant::now();
-        let checked = tokio::time::timeout(
-            Duration::from_secs(2),
-            self.conn.execute_unprepared("SELECT 1"),
-        )
-        .await;
-        match checked {
-            Ok(Ok(_)) => ComponentHealth::new(HealthStatus::Ok, self.kind())
-                .with_latency_ms(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
-            Ok(Err(e)) => {
-                ComponentHealth::new(HealthStatus::Down, self.kind()).with_error(e.to_string())
-            }
-            Err(_) => ComponentHealth::new(HealthStatus::Down, self.kind())
-                .with_error("no answer to SELECT 1 within 2 s"),
-        }
+        database_health(&self.conn).await
+    }
+}
+
+/// `SELECT 1` within 2 s: the health of the store and of the queue kept in the same database.
+pub(crate) async fn database_health(conn: &DatabaseConnection) -> ComponentHealth {
+    let kind = backend_kind(conn);
+    let started = Instant::now();
+    let checked =
+        tokio::time::timeout(Duration::from_secs(2), conn.execute_unprepared("SELECT 1")).await;
+    match checked {
+        Ok(Ok(_)) => ComponentHealth::new(HealthStatus::Ok, kind).with_latency(started.elapsed()),
+        Ok(Err(e)) => ComponentHealth::new(HealthStatus::Down, kind).with_error(e.to_string()),
+        Err(_) => ComponentHealth::new(HealthStatus::Down, kind)
+            .with_error("no answer to SELECT 1 within 2 s"),
+    }
+}
+
+/// `postgres` or `sqlite`, as `/health` names it.
+pub(crate) fn backend_kind(conn: &DatabaseConnection) -> &'static str {
+    match conn.get_database_backend() {
+        DbBackend::Postgres => "postgres",
+        DbBackend::Sqlite => "sqlite",
+        _ => "sql",
     }
 }
 

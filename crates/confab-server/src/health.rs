@@ -104,8 +104,7 @@ impl Components {
                 )),
             };
             if health.latency_ms.is_none() && health.status != HealthStatus::Unconfigured {
-                let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                return (c.name, c.required, health.with_latency_ms(ms));
+                return (c.name, c.required, health.with_latency(started.elapsed()));
             }
             (c.name, c.required, health)
         });

@@ -61,6 +61,12 @@ impl ComponentHealth {
         self
     }
 
+    /// The check's duration, in whole milliseconds.
+    #[must_use]
+    pub fn with_latency(self, latency: std::time::Duration) -> Self {
+        self.with_latency_ms(u64::try_from(latency.as_millis()).unwrap_or(u64::MAX))
+    }
+
     #[must_use]
     pub fn with_error(mut self, error: impl Into<String>) -> Self {
         self.last_error = Some(error.into());
