@@ -86,6 +86,24 @@ pub struct User {
     pub updated_at: Timestamp,
 }
 
+/// The lockout rule (SPEC §3): `threshold` failed sign-ins within `window` of the first lock
+/// the account for `lock_for`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockoutPolicy {
+    pub threshold: i32,
+    pub window: chrono::Duration,
+    pub lock_for: chrono::Duration,
+}
+
+/// What counting a failed sign-in found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailedLogin {
+    /// Failures in the current window, this one included (0 once it locked the account).
+    pub failures: i32,
+    /// Set when this failure locked the account: until when.
+    pub locked_until: Option<Timestamp>,
+}
+
 /// What registering needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewUser {

@@ -55,6 +55,23 @@ pub enum Command {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// Manage accounts.
+    Users {
+        #[command(subcommand)]
+        action: UsersAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersAction {
+    /// Import accounts from an older system: a JSON-lines file, one
+    /// {"email", "name", "passwordHash", "emailVerified"?} per line. bcrypt and argon2 hashes
+    /// are kept and re-hashed with argon2id at each user's next login. Existing emails are
+    /// skipped, so a re-run is harmless. Exits 1 if any line was rejected.
+    Import {
+        /// The JSON-lines file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Command, ConfigAction, DlqAction, QueueAction, Role};
+use crate::cli::{Cli, Command, ConfigAction, DlqAction, QueueAction, Role, UsersAction};
 use confab_adapters::sql_store::{SqlStore, known_migrations};
 use confab_core::ports::health::{ComponentHealth, HealthStatus};
 
@@ -82,6 +82,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Command::Doctor => Ok(doctor(&config).await),
         Command::Queue { action } => queue(&config, action).await,
+        Command::Users {
+            action: UsersAction::Import { file },
+        } => import_users(&config, &file).await,
     }
 }
 
@@ -189,4 +192,56 @@ async fn queue(config: &Config, action: QueueAction) -> Result<ExitCode, Failure
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `confab users import FILE`: one line of output per rejected line (never its hash), then
+/// the totals.
+async fn import_users(config: &Config, file: &std::path::Path) -> Result<ExitCode, Failure> {
+    use confab_core::services::auth::{ImportRecord, Imported, import_user};
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::Error::new(e).context(format!("cannot read {}", file.display())))?;
+    let target = config.database.describe(&config.server.data_dir);
+    let store = SqlStore::connect(&config.database, &config.server.data_dir)
+        .await
+        .map_err(|e| {
+            anyhow::Error::new(e).context(format!("cannot connect to the database {target}"))
+        })?;
+    store.migrate().await.map_err(|e| {
+        anyhow::Error::new(e).context(format!("cannot migrate the database {target}"))
+    })?;
+    let (mut created, mut existing, mut rejected) = (0u64, 0u64, 0u64);
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let outcome = match serde_json::from_str::<ImportRecord>(line) {
+            Ok(record) => import_user(&store, &record)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(format!("not a valid record ({})", json_problem(&e))),
+        };
+        match outcome {
+            Ok(Imported::Created) => created += 1,
+            Ok(Imported::Exists) => existing += 1,
+            Err(reason) => {
+                rejected += 1;
+                eprintln!("line {}: rejected: {reason}", index + 1);
+            }
+        }
+    }
+    println!("imported {created}, already present {existing}, rejected {rejected}");
+    Ok(if rejected == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// What kind of JSON problem, without echoing the line (it may hold a hash).
+fn json_problem(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => "not JSON",
+        serde_json::error::Category::Data => "missing or unexpected fields",
+    }
 }

@@ -122,6 +122,10 @@ pub struct ServerConfig {
     pub json_body_limit_bytes: usize,
     /// A folder whose files replace the built-in mail templates of the same name.
     pub mail_templates_dir: Option<PathBuf>,
+    /// A header your reverse proxy sets to the client's address (e.g. `x-forwarded-for`; its
+    /// last address is used). Unset: the TCP peer's address. Only set it behind a proxy that
+    /// overwrites or appends to it, or clients can pick their own address for rate limits.
+    pub client_ip_header: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -136,6 +140,7 @@ impl Default for ServerConfig {
             shutdown_timeout_secs: 10,
             json_body_limit_bytes: 1024 * 1024,
             mail_templates_dir: None,
+            client_ip_header: None,
         }
     }
 }
@@ -182,12 +187,255 @@ impl Default for LogConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// Signs access tokens. Generated once into the data dir in development; required
-    /// (at least 32 characters) everywhere else.
+    /// Signs access tokens (HS256) and keys the hashes of one-time codes. Generated once into
+    /// the data dir in development; required (at least 32 characters) everywhere else.
     pub jwt_secret: Option<Secret>,
+    /// `HS256` (the secret), `RS256` or `EdDSA` (a key pair: `jwt_private_key_file`; the
+    /// public key is then served at `/.well-known/jwks.json`).
+    pub jwt_algorithm: JwtAlgorithm,
+    /// A PEM private key (PKCS#8; PKCS#1 also for RSA) for RS256/EdDSA.
+    pub jwt_private_key_file: Option<PathBuf>,
+    pub access_token_ttl_secs: u64,
+    pub refresh_token_ttl_days: u64,
+    /// After a refresh, the old refresh token still returns the same new pair for this long
+    /// (two tabs refreshing at once); after it, presenting it revokes the whole sign-in.
+    pub refresh_grace_secs: u64,
+    /// Clock skew allowed when checking a token's expiry.
+    pub clock_leeway_secs: u64,
+    /// argon2id cost (OWASP's minimum: 19456 KiB, 2 iterations, 1 lane).
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
+    pub argon2_parallelism: u32,
+    pub verify_email_ttl_hours: u64,
+    pub password_reset_ttl_secs: u64,
+    pub otp_ttl_secs: u64,
+    pub otp_max_attempts: u32,
+    /// Whether a one-time code may create an account (passwordless sign-up).
+    pub otp_signup: bool,
+    /// Failed logins within `lockout_window_secs` (of the first) that lock the account.
+    pub lockout_threshold: u32,
+    pub lockout_window_secs: u64,
+    pub lockout_duration_secs: u64,
+    /// Requests per minute to the auth endpoints, per client IP and per email address.
+    pub rate_limit_per_ip_per_minute: u32,
+    pub rate_limit_per_email_per_minute: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: None,
+            jwt_algorithm: JwtAlgorithm::Hs256,
+            jwt_private_key_file: None,
+            access_token_ttl_secs: 900,
+            refresh_token_ttl_days: 30,
+            refresh_grace_secs: 10,
+            clock_leeway_secs: 30,
+            argon2_memory_kib: 19_456,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
+            verify_email_ttl_hours: 24,
+            password_reset_ttl_secs: 3600,
+            otp_ttl_secs: 600,
+            otp_max_attempts: 5,
+            otp_signup: true,
+            lockout_threshold: 5,
+            lockout_window_secs: 900,
+            lockout_duration_secs: 900,
+            rate_limit_per_ip_per_minute: 5,
+            rate_limit_per_email_per_minute: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JwtAlgorithm {
+    #[default]
+    #[serde(rename = "HS256")]
+    Hs256,
+    #[serde(rename = "RS256")]
+    Rs256,
+    #[serde(rename = "EdDSA")]
+    EdDsa,
+}
+
+impl AuthConfig {
+    /// The rules the auth service applies.
+    pub fn settings(&self) -> confab_core::services::auth::AuthSettings {
+        use confab_core::ports::cache::RateLimit;
+        use std::time::Duration;
+        let secs = |s: u64| chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000));
+        confab_core::services::auth::AuthSettings {
+            access_ttl: Duration::from_secs(self.access_token_ttl_secs),
+            refresh_ttl: Duration::from_hours(24 * self.refresh_token_ttl_days),
+            refresh_grace: Duration::from_secs(self.refresh_grace_secs),
+            leeway: Duration::from_secs(self.clock_leeway_secs),
+            verify_email_ttl: Duration::from_hours(self.verify_email_ttl_hours),
+            reset_ttl: Duration::from_secs(self.password_reset_ttl_secs),
+            otp_ttl: Duration::from_secs(self.otp_ttl_secs),
+            otp_max_attempts: i32::try_from(self.otp_max_attempts).unwrap_or(i32::MAX),
+            otp_signup: self.otp_signup,
+            lockout: confab_core::domain::LockoutPolicy {
+                threshold: i32::try_from(self.lockout_threshold).unwrap_or(i32::MAX),
+                window: secs(self.lockout_window_secs),
+                lock_for: secs(self.lockout_duration_secs),
+            },
+            per_ip: RateLimit::per_minute(self.rate_limit_per_ip_per_minute),
+            per_email: RateLimit::per_minute(self.rate_limit_per_email_per_minute),
+        }
+    }
+
+    /// The password hasher at the configured cost.
+    pub fn passwords(&self) -> Result<confab_core::services::auth::crypto::Passwords, ConfigError> {
+        confab_core::services::auth::crypto::Passwords::new(
+            confab_core::services::auth::crypto::Argon2Cost {
+                memory_kib: self.argon2_memory_kib,
+                iterations: self.argon2_iterations,
+                parallelism: self.argon2_parallelism,
+            },
+        )
+        .map_err(|e| {
+            ConfigError::invalid(
+                "auth.argon2_memory_kib",
+                e.to_string(),
+                "memory of at least 8 KiB per lane, and at least 1 iteration and 1 lane",
+            )
+        })
+    }
+
+    /// The access-token signer: the secret (HS256) or the configured key pair. Call after
+    /// `resolve_jwt_secret`.
+    pub fn access_tokens(
+        &self,
+    ) -> Result<confab_core::services::auth::jwt::AccessTokens, ConfigError> {
+        use confab_core::services::auth::SigningKey;
+        let key = match self.jwt_algorithm {
+            JwtAlgorithm::Hs256 => SigningKey::Hs256(
+                self.jwt_secret
+                    .as_ref()
+                    .map(|s| s.expose().as_bytes().to_vec())
+                    .unwrap_or_default(),
+            ),
+            JwtAlgorithm::Rs256 | JwtAlgorithm::EdDsa => {
+                let Some(path) = &self.jwt_private_key_file else {
+                    return Err(ConfigError::invalid(
+                        "auth.jwt_private_key_file",
+                        format!(
+                            "is not set, and {:?} needs a private key",
+                            self.jwt_algorithm
+                        ),
+                        "the path of a PEM private key (e.g. from `openssl genpkey -algorithm ed25519`)",
+                    ));
+                };
+                let pem = std::fs::read(path).map_err(|e| {
+                    ConfigError::invalid(
+                        "auth.jwt_private_key_file",
+                        format!("cannot read {} ({e})", path.display()),
+                        "the path of a readable PEM private key",
+                    )
+                })?;
+                if self.jwt_algorithm == JwtAlgorithm::Rs256 {
+                    SigningKey::Rs256(pem)
+                } else {
+                    SigningKey::EdDsa(pem)
+                }
+            }
+        };
+        confab_core::services::auth::jwt::AccessTokens::new(
+            &key,
+            std::time::Duration::from_secs(self.access_token_ttl_secs),
+            std::time::Duration::from_secs(self.clock_leeway_secs),
+        )
+        .map_err(|e| {
+            let setting = if self.jwt_algorithm == JwtAlgorithm::Hs256 {
+                "auth.jwt_secret"
+            } else {
+                "auth.jwt_private_key_file"
+            };
+            ConfigError::invalid(setting, e.to_string(), "a key of the configured algorithm")
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let ranges: [(&str, u64, u64, u64); 13] = [
+            (
+                "auth.access_token_ttl_secs",
+                self.access_token_ttl_secs,
+                30,
+                86_400,
+            ),
+            (
+                "auth.refresh_token_ttl_days",
+                self.refresh_token_ttl_days,
+                1,
+                365,
+            ),
+            ("auth.refresh_grace_secs", self.refresh_grace_secs, 0, 300),
+            ("auth.clock_leeway_secs", self.clock_leeway_secs, 0, 300),
+            (
+                "auth.verify_email_ttl_hours",
+                self.verify_email_ttl_hours,
+                1,
+                720,
+            ),
+            (
+                "auth.password_reset_ttl_secs",
+                self.password_reset_ttl_secs,
+                60,
+                86_400,
+            ),
+            ("auth.otp_ttl_secs", self.otp_ttl_secs, 1, 3600),
+            (
+                "auth.otp_max_attempts",
+                u64::from(self.otp_max_attempts),
+                1,
+                100,
+            ),
+            (
+                "auth.lockout_threshold",
+                u64::from(self.lockout_threshold),
+                1,
+                1000,
+            ),
+            (
+                "auth.lockout_window_secs",
+                self.lockout_window_secs,
+                1,
+                86_400,
+            ),
+            (
+                "auth.lockout_duration_secs",
+                self.lockout_duration_secs,
+                1,
+                86_400,
+            ),
+            (
+                "auth.rate_limit_per_ip_per_minute",
+                u64::from(self.rate_limit_per_ip_per_minute),
+                1,
+                1_000_000,
+            ),
+            (
+                "auth.rate_limit_per_email_per_minute",
+                u64::from(self.rate_limit_per_email_per_minute),
+                1,
+                1_000_000,
+            ),
+        ];
+        for (setting, value, low, high) in ranges {
+            if !(low..=high).contains(&value) {
+                return Err(ConfigError::invalid(
+                    setting,
+                    format!("{value} is outside {low}..={high}"),
+                    &format!("a number between {low} and {high}"),
+                ));
+            }
+        }
+        self.passwords().map(drop)
+    }
 }
 
 /// `[rate_limit]`: how limits behave (the limits themselves belong to each feature).
@@ -471,6 +719,16 @@ impl Config {
                 "a random string of at least 32 characters (e.g. the output of `openssl rand -hex 32`)",
             ));
         }
+        if let Some(header) = &s.client_ip_header
+            && axum::http::HeaderName::from_bytes(header.as_bytes()).is_err()
+        {
+            return Err(ConfigError::invalid(
+                "server.client_ip_header",
+                format!("{header:?} is not a header name"),
+                "a header name such as x-forwarded-for or x-real-ip",
+            ));
+        }
+        self.auth.validate()?;
         self.validate_backends()
     }
 

@@ -2,10 +2,12 @@
 //! passes through (outermost first): request context (id, span, timeout, metrics, access log)
 //! → security headers → CORS → gzip → panic → body limit → the route.
 
+pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod middleware;
 pub mod ops;
+pub mod users;
 
 use std::any::Any;
 use std::sync::Arc;
@@ -41,21 +43,65 @@ pub const DOCS_PATH: &str = "/docs";
         description = "The backend of an AI-assisted real-time chat product. Errors always have \
                        the ErrorBody shape; every response carries x-request-id."
     ),
-    tags((name = "operations", description = "Probes and metrics, outside /api/v1.")),
-    components(schemas(error::ErrorBody))
+    tags(
+        (name = "operations", description = "Probes and metrics, outside /api/v1."),
+        (name = "auth", description = "Accounts and sign-in. Public unless marked with bearerAuth."),
+        (name = "users", description = "The caller's account and other users' profiles."),
+    ),
+    components(schemas(error::ErrorBody)),
+    modifiers(&BearerAuth)
 )]
 struct ApiDoc;
+
+/// Declares `bearerAuth`, the access token that routes marked with it need.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearerAuth",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
 
 /// The documented routes: every route the API serves is added here, so the document and the
 /// router cannot disagree.
 /// Every role serves the probes and metrics; resource routers join under /api/v1 for the
 /// `all` and `api` roles as they land.
-fn documented_routes(_role: Role) -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+fn documented_routes(role: Role) -> OpenApiRouter<AppState> {
+    let ops = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(ops::live))
         .routes(routes!(ops::ready))
         .routes(routes!(ops::health))
-        .routes(routes!(ops::metrics))
+        .routes(routes!(ops::metrics));
+    if role == Role::Worker {
+        return ops;
+    }
+    ops.routes(routes!(auth::register))
+        .routes(routes!(auth::login))
+        .routes(routes!(auth::refresh))
+        .routes(routes!(auth::logout))
+        .routes(routes!(auth::logout_all))
+        .routes(routes!(auth::verify_email))
+        .routes(routes!(auth::resend_verification))
+        .routes(routes!(auth::forgot_password))
+        .routes(routes!(auth::reset_password))
+        .routes(routes!(auth::request_otp))
+        .routes(routes!(auth::verify_otp))
+        .routes(routes!(auth::jwks))
+        .routes(routes!(users::me, users::update_me, users::delete_me))
+        .routes(routes!(users::change_password))
+        .routes(routes!(users::security_events))
+        .routes(routes!(users::profile))
+        .routes(routes!(users::search))
 }
 
 /// The OpenAPI document of the full API.

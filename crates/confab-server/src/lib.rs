@@ -8,6 +8,7 @@ pub mod commands;
 pub mod config;
 pub mod health;
 pub mod http;
+pub mod jobs;
 pub mod mail;
 pub mod metrics;
 pub mod startup;

@@ -114,7 +114,22 @@ impl Application {
             .with_context(|| format!("while binding {listen} (server.listen)"))?;
         let ports = Ports::build(&config).await?;
         let depths = ports.metered_broker.clone();
+        let auth = Arc::new(confab_core::services::auth::AuthService::new(
+            ports.store.clone(),
+            ports.cache.clone(),
+            config.auth.settings(),
+            config.auth.passwords()?,
+            config.auth.access_tokens()?,
+            config
+                .auth
+                .jwt_secret
+                .as_ref()
+                .context("auth.jwt_secret is resolved before the application is built")?
+                .expose()
+                .as_bytes(),
+        ));
         let state = AppState {
+            auth,
             components: Arc::new(
                 overrides
                     .components
@@ -189,6 +204,7 @@ impl Application {
             crate::metrics::spawn_upkeep(self.state.metrics.clone(), token.clone()),
             crate::workers::spawn_depth_gauges(self.depths.clone(), token.clone()),
             crate::workers::spawn_mail_worker(self.state.clone(), token.clone()),
+            crate::jobs::spawn_scheduler(self.state.clone(), token.clone()),
             crate::workers::spawn_outbox_relay(
                 self.state.store.clone(),
                 self.state.broker.clone(),

@@ -24,6 +24,8 @@ pub struct AppState {
     pub blobs: Arc<dyn BlobStore>,
     pub mailer: Arc<dyn Mailer>,
     pub templates: Arc<crate::mail::Templates>,
+    /// Accounts and sign-in.
+    pub auth: Arc<confab_core::services::auth::AuthService>,
     pub metrics: PrometheusHandle,
     pub started_at: Instant,
     /// Cancelled when the process begins to shut down; `/ready` then answers 503.

@@ -32,6 +32,8 @@ entity!(users, "users", {
     pub last_seen_at: Option<DateTimeUtc>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
+    /// When the current window of failed sign-ins opened (migration m0003).
+    pub failed_login_window_start: Option<DateTimeUtc>,
 });
 
 entity!(chats, "chats", {

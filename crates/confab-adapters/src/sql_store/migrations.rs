@@ -14,7 +14,7 @@ pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(Initial), Box::new(Queue)]
+        vec![Box::new(Initial), Box::new(Queue), Box::new(LoginWindow)]
     }
 }
 
@@ -406,5 +406,27 @@ impl MigrationTrait for Queue {
         ))
         .await?;
         Ok(())
+    }
+}
+
+/// The window of failed sign-ins the lockout counts in (SPEC §3).
+struct LoginWindow;
+
+impl MigrationName for LoginWindow {
+    fn name(&self) -> &'static str {
+        "m0003_login_window"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for LoginWindow {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.alter_table(
+            Table::alter()
+                .table("users")
+                .add_column(at_null("failed_login_window_start"))
+                .to_owned(),
+        )
+        .await
     }
 }

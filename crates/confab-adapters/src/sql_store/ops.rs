@@ -2,9 +2,9 @@
 
 use async_trait::async_trait;
 use confab_core::domain::{
-    Chat, ChatId, ChatKind, EventId, Member, MemberRole, Message, MessageId, MessageKind, NewChat,
-    NewUser, OutboxEntry, Page, SecurityEvent, SecurityEventId, StoredServiceError, Timestamp,
-    User, UserId, now,
+    Chat, ChatId, ChatKind, EventId, FailedLogin, LockoutPolicy, Member, MemberRole, Message,
+    MessageId, MessageKind, NewChat, NewUser, OutboxEntry, Page, SecurityEvent, SecurityEventId,
+    StoredServiceError, Timestamp, User, UserId, now,
 };
 use confab_core::ports::store::{
     AuditStore, ChatStore, MessageStore, OutboxStore, StoreError, UserStore,
@@ -159,6 +159,7 @@ where
             last_seen_at: None,
             created_at: at,
             updated_at: at,
+            failed_login_window_start: None,
         };
         users::Entity::insert(values::<_, users::ActiveModel>(model.clone()))
             .exec_without_returning(&self.conn)
@@ -204,6 +205,67 @@ where
             return Err(StoreError::NotFound(format!("user {}", u.id)));
         }
         Ok(())
+    }
+
+    async fn record_failed_login(
+        &self,
+        id: UserId,
+        at: Timestamp,
+        policy: LockoutPolicy,
+    ) -> Result<FailedLogin, StoreError> {
+        use users::Column::{FailedLoginWindowStart, FailedLogins, LockedUntil};
+        let tx = self.conn.begin().await.map_err(store_err)?;
+        // Both SET expressions read the row as it was, so the count and the window move
+        // together; the row lock (PostgreSQL) or the write lock (SQLite) serialises callers.
+        let in_window = Condition::all()
+            .add(FailedLoginWindowStart.is_not_null())
+            .add(FailedLoginWindowStart.gte(at - policy.window));
+        let counted = users::Entity::update_many()
+            .col_expr(
+                FailedLogins,
+                Expr::case(in_window.clone(), Expr::col(FailedLogins).add(1))
+                    .finally(Expr::val(1))
+                    .into(),
+            )
+            .col_expr(
+                FailedLoginWindowStart,
+                Expr::case(in_window, Expr::col(FailedLoginWindowStart))
+                    .finally(Expr::val(Some(at)))
+                    .into(),
+            )
+            .filter(users::Column::Id.eq(id.0))
+            .exec(&tx)
+            .await
+            .map_err(store_err)?;
+        if counted.rows_affected == 0 {
+            return Err(StoreError::NotFound(format!("user {id}")));
+        }
+        let row = users::Entity::find_by_id(id.0)
+            .one(&tx)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| StoreError::NotFound(format!("user {id}")))?;
+        let mut outcome = FailedLogin {
+            failures: row.failed_logins,
+            locked_until: None,
+        };
+        if row.failed_logins >= policy.threshold {
+            let until = at + policy.lock_for;
+            users::Entity::update_many()
+                .col_expr(LockedUntil, Expr::val(Some(until)))
+                .col_expr(FailedLogins, Expr::val(0))
+                .col_expr(FailedLoginWindowStart, Expr::val(None::<Timestamp>))
+                .filter(users::Column::Id.eq(id.0))
+                .exec(&tx)
+                .await
+                .map_err(store_err)?;
+            outcome = FailedLogin {
+                failures: 0,
+                locked_until: Some(until),
+            };
+        }
+        tx.commit().await.map_err(store_err)?;
+        Ok(outcome)
     }
 
     async fn search_users(&self, query: &str, limit: u32) -> Result<Vec<User>, StoreError> {

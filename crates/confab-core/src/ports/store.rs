@@ -27,10 +27,11 @@ use async_trait::async_trait;
 
 use super::health::HealthCheck;
 use crate::domain::{
-    AiFeedback, AiMessage, AiRequestId, AiSession, AiSessionId, Chat, ChatId, EventId,
-    GenerationId, GenerationJob, Member, MemberRole, Message, MessageId, NewChat, NewUser,
-    OneTimeToken, OneTimeTokenId, OutboxEntry, Page, RefreshFamily, RefreshFamilyId, RefreshToken,
-    RefreshTokenId, SecurityEvent, StoredServiceError, Timestamp, TokenPurpose, User, UserId,
+    AiFeedback, AiMessage, AiRequestId, AiSession, AiSessionId, Chat, ChatId, EventId, FailedLogin,
+    GenerationId, GenerationJob, LockoutPolicy, Member, MemberRole, Message, MessageId, NewChat,
+    NewUser, OneTimeToken, OneTimeTokenId, OutboxEntry, Page, RefreshFamily, RefreshFamilyId,
+    RefreshToken, RefreshTokenId, SecurityEvent, StoredServiceError, Timestamp, TokenPurpose, User,
+    UserId,
 };
 use crate::error::BoxError;
 
@@ -59,6 +60,17 @@ pub trait UserStore: Send + Sync {
     /// Writes every field but `id`, `email` and `created_at`; `NotFound` when there is no such
     /// user.
     async fn update_user(&self, user: &User) -> Result<(), StoreError>;
+    /// Counts a failed sign-in at `at` (the lockout of SPEC §3), atomically: concurrent calls
+    /// each count once. Failures count within a window opened by the first one and lasting
+    /// `policy.window`; the failure that reaches `policy.threshold` locks the account until
+    /// `at + policy.lock_for` and the count starts again. `NotFound` when there is no such
+    /// user. (A successful sign-in resets the count through `update_user`.)
+    async fn record_failed_login(
+        &self,
+        user: UserId,
+        at: Timestamp,
+        policy: LockoutPolicy,
+    ) -> Result<FailedLogin, StoreError>;
     /// Deletes the user, their memberships and personal records; their messages stay, with
     /// no sender. Whether the user existed.
     async fn delete_user(&self, id: UserId) -> Result<bool, StoreError>;

@@ -10,10 +10,10 @@ use serde_json::json;
 use super::unique;
 use crate::domain::{
     AiFeedback, AiMessage, AiMessageId, AiRequestId, AiSession, AiSessionId, ChatId, ChatKind,
-    EventId, GenerationId, GenerationJob, MemberRole, Message, MessageId, MessageKind, NewChat,
-    NewUser, OneTimeToken, OneTimeTokenId, OutboxEntry, Page, RefreshFamily, RefreshFamilyId,
-    RefreshToken, RefreshTokenId, SecurityEvent, SecurityEventId, ServiceErrorId,
-    StoredServiceError, TokenPurpose, User, UserId, now,
+    EventId, FailedLogin, GenerationId, GenerationJob, LockoutPolicy, MemberRole, Message,
+    MessageId, MessageKind, NewChat, NewUser, OneTimeToken, OneTimeTokenId, OutboxEntry, Page,
+    RefreshFamily, RefreshFamilyId, RefreshToken, RefreshTokenId, SecurityEvent, SecurityEventId,
+    ServiceErrorId, StoredServiceError, TokenPurpose, User, UserId, now,
 };
 use crate::ports::health::HealthStatus;
 use crate::ports::store::{Store, StoreError};
@@ -33,6 +33,8 @@ where
     cases!(
         users_are_created_found_and_unique_by_email,
         updating_a_user_writes_its_fields,
+        failed_logins_count_in_a_window_and_lock_at_the_threshold,
+        concurrent_failed_logins_each_count_once,
         users_are_found_by_name_prefix_or_exact_email_only,
         deleting_a_user_keeps_their_messages_without_a_sender,
         chats_have_members_and_a_member_is_added_once,
@@ -121,6 +123,83 @@ async fn users_are_created_found_and_unique_by_email(store: Arc<dyn Store>) {
         })
         .await;
     assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+}
+
+const LOCKOUT: LockoutPolicy = LockoutPolicy {
+    threshold: 3,
+    window: Span::minutes(15),
+    lock_for: Span::minutes(10),
+};
+
+async fn failed_logins_count_in_a_window_and_lock_at_the_threshold(store: Arc<dyn Store>) {
+    let ann = user(&*store).await;
+    let t0 = now();
+    let at = |minutes: i64| t0 + Span::minutes(minutes);
+    let count = |minutes: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .record_failed_login(ann.id, at(minutes), LOCKOUT)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(count(0).await.failures, 1);
+    assert_eq!(count(1).await.failures, 2);
+    assert_eq!(
+        count(2).await,
+        FailedLogin {
+            failures: 0,
+            locked_until: Some(at(12)),
+        },
+        "the third failure in the window locks"
+    );
+    let locked = store.user_by_id(ann.id).await.unwrap().unwrap();
+    assert_eq!(locked.locked_until, Some(at(12)));
+    assert_eq!(locked.failed_logins, 0);
+    // A fresh window: it opens at minute 3 and closes 15 minutes later.
+    assert_eq!(count(3).await.failures, 1);
+    assert_eq!(count(17).await.failures, 2);
+    assert_eq!(
+        count(19).await.failures,
+        1,
+        "a failure after the window starts a new count"
+    );
+    // A successful sign-in resets the count (through update_user).
+    let mut reset = store.user_by_id(ann.id).await.unwrap().unwrap();
+    reset.failed_logins = 0;
+    reset.locked_until = None;
+    store.update_user(&reset).await.unwrap();
+    assert_eq!(count(20).await.failures, 1);
+
+    let ghost = store.record_failed_login(UserId::new(), t0, LOCKOUT).await;
+    assert!(matches!(ghost, Err(StoreError::NotFound(_))), "{ghost:?}");
+}
+
+async fn concurrent_failed_logins_each_count_once(store: Arc<dyn Store>) {
+    let ann = user(&*store).await;
+    let policy = LockoutPolicy {
+        threshold: 100,
+        ..LOCKOUT
+    };
+    let t0 = now();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .record_failed_login(ann.id, t0, policy)
+                    .await
+                    .unwrap()
+                    .failures
+            })
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    for task in tasks {
+        seen.insert(task.await.unwrap());
+    }
+    assert_eq!(seen, (1..=8).collect(), "each failure counted exactly once");
 }
 
 async fn updating_a_user_writes_its_fields(store: Arc<dyn Store>) {

@@ -166,6 +166,52 @@ impl From<confab_core::ports::store::StoreError> for ApiError {
     }
 }
 
+/// What an auth refusal tells a client: never which part of a credential was wrong, nor
+/// whether an account exists.
+impl From<confab_core::services::auth::AuthError> for ApiError {
+    fn from(err: confab_core::services::auth::AuthError) -> Self {
+        use confab_core::services::auth::AuthError;
+        let secs = |d: std::time::Duration| d.as_secs().max(1);
+        match err {
+            AuthError::InvalidCredentials => Self::new(
+                ErrorCode::Unauthenticated,
+                "The email, password or token is not valid.",
+            ),
+            AuthError::Unauthenticated => Self::new(
+                ErrorCode::Unauthenticated,
+                "Sign in: this needs a valid access token.",
+            ),
+            AuthError::Locked { retry_after } => Self::new(
+                ErrorCode::AccountLocked,
+                "Too many failed sign-ins: the account is locked for a while.",
+            )
+            .with_retry_after(secs(retry_after)),
+            AuthError::RateLimited { retry_after } => {
+                Self::new(ErrorCode::RateLimited, "Too many requests; slow down.")
+                    .with_retry_after(secs(retry_after))
+            }
+            AuthError::Invalid { field, message } => {
+                Self::validation(format!("{field} {message}."))
+                    .with_details(serde_json::json!({ "field": field }))
+            }
+            AuthError::InvalidLink => Self::validation("This link is invalid or has expired.")
+                .with_details(serde_json::json!({ "field": "token" })),
+            AuthError::EmailTaken => Self::new(
+                ErrorCode::Conflict,
+                "An account with this email already exists.",
+            )
+            .with_details(serde_json::json!({ "field": "email" })),
+            AuthError::WrongPassword => {
+                Self::new(ErrorCode::Forbidden, "The current password is wrong.")
+                    .with_details(serde_json::json!({ "field": "current" }))
+            }
+            AuthError::NotFound => Self::not_found(),
+            AuthError::Store(e) => e.into(),
+            AuthError::Internal(e) => Self::internal(e),
+        }
+    }
+}
+
 /// The error and its causes, `outer: inner: innermost`.
 fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();

@@ -104,6 +104,9 @@ pub async fn request_context(
         "status" => status.to_string(),
     )
     .increment(1);
+    if status == 429 {
+        metrics::counter!("rate_limited_total", "endpoint" => route.to_string()).increment(1);
+    }
     metrics::histogram!(
         "http_request_duration_seconds",
         "method" => method,

@@ -2,6 +2,7 @@
 // Tests state their expectations with unwrap/expect: a failure is the test failing.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)]
 
+mod auth;
 mod cache;
 mod cli;
 mod config;
