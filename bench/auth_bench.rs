@@ -24,8 +24,8 @@ use confab_core::services::auth::crypto::{Argon2Cost, Passwords};
 use confab_core::services::auth::jwt::AccessTokens;
 
 fn ed25519_pem() -> Vec<u8> {
-    let rng = aws_lc_rs::rand::SystemRandom::new();
-    let der = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    let pair = aws_lc_rs::signature::Ed25519KeyPair::generate().unwrap();
+    let der = pair.to_pkcs8v1().unwrap();
     let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
     format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n").into_bytes()
 }

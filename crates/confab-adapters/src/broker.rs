@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::db_broker::DbBroker;
 use crate::metered_broker::MeteredBroker;
+use crate::prefixed_broker::PrefixedBroker;
 use crate::rabbit_broker::RabbitBroker;
 use crate::sql_store::SqlStore;
 
@@ -55,6 +56,15 @@ pub enum QueueConfig {
             deserialize_with = "lenient::value"
         )]
         visibility_timeout_secs: u64,
+        /// Put before every queue name (`staging.` → `staging.mail`), so that deployments
+        /// sharing one RabbitMQ keep apart. Empty: the names of SPEC §6, as the systems
+        /// confab replaces use them.
+        #[serde(default)]
+        queue_prefix: String,
+        /// Let RabbitMQ delete queues idle this long (test and preview deployments). Unset in
+        /// production.
+        #[serde(default)]
+        idle_queue_expiry_secs: Option<u64>,
     },
 }
 
@@ -105,16 +115,25 @@ pub async fn build(
         QueueConfig::Rabbitmq {
             url,
             visibility_timeout_secs,
+            queue_prefix,
+            idle_queue_expiry_secs,
             ..
-        } => Arc::new(
-            RabbitBroker::connect(
-                url,
-                config.retry(),
-                Duration::from_secs((*visibility_timeout_secs).max(1)),
-                None,
-            )
-            .await?,
-        ),
+        } => {
+            let rabbit: Arc<dyn Broker> = Arc::new(
+                RabbitBroker::connect(
+                    url,
+                    config.retry(),
+                    Duration::from_secs((*visibility_timeout_secs).max(1)),
+                    idle_queue_expiry_secs.map(|secs| Duration::from_secs(secs.max(1))),
+                )
+                .await?,
+            );
+            if queue_prefix.is_empty() {
+                rabbit
+            } else {
+                Arc::new(PrefixedBroker::new(rabbit, queue_prefix.clone()))
+            }
+        }
     };
     Ok(Arc::new(MeteredBroker::new(backend, config.retry())))
 }

@@ -11,6 +11,7 @@ pub mod mail;
 pub mod memory_cache;
 pub mod metered_broker;
 pub mod object_blob_store;
+pub mod prefixed_broker;
 pub mod rabbit_broker;
 pub mod redis_cache;
 pub mod sql_store;

@@ -225,16 +225,71 @@ async fn db_broker(config: &DatabaseConfig) -> Arc<dyn Broker> {
     ))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_queue_passes_the_broker_suite() {
-    let dir = tempfile::tempdir().unwrap();
+/// A migrated SQLite database for the queue, in `dir`.
+async fn sqlite_queue(dir: &std::path::Path) -> DatabaseConfig {
     let config = DatabaseConfig::Sqlite {
-        path: Some(dir.path().join("queue.db")),
+        path: Some(dir.join("queue.db")),
         synchronous: Synchronous::Normal,
         pool: PoolConfig::default(),
     };
-    migrated(&config, dir.path()).await;
+    migrated(&config, dir).await;
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_queue_passes_the_broker_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = sqlite_queue(dir.path()).await;
     testing::broker::run_all(BROKER_SETTINGS, || db_broker(&config)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefixed_queue_passes_the_broker_suite_and_keeps_deployments_apart() {
+    use confab_adapters::prefixed_broker::PrefixedBroker;
+    let dir = tempfile::tempdir().unwrap();
+    let config = sqlite_queue(dir.path()).await;
+    testing::broker::run_all(BROKER_SETTINGS, || async {
+        Arc::new(PrefixedBroker::new(db_broker(&config).await, "staging.")) as Arc<dyn Broker>
+    })
+    .await;
+
+    let shared = db_broker(&config).await;
+    let (staging, production) = (
+        PrefixedBroker::new(shared.clone(), "staging."),
+        PrefixedBroker::new(shared.clone(), "production."),
+    );
+    let queue = unique("apart-");
+    let envelope = confab_core::ports::broker::Envelope {
+        id: confab_core::domain::EventId::new(),
+        kind: "test".into(),
+        attempt: 0,
+        created_at: confab_core::domain::now(),
+        trace_id: None,
+        payload: serde_json::json!({}),
+    };
+    staging.publish(&queue, &envelope).await.unwrap();
+    let wait = Duration::from_millis(200);
+    assert!(
+        production
+            .receive(&queue, 10, wait)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(shared.receive(&queue, 10, wait).await.unwrap().is_empty());
+    let got = staging.receive(&queue, 10, wait).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].queue, queue, "deliveries carry the logical name");
+    staging.ack(&got[0]).await.unwrap();
+    assert_eq!(staging.depth(&queue).await.unwrap().pending, 0);
+    assert_eq!(
+        shared
+            .depth(&format!("staging.{queue}"))
+            .await
+            .unwrap()
+            .pending,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

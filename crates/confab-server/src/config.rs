@@ -746,8 +746,22 @@ impl Config {
             check_scheme("cache.url", url, &["redis", "rediss"])?;
         }
         self.validate_queue()?;
-        if let QueueConfig::Rabbitmq { url, .. } = &self.queue {
+        if let QueueConfig::Rabbitmq {
+            url, queue_prefix, ..
+        } = &self.queue
+        {
             check_scheme("queue.url", url, &["amqp", "amqps"])?;
+            if queue_prefix.len() > 64
+                || !queue_prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                return Err(ConfigError::invalid(
+                    "queue.queue_prefix",
+                    format!("{queue_prefix:?} is not a queue-name prefix"),
+                    "up to 64 letters, digits, '.', '_' or '-' (e.g. staging.)",
+                ));
+            }
         }
         if let MediaConfig::S3 {
             bucket, endpoint, ..

@@ -142,6 +142,30 @@ pub struct Principal {
     pub session: RefreshFamilyId,
 }
 
+/// An account as its owner sees it (and as the cache keeps it): no hash, no counters.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Account {
+    pub id: UserId,
+    pub email: String,
+    pub name: String,
+    pub email_verified: bool,
+    pub avatar_key: Option<String>,
+    pub created_at: Timestamp,
+}
+
+impl From<&User> for Account {
+    fn from(user: &User) -> Self {
+        Self {
+            id: user.id,
+            email: user.email.clone(),
+            name: user.name.clone(),
+            email_verified: user.email_verified_at.is_some(),
+            avatar_key: user.avatar_key.clone(),
+            created_at: user.created_at,
+        }
+    }
+}
+
 /// A user as others see them.
 #[derive(Debug, Clone)]
 pub struct PublicProfile {
@@ -686,6 +710,7 @@ impl AuthService {
                 if changed {
                     user.updated_at = now();
                     self.store.update_user(&user).await?;
+                    self.forget(user.id).await;
                 }
                 let tokens = self.start_session(user.id).await?;
                 self.audit(
@@ -837,6 +862,7 @@ impl AuthService {
             ))
             .await?;
             tx.commit().await?;
+            self.forget(user.id).await;
         }
         Ok(user)
     }
@@ -927,6 +953,7 @@ impl AuthService {
         ))
         .await?;
         tx.commit().await?;
+        self.forget(user.id).await;
         Ok(())
     }
 
@@ -1032,10 +1059,34 @@ impl AuthService {
         ))
         .await?;
         tx.commit().await?;
+        self.forget(user.id).await;
         Ok(Session { user, tokens })
     }
 
     // ---- users ----
+
+    /// Drops the cached account (`session:{id}`); every change to a user calls it.
+    async fn forget(&self, id: UserId) {
+        let _ = self.cache.delete(&keys::session(&id.to_string())).await;
+    }
+
+    /// `GET /users/me`: the caller's account, from the cache (`session:{id}`, SPEC §7) when
+    /// it is there, so the hottest authenticated read costs no database round trip. No hash
+    /// or counter is cached: only what the caller may see.
+    pub async fn me(&self, who: Principal) -> Result<Account, AuthError> {
+        let key = keys::session(&who.user_id.to_string());
+        if let Ok(Some(bytes)) = self.cache.get(&key).await
+            && let Ok(account) = serde_json::from_slice::<Account>(&bytes)
+            && account.id == who.user_id
+        {
+            return Ok(account);
+        }
+        let account = Account::from(&self.user(who.user_id).await?);
+        if let Ok(bytes) = serde_json::to_vec(&account) {
+            let _ = self.cache.set(&key, &bytes, Some(keys::SESSION_TTL)).await;
+        }
+        Ok(account)
+    }
 
     /// The caller's account; `Unauthenticated` when it no longer exists.
     pub async fn user(&self, id: UserId) -> Result<User, AuthError> {
@@ -1052,6 +1103,7 @@ impl AuthService {
         user.name = name;
         user.updated_at = now();
         self.store.update_user(&user).await?;
+        self.forget(user.id).await;
         Ok(user)
     }
 
@@ -1094,6 +1146,7 @@ impl AuthService {
         ))
         .await?;
         tx.commit().await?;
+        self.forget(user.id).await;
         Ok(tokens)
     }
 
@@ -1123,6 +1176,7 @@ impl AuthService {
         ))
         .await?;
         tx.commit().await?;
+        self.forget(user.id).await;
         Ok(())
     }
 

@@ -5,7 +5,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use confab_core::domain::User;
-use confab_core::services::auth::{Session, TokenPair};
+use confab_core::services::auth::{Account, Session, TokenPair};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -25,21 +25,27 @@ pub struct UserBody {
     pub created_at: String,
 }
 
-impl From<&User> for UserBody {
-    fn from(user: &User) -> Self {
+impl From<&Account> for UserBody {
+    fn from(account: &Account) -> Self {
         Self {
-            id: user.id.to_string(),
-            email: user.email.clone(),
-            name: user.name.clone(),
-            email_verified: user.email_verified_at.is_some(),
-            avatar_url: avatar_url(user),
-            created_at: rfc3339(user.created_at),
+            id: account.id.to_string(),
+            email: account.email.clone(),
+            name: account.name.clone(),
+            email_verified: account.email_verified,
+            avatar_url: avatar_url(account.avatar_key.as_deref()),
+            created_at: rfc3339(account.created_at),
         }
     }
 }
 
-pub fn avatar_url(user: &User) -> Option<String> {
-    user.avatar_key.as_ref().map(|key| format!("/media/{key}"))
+impl From<&User> for UserBody {
+    fn from(user: &User) -> Self {
+        Self::from(&Account::from(user))
+    }
+}
+
+pub fn avatar_url(key: Option<&str>) -> Option<String> {
+    key.map(|key| format!("/media/{key}"))
 }
 
 pub fn rfc3339(at: confab_core::domain::Timestamp) -> String {

@@ -31,7 +31,7 @@ impl From<PublicProfile> for ProfileBody {
     fn from(p: PublicProfile) -> Self {
         Self {
             id: p.user.id.to_string(),
-            avatar_url: avatar_url(&p.user),
+            avatar_url: avatar_url(p.user.avatar_key.as_deref()),
             name: p.user.name,
             online: p.online,
             last_seen_at: p.user.last_seen_at.map(rfc3339),
@@ -109,8 +109,8 @@ pub async fn me(
     State(state): State<AppState>,
     Authenticated(who): Authenticated,
 ) -> Result<Json<UserBody>, ApiError> {
-    let user = state.auth.user(who.user_id).await?;
-    Ok(Json(UserBody::from(&user)))
+    let account = state.auth.me(who).await?;
+    Ok(Json(UserBody::from(&account)))
 }
 
 /// Changes the caller's name.

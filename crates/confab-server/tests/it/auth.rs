@@ -5,10 +5,14 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use confab_adapters::testing::TempDatabase;
 use confab_core::domain::{RefreshFamilyId, UserId, now};
 use confab_core::services::auth::SigningKey;
 use confab_core::services::auth::jwt::AccessTokens;
-use confab_server::config::Config;
+use confab_core::testing::{service_url, unique};
+use confab_server::config::{
+    CacheConfig, Config, DatabaseConfig, PoolConfig, QueueConfig, SecretUrl,
+};
 use confab_server::startup::Overrides;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -26,9 +30,68 @@ pub fn auth_config(c: &mut Config) {
     c.auth.rate_limit_per_email_per_minute = 100_000;
 }
 
-pub async fn auth_app(configure: impl FnOnce(&mut Config)) -> TestApp {
+/// The backends a test runs on: embedded, or PostgreSQL + Redis + RabbitMQ (a fresh
+/// database, and a cache prefix and queue prefix of its own, so tests running side by side
+/// share nothing).
+pub struct Backend(Option<Services>);
+
+pub struct Services {
+    db: TempDatabase,
+    redis: String,
+    amqp: String,
+}
+
+impl Backend {
+    pub const EMBEDDED: Self = Self(None);
+
+    /// The real services, when `TEST_DATABASE_URL`, `TEST_REDIS_URL` and `TEST_AMQP_URL` name
+    /// them (a skip line otherwise; a failure under `CI=true`).
+    pub async fn services() -> Option<Self> {
+        let what = "auth on PostgreSQL + Redis + RabbitMQ";
+        let db = service_url("TEST_DATABASE_URL", what)?;
+        let redis = service_url("TEST_REDIS_URL", what)?;
+        let amqp = service_url("TEST_AMQP_URL", what)?;
+        Some(Self(Some(Services {
+            db: TempDatabase::create(&db).await,
+            redis,
+            amqp,
+        })))
+    }
+
+    pub fn apply(&self, c: &mut Config) {
+        let Some(services) = &self.0 else {
+            return;
+        };
+        c.database = DatabaseConfig::Postgres {
+            url: SecretUrl::parse(&services.db.url).unwrap(),
+            replica_url: None,
+            pool: PoolConfig::default(),
+        };
+        c.cache = CacheConfig::Redis {
+            url: SecretUrl::parse(&services.redis).unwrap(),
+            key_prefix: format!("{}:", unique("confab-test")),
+        };
+        c.queue = QueueConfig::Rabbitmq {
+            url: SecretUrl::parse(&services.amqp).unwrap(),
+            max_attempts: 5,
+            retry_base_ms: 200,
+            visibility_timeout_secs: 30,
+            queue_prefix: format!("{}.", unique("t")),
+            idle_queue_expiry_secs: Some(60),
+        };
+    }
+
+    pub async fn drop(self) {
+        if let Some(services) = self.0 {
+            services.db.drop().await;
+        }
+    }
+}
+
+pub async fn auth_app(backend: &Backend, configure: impl FnOnce(&mut Config)) -> TestApp {
     spawn_app_with(
         |c| {
+            backend.apply(c);
             auth_config(c);
             configure(c);
         },
@@ -112,7 +175,7 @@ async fn refresh(app: &TestApp, token: &str) -> reqwest::Response {
 }
 
 fn unique_email(tag: &str) -> String {
-    format!("{}@example.com", confab_core::testing::unique(tag)).to_lowercase()
+    format!("{}@example.com", unique(tag)).to_lowercase()
 }
 
 /// Quoted-printable, as mail bodies may be: soft line breaks and `=XX` escapes.
@@ -229,9 +292,8 @@ async fn security_event_kinds(app: &TestApp, token: &str) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_verify_login_refresh_then_reuse_kills_the_whole_family() {
-    let app = auth_app(|c| c.auth.refresh_grace_secs = 0).await;
+async fn register_verify_login_refresh_then_reuse_kills_the_whole_family(backend: &Backend) {
+    let app = auth_app(backend, |c| c.auth.refresh_grace_secs = 0).await;
     let email = unique_email("story");
     let session = register(&app, &email).await;
     no_secrets(&session);
@@ -239,6 +301,14 @@ async fn register_verify_login_refresh_then_reuse_kills_the_whole_family() {
     assert_eq!(session["user"]["emailVerified"], false);
     assert_eq!(session["expiresIn"], 900);
     let access = session["accessToken"].as_str().unwrap().to_owned();
+
+    // Read (and cached) before verification …
+    let me = json_of(
+        call(&app, Method::GET, "/api/v1/users/me", Some(&access), None).await,
+        200,
+    )
+    .await;
+    assert_eq!(me["emailVerified"], false);
 
     // The verification link arrives through the mail queue.
     let mail = nth_mail(&app, &email, "Confirm your email address", 1).await;
@@ -315,9 +385,8 @@ async fn register_verify_login_refresh_then_reuse_kills_the_whole_family() {
     assert!(reused < logged_in, "{kinds:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_tabs_refreshing_at_once_both_get_the_same_new_pair() {
-    let app = auth_app(|_| {}).await;
+async fn two_tabs_refreshing_at_once_both_get_the_same_new_pair(backend: &Backend) {
+    let app = auth_app(backend, |_| {}).await;
     let email = unique_email("tabs");
     let session = register(&app, &email).await;
     let r1 = session["refreshToken"].as_str().unwrap();
@@ -346,9 +415,10 @@ async fn two_tabs_refreshing_at_once_both_get_the_same_new_pair() {
     assert_eq!(me["email"], email.as_str());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_failures_lock_the_account_a_success_resets_the_count_and_the_lock_ends() {
-    let app = auth_app(|c| c.auth.lockout_duration_secs = 1).await;
+async fn five_failures_lock_the_account_a_success_resets_the_count_and_the_lock_ends(
+    backend: &Backend,
+) {
+    let app = auth_app(backend, |c| c.auth.lockout_duration_secs = 1).await;
     let email = unique_email("lock");
     register(&app, &email).await;
     // Four failures, then a success: the count starts again.
@@ -406,9 +476,8 @@ async fn comparable(response: reqwest::Response) -> (u16, Option<String>, Value)
     (status, retry, body)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn known_and_unknown_emails_get_identical_answers_and_similar_timing() {
-    let app = auth_app(|c| c.auth.lockout_duration_secs = 600).await;
+async fn known_and_unknown_emails_get_identical_answers_and_similar_timing(backend: &Backend) {
+    let app = auth_app(backend, |c| c.auth.lockout_duration_secs = 600).await;
     let known = unique_email("known");
     let unknown = unique_email("unknown");
     register(&app, &known).await;
@@ -470,10 +539,12 @@ async fn known_and_unknown_emails_get_identical_answers_and_similar_timing() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auth_endpoints_allow_five_per_minute_per_ip_and_per_email() {
+async fn auth_endpoints_allow_five_per_minute_per_ip_and_per_email(backend: &Backend) {
     let app = spawn_app_with(
-        |c| c.server.client_ip_header = Some("x-forwarded-for".into()),
+        |c| {
+            backend.apply(c);
+            c.server.client_ip_header = Some("x-forwarded-for".into());
+        },
         Overrides::default(),
     )
     .await;
@@ -553,9 +624,8 @@ async fn auth_endpoints_allow_five_per_minute_per_ip_and_per_email() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_one_time_code_signs_up_allows_five_tries_and_expires() {
-    let app = auth_app(|c| c.auth.otp_ttl_secs = 1).await;
+async fn a_one_time_code_signs_up_allows_five_tries_and_expires(backend: &Backend) {
+    let app = auth_app(backend, |c| c.auth.otp_ttl_secs = 1).await;
     let email = unique_email("otp");
     let request = || {
         call(
@@ -613,7 +683,7 @@ async fn a_one_time_code_signs_up_allows_five_tries_and_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_code_sign_up_an_unknown_email_gets_no_code_and_no_account() {
-    let app = auth_app(|c| c.auth.otp_signup = false).await;
+    let app = auth_app(&Backend::EMBEDDED, |c| c.auth.otp_signup = false).await;
     let email = unique_email("nosignup");
     let response = call(
         &app,
@@ -665,9 +735,8 @@ async fn without_code_sign_up_an_unknown_email_gets_no_code_and_no_account() {
     assert!(mails_to(&app, &email).is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_password_reset_sets_the_password_and_ends_every_session() {
-    let app = auth_app(|_| {}).await;
+async fn a_password_reset_sets_the_password_and_ends_every_session(backend: &Backend) {
+    let app = auth_app(backend, |_| {}).await;
     let email = unique_email("reset");
     let first = register(&app, &email).await;
     let second = json_of(login(&app, &email, PASSWORD).await, 200).await;
@@ -724,7 +793,7 @@ async fn a_password_reset_sets_the_password_and_ends_every_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_validates_its_fields_and_refuses_a_taken_email() {
-    let app = auth_app(|_| {}).await;
+    let app = auth_app(&Backend::EMBEDDED, |_| {}).await;
     let email = unique_email("fields");
     let cases = [
         (
@@ -781,13 +850,18 @@ async fn registration_validates_its_fields_and_refuses_a_taken_email() {
     assert_error(taken, 409, "CONFLICT").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_account_can_be_renamed_repassworded_logged_out_and_deleted() {
-    let app = auth_app(|_| {}).await;
+async fn the_account_can_be_renamed_repassworded_logged_out_and_deleted(backend: &Backend) {
+    let app = auth_app(backend, |_| {}).await;
     let email = unique_email("account");
     let session = register(&app, &email).await;
     let access = session["accessToken"].as_str().unwrap().to_owned();
     let other = json_of(login(&app, &email, PASSWORD).await, 200).await;
+    let me = json_of(
+        call(&app, Method::GET, "/api/v1/users/me", Some(&access), None).await,
+        200,
+    )
+    .await;
+    assert_eq!(me["name"], "Ann Example");
 
     let renamed = json_of(
         call(
@@ -802,6 +876,12 @@ async fn the_account_can_be_renamed_repassworded_logged_out_and_deleted() {
     )
     .await;
     assert_eq!(renamed["name"], "Ann B.");
+    let me = json_of(
+        call(&app, Method::GET, "/api/v1/users/me", Some(&access), None).await,
+        200,
+    )
+    .await;
+    assert_eq!(me["name"], "Ann B.", "no stale cached account");
 
     let wrong = call(
         &app,
@@ -903,10 +983,9 @@ async fn the_account_can_be_renamed_repassworded_logged_out_and_deleted() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn profiles_show_public_fields_and_search_never_matches_an_email_prefix() {
-    let app = auth_app(|_| {}).await;
-    let tag = confab_core::testing::unique("zed");
+async fn profiles_show_public_fields_and_search_never_matches_an_email_prefix(backend: &Backend) {
+    let app = auth_app(backend, |_| {}).await;
+    let tag = unique("zed");
     let email = format!("{tag}@example.com").to_lowercase();
     let session = call(
         &app,
@@ -986,7 +1065,7 @@ fn forged(header: &Value, payload_of: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_authenticated_route_admits_only_a_valid_token() {
-    let app = auth_app(|_| {}).await;
+    let app = auth_app(&Backend::EMBEDDED, |_| {}).await;
     let doc: Value = app.get("/api/v1/openapi.json").await.json().await.unwrap();
     let mut routes = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
@@ -1072,7 +1151,7 @@ async fn with_an_ed25519_key_tokens_are_eddsa_and_the_public_key_is_published() 
         .status()
         .expect("openssl runs");
     assert!(made.success());
-    let app = auth_app(|c| {
+    let app = auth_app(&Backend::EMBEDDED, |c| {
         c.auth.jwt_algorithm = confab_server::config::JwtAlgorithm::EdDsa;
         c.auth.jwt_private_key_file = Some(pem);
     })
@@ -1114,15 +1193,14 @@ async fn with_an_ed25519_key_tokens_are_eddsa_and_the_public_key_is_published() 
     .await;
 
     // With the shared secret there is nothing to publish.
-    let plain = auth_app(|_| {}).await;
+    let plain = auth_app(&Backend::EMBEDDED, |_| {}).await;
     assert_error(plain.get("/.well-known/jwks.json").await, 404, "NOT_FOUND").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_scheduled_job_runs_once_across_nodes_and_purges_expired_tokens() {
-    let a = auth_app(|_| {}).await;
+async fn a_scheduled_job_runs_once_across_nodes_and_purges_expired_tokens(backend: &Backend) {
+    let a = auth_app(backend, |_| {}).await;
     let shared = a.data_dir.clone();
-    let b = auth_app(move |c| c.server.data_dir = shared).await;
+    let b = auth_app(backend, move |c| c.server.data_dir = shared).await;
     let user = register(&a, &unique_email("jobs")).await;
     let user_id: UserId = user["user"]["id"].as_str().unwrap().parse().unwrap();
     let family = confab_core::domain::RefreshFamily {
@@ -1233,7 +1311,7 @@ async fn imported_bcrypt_accounts_sign_in_and_are_rehashed_with_argon2id() {
     );
 
     let data_dir = dir.path().to_owned();
-    let app = auth_app(move |c| c.server.data_dir = data_dir).await;
+    let app = auth_app(&Backend::EMBEDDED, move |c| c.server.data_dir = data_dir).await;
     let session = json_of(login(&app, &a, "legacy password").await, 200).await;
     assert_eq!(session["user"]["name"], "Imported A");
     let stored = app.state.store.user_by_email(&a).await.unwrap().unwrap();
@@ -1255,7 +1333,7 @@ async fn imported_bcrypt_accounts_sign_in_and_are_rehashed_with_argon2id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_socket_io_handshake_is_authenticated_by_its_auth_token() {
-    let app = auth_app(|_| {}).await;
+    let app = auth_app(&Backend::EMBEDDED, |_| {}).await;
     let session = register(&app, &unique_email("socket")).await;
     let token = session["accessToken"].as_str().unwrap();
     let auth = &app.state.auth;
@@ -1275,3 +1353,43 @@ async fn a_socket_io_handshake_is_authenticated_by_its_auth_token() {
     );
     assert!(auth.authenticate_handshake(&Value::Null).is_err());
 }
+
+/// Each case once on embedded backends and once on PostgreSQL + Redis + RabbitMQ.
+macro_rules! on_every_backend {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(&super::Backend::EMBEDDED).await;
+                }
+            )*
+        }
+
+        mod on_postgres_redis_and_rabbitmq {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(backend) = super::Backend::services().await else {
+                        return;
+                    };
+                    super::$case(&backend).await;
+                    backend.drop().await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    register_verify_login_refresh_then_reuse_kills_the_whole_family,
+    two_tabs_refreshing_at_once_both_get_the_same_new_pair,
+    five_failures_lock_the_account_a_success_resets_the_count_and_the_lock_ends,
+    known_and_unknown_emails_get_identical_answers_and_similar_timing,
+    auth_endpoints_allow_five_per_minute_per_ip_and_per_email,
+    a_one_time_code_signs_up_allows_five_tries_and_expires,
+    a_password_reset_sets_the_password_and_ends_every_session,
+    the_account_can_be_renamed_repassworded_logged_out_and_deleted,
+    profiles_show_public_fields_and_search_never_matches_an_email_prefix,
+    a_scheduled_job_runs_once_across_nodes_and_purges_expired_tokens,
+);

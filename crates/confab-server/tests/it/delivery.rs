@@ -321,6 +321,8 @@ async fn the_server_runs_its_queues_on_rabbitmq() {
                 max_attempts: 2,
                 retry_base_ms: 100,
                 visibility_timeout_secs: 5,
+                queue_prefix: String::new(),
+                idle_queue_expiry_secs: None,
             };
         },
         Overrides::default(),
@@ -370,6 +372,8 @@ async fn a_rabbitmq_outage_delays_messages_and_loses_none() {
                 max_attempts: 2,
                 retry_base_ms: 100,
                 visibility_timeout_secs: 5,
+                queue_prefix: String::new(),
+                idle_queue_expiry_secs: None,
             };
         },
         Overrides::default(),

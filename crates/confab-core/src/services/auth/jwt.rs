@@ -10,7 +10,7 @@ use aws_lc_rs::digest;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{RefreshFamilyId, UserId};
@@ -54,9 +54,15 @@ pub struct InvalidToken;
 #[derive(Clone)]
 pub struct AccessTokens {
     header: Header,
+    /// The first segment of every token we sign (our algorithm and `kid`, encoded): a token
+    /// whose header differs in any byte is not ours.
+    encoded_header: String,
     encoding: EncodingKey,
     decoding: DecodingKey,
-    validation: Validation,
+    /// HS256: the HMAC key, kept (jsonwebtoken rebuilds it on every verification).
+    hmac: Option<aws_lc_rs::hmac::Key>,
+    algorithm: Algorithm,
+    leeway: i64,
     ttl: Duration,
     /// The public JWK set, as served.
     jwks: Option<serde_json::Value>,
@@ -103,17 +109,27 @@ impl AccessTokens {
         };
         let mut header = Header::new(algorithm);
         header.kid = Some(kid);
-        let mut validation = Validation::new(algorithm);
-        validation.algorithms = vec![algorithm];
-        validation.leeway = leeway.as_secs();
-        validation.set_issuer(&[ISSUER]);
-        validation.set_audience(&[AUDIENCE]);
-        validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        let encoded_header = jsonwebtoken::encode(&header, &serde_json::json!({}), &encoding)
+            .map_err(err)?
+            .split('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let hmac = match key {
+            SigningKey::Hs256(secret) => Some(aws_lc_rs::hmac::Key::new(
+                aws_lc_rs::hmac::HMAC_SHA256,
+                secret,
+            )),
+            _ => None,
+        };
         let tokens = Self {
             header,
+            encoded_header,
             encoding,
             decoding,
-            validation,
+            hmac,
+            algorithm,
+            leeway: i64::try_from(leeway.as_secs()).unwrap_or(i64::MAX / 2),
             ttl,
             jwks,
         };
@@ -156,15 +172,50 @@ impl AccessTokens {
         (token, claims)
     }
 
-    /// The claims of a valid token: our algorithm, our key id, signature, issuer, audience
-    /// and expiry (with leeway) all checked. Why a token is refused is not told.
+    /// The claims of a valid token: our algorithm and key id (the header must be exactly the
+    /// one we sign with, so `alg: none` or any other algorithm is refused before anything
+    /// else), the signature, issuer, audience and expiry (with leeway). Why a token is
+    /// refused is not told.
+    ///
+    /// One parse of the claims and a kept HMAC key: about half the cost of
+    /// `jsonwebtoken::decode`, which parses the header and the claims twice each and rebuilds
+    /// the key (BENCHMARKS.md, issue 5).
     pub fn verify(&self, token: &str) -> Result<Claims, InvalidToken> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|_| InvalidToken)?;
-        if data.header.kid != self.header.kid {
+        let mut parts = token.split('.');
+        let (Some(header), Some(payload), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(InvalidToken);
+        };
+        if !crate::services::auth::crypto::same(header, &self.encoded_header) {
             return Err(InvalidToken);
         }
-        Ok(data.claims)
+        let message = &token.as_bytes()[..header.len() + 1 + payload.len()];
+        let signed = match &self.hmac {
+            Some(key) => {
+                let tag = URL_SAFE_NO_PAD
+                    .decode(signature)
+                    .map_err(|_| InvalidToken)?;
+                aws_lc_rs::hmac::verify(key, message, &tag).is_ok()
+            }
+            None => {
+                jsonwebtoken::crypto::verify(signature, message, &self.decoding, self.algorithm)
+                    .unwrap_or(false)
+            }
+        };
+        if !signed {
+            return Err(InvalidToken);
+        }
+        let json = URL_SAFE_NO_PAD.decode(payload).map_err(|_| InvalidToken)?;
+        let claims: Claims = serde_json::from_slice(&json).map_err(|_| InvalidToken)?;
+        let now = chrono::Utc::now().timestamp();
+        if claims.iss != ISSUER
+            || claims.aud != AUDIENCE
+            || claims.exp.saturating_add(self.leeway) < now
+        {
+            return Err(InvalidToken);
+        }
+        Ok(claims)
     }
 }
 
@@ -180,6 +231,58 @@ fn thumbprint(parts: &[&[u8]]) -> String {
 mod tests {
     use super::*;
     use crate::domain::now;
+
+    fn ed25519_pem() -> Vec<u8> {
+        let pair = aws_lc_rs::signature::Ed25519KeyPair::generate().unwrap();
+        let der = pair.to_pkcs8v1().unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n").into_bytes()
+    }
+
+    #[test]
+    fn rs256_tokens_verify_and_publish_an_rsa_key() {
+        use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
+        let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+        let der: Pkcs8V1Der = pair.as_der().unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        let pem = format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n");
+        let tokens = AccessTokens::new(
+            &SigningKey::Rs256(pem.into_bytes()),
+            Duration::from_mins(15),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let (token, claims) = tokens.issue(UserId::new(), RefreshFamilyId::new(), now());
+        assert_eq!(tokens.verify(&token).unwrap(), claims);
+        let key = &tokens.jwks().unwrap()["keys"][0];
+        assert_eq!(key["kty"], "RSA");
+        assert!(key["n"].is_string() && key["e"].is_string() && key.get("d").is_none());
+    }
+
+    #[test]
+    fn eddsa_tokens_verify_with_the_published_key_only() {
+        let tokens = AccessTokens::new(
+            &SigningKey::EdDsa(ed25519_pem()),
+            Duration::from_mins(15),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let (token, claims) = tokens.issue(UserId::new(), RefreshFamilyId::new(), now());
+        assert_eq!(tokens.verify(&token).unwrap(), claims);
+        let jwks = tokens.jwks().unwrap();
+        assert_eq!(jwks["keys"][0]["crv"], "Ed25519");
+        assert_eq!(
+            jwks["keys"][0]["kid"].as_str(),
+            tokens.header.kid.as_deref()
+        );
+        let other = AccessTokens::new(
+            &SigningKey::EdDsa(ed25519_pem()),
+            Duration::from_mins(15),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert!(other.verify(&token).is_err());
+    }
 
     fn hs(secret: &str) -> AccessTokens {
         AccessTokens::new(
@@ -232,6 +335,35 @@ mod tests {
         let claims = tokens.verify(&token).unwrap();
         let foreign = jsonwebtoken::encode(&other, &claims, &tokens.encoding).unwrap();
         assert!(tokens.verify(&foreign).is_err(), "another kid is refused");
+        let signed = |claims: &Claims| {
+            jsonwebtoken::encode(&tokens.header, claims, &tokens.encoding).unwrap()
+        };
+        let other_issuer = Claims {
+            iss: "someone-else".into(),
+            ..claims.clone()
+        };
+        assert!(
+            tokens.verify(&signed(&other_issuer)).is_err(),
+            "another issuer"
+        );
+        let other_audience = Claims {
+            aud: "another-service".into(),
+            ..claims.clone()
+        };
+        assert!(
+            tokens.verify(&signed(&other_audience)).is_err(),
+            "another audience"
+        );
+        assert!(tokens.verify(&format!("{token}.extra")).is_err());
+        let mut flipped = token.clone().into_bytes();
+        let last = flipped.len() - 2;
+        flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
+        assert!(
+            tokens
+                .verify(std::str::from_utf8(&flipped).unwrap())
+                .is_err(),
+            "a bad signature"
+        );
         assert!(tokens.verify("not.a.token").is_err());
     }
 }
