@@ -22,7 +22,7 @@ pub struct Job {
     pub period: Duration,
 }
 
-/// Purges expired refresh-token families and one-time tokens.
+/// Purges expired refresh-token families, one-time tokens and published outbox rows.
 pub const PURGE_EXPIRED_TOKENS: Job = Job {
     name: "purge_expired_tokens",
     period: Duration::from_hours(1),
@@ -67,9 +67,13 @@ pub async fn run_due(state: &AppState, at: Timestamp) -> Vec<&'static str> {
         }
         match job.name {
             "purge_expired_tokens" => match state.auth.purge_expired().await {
-                Ok((families, tokens)) => {
-                    tracing::info!(job = job.name, families, tokens, "Purged expired tokens.");
-                }
+                Ok(purged) => tracing::info!(
+                    job = job.name,
+                    families = purged.families,
+                    tokens = purged.tokens,
+                    outbox = purged.outbox,
+                    "Purged expired tokens and published outbox rows."
+                ),
                 Err(error) => tracing::warn!(job = job.name, %error, "Scheduled job failed."),
             },
             other => tracing::error!(job = other, "A scheduled job has no runner."),

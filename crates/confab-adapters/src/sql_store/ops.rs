@@ -140,6 +140,36 @@ fn limit(page: &Page<impl Sized>) -> u64 {
     u64::from(page.clamped_limit())
 }
 
+/// Writes every field of `u` but `id`, `email` and `created_at`; with `seen`, only if the
+/// row's `updated_at` is still that. Whether a row was written.
+async fn write_user<C: ConnectionTrait>(
+    conn: &C,
+    u: &User,
+    seen: Option<Timestamp>,
+) -> Result<bool, StoreError> {
+    let mut update = users::Entity::update_many()
+        .col_expr(users::Column::Name, Expr::value(u.name.clone()))
+        .col_expr(
+            users::Column::PasswordHash,
+            Expr::value(u.password_hash.clone()),
+        )
+        .col_expr(
+            users::Column::EmailVerifiedAt,
+            Expr::value(u.email_verified_at),
+        )
+        .col_expr(users::Column::AvatarKey, Expr::value(u.avatar_key.clone()))
+        .col_expr(users::Column::FailedLogins, Expr::value(u.failed_logins))
+        .col_expr(users::Column::LockedUntil, Expr::value(u.locked_until))
+        .col_expr(users::Column::LastSeenAt, Expr::value(u.last_seen_at))
+        .col_expr(users::Column::UpdatedAt, Expr::value(u.updated_at))
+        .filter(users::Column::Id.eq(u.id.0));
+    if let Some(seen) = seen {
+        update = update.filter(users::Column::UpdatedAt.eq(seen));
+    }
+    let updated = update.exec(conn).await.map_err(store_err)?;
+    Ok(updated.rows_affected > 0)
+}
+
 #[async_trait]
 impl<C> UserStore for Sql<C>
 where
@@ -182,29 +212,18 @@ where
     }
 
     async fn update_user(&self, u: &User) -> Result<(), StoreError> {
-        let updated = users::Entity::update_many()
-            .col_expr(users::Column::Name, Expr::value(u.name.clone()))
-            .col_expr(
-                users::Column::PasswordHash,
-                Expr::value(u.password_hash.clone()),
-            )
-            .col_expr(
-                users::Column::EmailVerifiedAt,
-                Expr::value(u.email_verified_at),
-            )
-            .col_expr(users::Column::AvatarKey, Expr::value(u.avatar_key.clone()))
-            .col_expr(users::Column::FailedLogins, Expr::value(u.failed_logins))
-            .col_expr(users::Column::LockedUntil, Expr::value(u.locked_until))
-            .col_expr(users::Column::LastSeenAt, Expr::value(u.last_seen_at))
-            .col_expr(users::Column::UpdatedAt, Expr::value(u.updated_at))
-            .filter(users::Column::Id.eq(u.id.0))
-            .exec(&self.conn)
-            .await
-            .map_err(store_err)?;
-        if updated.rows_affected == 0 {
+        if !write_user(&self.conn, u, None).await? {
             return Err(StoreError::NotFound(format!("user {}", u.id)));
         }
         Ok(())
+    }
+
+    async fn update_user_if_unchanged(
+        &self,
+        u: &User,
+        seen: Timestamp,
+    ) -> Result<bool, StoreError> {
+        write_user(&self.conn, u, Some(seen)).await
     }
 
     async fn record_failed_login(
@@ -636,6 +655,16 @@ where
             .await
             .map_err(store_err)?;
         Ok(())
+    }
+
+    async fn purge_published_outbox(&self, before: Timestamp) -> Result<u64, StoreError> {
+        let deleted = outbox::Entity::delete_many()
+            .filter(outbox::Column::PublishedAt.is_not_null())
+            .filter(outbox::Column::PublishedAt.lt(before))
+            .exec(&self.conn)
+            .await
+            .map_err(store_err)?;
+        Ok(deleted.rows_affected)
     }
 
     async fn was_processed(&self, consumer: &str, event: EventId) -> Result<bool, StoreError> {

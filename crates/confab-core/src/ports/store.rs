@@ -60,6 +60,14 @@ pub trait UserStore: Send + Sync {
     /// Writes every field but `id`, `email` and `created_at`; `NotFound` when there is no such
     /// user.
     async fn update_user(&self, user: &User) -> Result<(), StoreError>;
+    /// Like `update_user`, but only if the row is as the caller read it (its `updated_at` is
+    /// still `seen`): whether it was written. A read-modify-write that lost a race with
+    /// another writer (a password reset) does not undo it; the caller reads again.
+    async fn update_user_if_unchanged(
+        &self,
+        user: &User,
+        seen: Timestamp,
+    ) -> Result<bool, StoreError>;
     /// Counts a failed sign-in at `at` (the lockout of SPEC §3), atomically: concurrent calls
     /// each count once. Failures count within a window opened by the first one and lasting
     /// `policy.window`; the failure that reaches `policy.threshold` locks the account until
@@ -148,6 +156,9 @@ pub trait OutboxStore: Send + Sync {
     /// Unpublished entries, oldest first.
     async fn pending_outbox(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError>;
     async fn mark_published(&self, ids: &[EventId], at: Timestamp) -> Result<(), StoreError>;
+    /// Deletes entries published before `before` (their payloads may hold one-time links):
+    /// how many. Unpublished entries stay, however old.
+    async fn purge_published_outbox(&self, before: Timestamp) -> Result<u64, StoreError>;
     /// Records that `consumer` handled `event`: `Conflict` the second time, which is how an
     /// idempotent consumer recognises a redelivery.
     async fn mark_processed(

@@ -166,11 +166,36 @@ impl From<&User> for Account {
     }
 }
 
+/// What the hourly purge removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Purged {
+    pub families: u64,
+    pub tokens: u64,
+    pub outbox: u64,
+}
+
 /// A user as others see them.
 #[derive(Debug, Clone)]
 pub struct PublicProfile {
     pub user: User,
     pub online: bool,
+}
+
+/// Wrong one-time codes an address may get in a day, across all its codes.
+pub const OTP_FAILURES_PER_DAY: u32 = 20;
+
+/// How long an account stays in the cache for `GET /users/me`. Short, although SPEC §7
+/// keeps `session:{userId}` 24 h: every change drops the entry, but a read that raced a
+/// change could put the old account back, and this bounds how long that lasts.
+const ACCOUNT_CACHE_TTL: Duration = Duration::from_mins(1);
+
+/// Password hashes computed at once (each holds 19 MiB and a core for ~30 ms); the rest wait.
+fn hashing_permits() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get() * 2)
+}
+
+fn revoked_before_key(user: UserId) -> String {
+    format!("auth:sessions-ended:{user}")
 }
 
 /// How long a user counts as online after their last activity (SPEC §4).
@@ -183,6 +208,7 @@ pub struct AuthService {
     passwords: Arc<Passwords>,
     tokens: AccessTokens,
     keyed: Keyed,
+    hashing: Arc<tokio::sync::Semaphore>,
 }
 
 fn span(d: Duration) -> chrono::Duration {
@@ -333,6 +359,7 @@ impl AuthService {
             passwords: Arc::new(passwords),
             tokens,
             keyed: Keyed::new(secret),
+            hashing: Arc::new(tokio::sync::Semaphore::new(hashing_permits())),
         }
     }
 
@@ -348,27 +375,62 @@ impl AuthService {
         &self.keyed
     }
 
-    /// The caller of a bearer token, from the token alone (no database read).
-    pub fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
-        let claims = self
-            .tokens
+    /// The claims of a bearer token, from the token alone: signature, algorithm, key id,
+    /// issuer, audience, expiry. No I/O.
+    pub fn verify_access_token(&self, token: &str) -> Result<Claims, AuthError> {
+        self.tokens
             .verify(token)
-            .map_err(|_| AuthError::Unauthenticated)?;
+            .map_err(|_| AuthError::Unauthenticated)
+    }
+
+    /// The caller of a bearer token: a valid token issued after the user's sessions were last
+    /// ended (logout-all, password change or reset, account deletion). That moment is kept in
+    /// the cache for as long as an access token lives, so the check is one cache read, not a
+    /// database read. (A cache outage lets such tokens through until they expire: the
+    /// fail-soft policy of SPEC §7.)
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        let claims = self.verify_access_token(token)?;
+        if let Ok(Some(value)) = self.cache.get(&revoked_before_key(claims.sub)).await
+            && let Some(before) = std::str::from_utf8(&value)
+                .ok()
+                .and_then(|v| v.parse::<i64>().ok())
+            && claims.ims <= before
+        {
+            return Err(AuthError::Unauthenticated);
+        }
         Ok(Principal {
             user_id: claims.sub,
             session: claims.sid,
         })
     }
 
+    /// Access tokens of `user` issued before now stop working (they would otherwise live on
+    /// until they expire, up to `access_ttl`).
+    async fn end_access_tokens(&self, user: UserId) {
+        let ttl = self.settings.access_ttl + self.settings.leeway + Duration::from_secs(1);
+        let _ = self
+            .cache
+            .set(
+                &revoked_before_key(user),
+                now().timestamp_millis().to_string().as_bytes(),
+                Some(ttl),
+            )
+            .await;
+    }
+
     /// The caller of a Socket.IO handshake: `auth.token` (or `auth.accessToken`), with or
     /// without a `Bearer ` prefix.
-    pub fn authenticate_handshake(&self, auth: &serde_json::Value) -> Result<Principal, AuthError> {
+    pub async fn authenticate_handshake(
+        &self,
+        auth: &serde_json::Value,
+    ) -> Result<Principal, AuthError> {
         let token = auth
             .get("token")
             .or_else(|| auth.get("accessToken"))
             .and_then(serde_json::Value::as_str)
             .ok_or(AuthError::Unauthenticated)?;
         self.authenticate(token.strip_prefix("Bearer ").unwrap_or(token))
+            .await
     }
 
     // ---- limits and bookkeeping ----
@@ -432,6 +494,7 @@ impl AuthService {
 
     async fn hash_password(&self, password: &str) -> Result<String, AuthError> {
         let (passwords, password) = (self.passwords.clone(), password.to_owned());
+        let _permit = self.hashing.acquire().await;
         tokio::task::spawn_blocking(move || passwords.hash(&password))
             .await
             .map_err(|e| AuthError::Internal(e.to_string()))?
@@ -442,6 +505,7 @@ impl AuthService {
     async fn verify_password(&self, password: &str, stored: Option<&str>) -> Verified {
         let (passwords, password) = (self.passwords.clone(), password.to_owned());
         let stored = stored.map(str::to_owned);
+        let _permit = self.hashing.acquire().await;
         tokio::task::spawn_blocking(move || {
             if let Some(hash) = stored {
                 passwords.verify(&password, &hash)
@@ -628,6 +692,42 @@ impl AuthService {
         }
     }
 
+    /// After a right password: the failure count resets, and a hash at an old cost (or
+    /// bcrypt) is replaced, but only over the hash just verified, never over a newer one.
+    async fn after_right_password(
+        &self,
+        mut user: User,
+        password: &str,
+        rehash: bool,
+    ) -> Result<User, AuthError> {
+        if user.failed_logins != 0 || user.locked_until.is_some() || rehash {
+            let verified_hash = user.password_hash.clone();
+            let new_hash = if rehash {
+                Some(self.hash_password(password).await?)
+            } else {
+                None
+            };
+            (user, _) = self
+                .modify_user(
+                    user.id,
+                    |user| {
+                        user.failed_logins = 0;
+                        user.locked_until = None;
+                        // Only over the hash just verified: never over a newer one.
+                        if let Some(new_hash) = &new_hash
+                            && user.password_hash == verified_hash
+                        {
+                            user.password_hash = Some(new_hash.clone());
+                        }
+                        Ok(true)
+                    },
+                    |_| (Vec::new(), Vec::new()),
+                )
+                .await?;
+        }
+        Ok(user)
+    }
+
     /// `POST /auth/login`.
     pub async fn login(
         &self,
@@ -644,7 +744,7 @@ impl AuthService {
         if password.chars().count() > 128 {
             return Err(AuthError::InvalidCredentials);
         }
-        let Some(mut user) = self.store.user_by_email(&email).await? else {
+        let Some(user) = self.store.user_by_email(&email).await? else {
             let label = self.keyed.label(&email);
             self.verify_password(password, None).await;
             if let Some(until) = self.phantom_lock(&label).await {
@@ -673,10 +773,16 @@ impl AuthService {
             .await
         {
             Verified::Wrong => {
-                let counted = self
+                let counted = match self
                     .store
                     .record_failed_login(user.id, at, self.settings.lockout)
-                    .await?;
+                    .await
+                {
+                    Ok(counted) => counted,
+                    // Deleted in the meantime: just a failed login.
+                    Err(StoreError::NotFound(_)) => return Err(AuthError::InvalidCredentials),
+                    Err(e) => return Err(e.into()),
+                };
                 self.audit(
                     "login_failed",
                     Some(user.id),
@@ -697,21 +803,7 @@ impl AuthService {
                 Err(AuthError::InvalidCredentials)
             }
             Verified::Right { rehash } => {
-                let mut changed = false;
-                if user.failed_logins != 0 || user.locked_until.is_some() {
-                    user.failed_logins = 0;
-                    user.locked_until = None;
-                    changed = true;
-                }
-                if rehash {
-                    user.password_hash = Some(self.hash_password(password).await?);
-                    changed = true;
-                }
-                if changed {
-                    user.updated_at = now();
-                    self.store.update_user(&user).await?;
-                    self.forget(user.id).await;
-                }
+                let user = self.after_right_password(user, password, rehash).await?;
                 let tokens = self.start_session(user.id).await?;
                 self.audit(
                     "login_succeeded",
@@ -810,6 +902,7 @@ impl AuthService {
             .store
             .revoke_user_refresh_families(who.user_id, "logout_all", now())
             .await?;
+        self.end_access_tokens(who.user_id).await;
         self.audit(
             "logout_all",
             Some(who.user_id),
@@ -842,28 +935,34 @@ impl AuthService {
     pub async fn verify_email(&self, client: &ClientInfo, token: &str) -> Result<User, AuthError> {
         self.limit_ip("verify-email", client).await?;
         let row = self.use_link(TokenPurpose::VerifyEmail, token).await?;
-        let mut user = match row.user_id {
-            Some(id) => self.store.user_by_id(id).await?,
-            None => None,
-        }
-        .ok_or(AuthError::InvalidLink)?;
-        if user.email_verified_at.is_none() {
-            user.email_verified_at = Some(now());
-            user.updated_at = now();
-            let tx = self.store.begin().await?;
-            tx.update_user(&user).await?;
-            tx.enqueue(&mail("welcome", &user.email, json!({"name": user.name})))
-                .await?;
-            tx.record_security_event(&Self::security_event(
-                "email_verified",
-                Some(user.id),
-                client,
-                json!({}),
-            ))
-            .await?;
-            tx.commit().await?;
-            self.forget(user.id).await;
-        }
+        let id = row.user_id.ok_or(AuthError::InvalidLink)?;
+        let (user, _) = self
+            .modify_user(
+                id,
+                |user| {
+                    if user.email_verified_at.is_some() {
+                        return Ok(false);
+                    }
+                    user.email_verified_at = Some(now());
+                    Ok(true)
+                },
+                |user| {
+                    (
+                        vec![mail("welcome", &user.email, json!({"name": user.name}))],
+                        vec![Self::security_event(
+                            "email_verified",
+                            Some(user.id),
+                            client,
+                            json!({}),
+                        )],
+                    )
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                AuthError::Unauthenticated => AuthError::InvalidLink,
+                e => e,
+            })?;
         Ok(user)
     }
 
@@ -888,25 +987,27 @@ impl AuthService {
             return Ok(());
         };
         self.limit_email("password-forgot", &email).await?;
-        let Some(user) = self.store.user_by_email(&email).await? else {
-            return Ok(());
-        };
+        let user = self.store.user_by_email(&email).await?;
+        // The same writes whether or not the account exists (a link row without a user can
+        // never be used), so the answer takes about the same time; only the mail differs.
         let token = crypto::random_token();
         let row = Self::one_time(
-            Some(user.id),
-            &user.email,
+            user.as_ref().map(|u| u.id),
+            &email,
             TokenPurpose::PasswordReset,
             crypto::token_hash(&token),
             self.settings.reset_ttl,
         );
         let tx = self.store.begin().await?;
         tx.create_one_time_token(&row).await?;
-        tx.enqueue(&mail(
-            "password_reset",
-            &user.email,
-            json!({"name": user.name, "token": token}),
-        ))
-        .await?;
+        if let Some(user) = &user {
+            tx.enqueue(&mail(
+                "password_reset",
+                &user.email,
+                json!({"name": user.name, "token": token}),
+            ))
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -928,32 +1029,39 @@ impl AuthService {
         check_password(password, &row.email, "password")?;
         let new_hash = self.hash_password(password).await?;
         let row = self.use_link(TokenPurpose::PasswordReset, token).await?;
-        let mut user = match row.user_id {
-            Some(id) => self.store.user_by_id(id).await?,
-            None => None,
-        }
-        .ok_or(AuthError::InvalidLink)?;
+        let id = row.user_id.ok_or(AuthError::InvalidLink)?;
         let at = now();
-        user.password_hash = Some(new_hash);
-        user.failed_logins = 0;
-        user.locked_until = None;
-        // The link reached the inbox: the address is proven.
-        user.email_verified_at.get_or_insert(at);
-        user.updated_at = at;
-        let tx = self.store.begin().await?;
-        tx.update_user(&user).await?;
-        let ended = tx
-            .revoke_user_refresh_families(user.id, "password_reset", at)
+        // Sessions end first: whatever happens next, a thief's refresh token is dead.
+        let ended = self
+            .store
+            .revoke_user_refresh_families(id, "password_reset", at)
             .await?;
-        tx.record_security_event(&Self::security_event(
-            "password_reset",
-            Some(user.id),
-            client,
-            json!({"sessionsEnded": ended}),
-        ))
-        .await?;
-        tx.commit().await?;
-        self.forget(user.id).await;
+        self.end_access_tokens(id).await;
+        self.modify_user(
+            id,
+            |user| {
+                user.password_hash = Some(new_hash.clone());
+                user.failed_logins = 0;
+                user.locked_until = None;
+                // The link reached the inbox: the address is proven.
+                user.email_verified_at.get_or_insert(at);
+                Ok(true)
+            },
+            |user| {
+                let event = Self::security_event(
+                    "password_reset",
+                    Some(user.id),
+                    client,
+                    json!({"sessionsEnded": ended}),
+                );
+                (Vec::new(), vec![event])
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            AuthError::Unauthenticated => AuthError::InvalidLink,
+            e => e,
+        })?;
         Ok(())
     }
 
@@ -966,9 +1074,9 @@ impl AuthService {
         };
         self.limit_email("otp-request", &email).await?;
         let user = self.store.user_by_email(&email).await?;
-        if user.is_none() && !self.settings.otp_signup {
-            return Ok(());
-        }
+        // Without sign-up by code an unknown address gets no mail, but the same writes (its
+        // code row can sign nobody in), so the answer takes about the same time.
+        let send = user.is_some() || self.settings.otp_signup;
         let code = crypto::six_digit_code();
         let row = Self::one_time(
             user.as_ref().map(|u| u.id),
@@ -979,8 +1087,10 @@ impl AuthService {
         );
         let tx = self.store.begin().await?;
         tx.create_one_time_token(&row).await?;
-        tx.enqueue(&mail("otp", &email, json!({"code": code})))
-            .await?;
+        if send {
+            tx.enqueue(&mail("otp", &email, json!({"code": code})))
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -1006,64 +1116,160 @@ impl AuthService {
         else {
             return Err(AuthError::InvalidCredentials);
         };
-        if row.attempts >= self.settings.otp_max_attempts {
+        // Across codes, wrong tries per address are capped per day: requesting new codes
+        // does not buy an unlimited number of guesses.
+        let failures_key = format!("auth:otp-failures:{}", self.keyed.label(&email));
+        let failures = self.cache.get(&failures_key).await.ok().flatten();
+        if failures
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|v| v.parse::<u32>().ok())
+            .is_some_and(|n| n >= OTP_FAILURES_PER_DAY)
+        {
+            return Err(AuthError::InvalidCredentials);
+        }
+        // Every try is counted before the code is compared, atomically: parallel guesses
+        // cannot get past the limit between a check and an increment.
+        if row.attempts >= self.settings.otp_max_attempts
+            || self.store.count_one_time_attempt(row.id).await? > self.settings.otp_max_attempts
+        {
             return Err(AuthError::InvalidCredentials);
         }
         let code = code.trim();
         if !crypto::same(&row.token_hash, &self.keyed.code_hash(&email, code)) {
-            self.store.count_one_time_attempt(row.id).await?;
+            let _ = self
+                .cache
+                .incr(&failures_key, 1, Duration::from_hours(24))
+                .await;
             return Err(AuthError::InvalidCredentials);
         }
         if !self.store.use_one_time_token(row.id, at).await? {
             return Err(AuthError::InvalidCredentials);
         }
-        let tx = self.store.begin().await?;
-        let user = match tx.user_by_email(&email).await? {
-            Some(mut user) => {
-                if user.email_verified_at.is_none() {
-                    user.email_verified_at = Some(at);
-                    user.updated_at = at;
-                    tx.update_user(&user).await?;
-                }
-                user
+        let user = match self.store.user_by_email(&email).await? {
+            Some(existing) if existing.email_verified_at.is_none() => {
+                self.claim_unverified(existing.id, client, at).await?
             }
-            None if self.settings.otp_signup => {
-                let name = email.split('@').next().unwrap_or("user").to_owned();
-                let mut user = tx
-                    .create_user(NewUser {
-                        email: email.clone(),
-                        name,
-                        password_hash: None,
-                    })
-                    .await?;
-                user.email_verified_at = Some(at);
-                tx.update_user(&user).await?;
-                tx.enqueue(&event(
-                    "user.registered",
-                    json!({"userId": user.id, "via": "otp"}),
-                ))
-                .await?;
-                tx.enqueue(&mail("welcome", &user.email, json!({"name": user.name})))
-                    .await?;
-                user
-            }
+            Some(existing) => existing,
+            None if self.settings.otp_signup => self.sign_up_by_code(&email, at).await?,
             None => return Err(AuthError::InvalidCredentials),
         };
-        let (family, first, tokens) = self.new_session_rows(user.id);
-        tx.create_refresh_family(&family, &first).await?;
-        tx.record_security_event(&Self::security_event(
+        let tokens = self.start_session(user.id).await?;
+        self.audit(
             "login_succeeded",
             Some(user.id),
             client,
             json!({"method": "otp"}),
-        ))
+        )
         .await?;
-        tx.commit().await?;
-        self.forget(user.id).await;
         Ok(Session { user, tokens })
     }
 
+    /// A code proved the inbox of an account nobody had verified. Whoever registered it may
+    /// not own the address (pre-hijacking: register someone's email with your password, wait
+    /// for them to sign in by code), so its password and every sign-in go.
+    async fn claim_unverified(
+        &self,
+        id: UserId,
+        client: &ClientInfo,
+        at: Timestamp,
+    ) -> Result<User, AuthError> {
+        self.store
+            .revoke_user_refresh_families(id, "unverified_account_claimed", at)
+            .await?;
+        self.end_access_tokens(id).await;
+        let (user, _) = self
+            .modify_user(
+                id,
+                |user| {
+                    if user.email_verified_at.is_some() {
+                        return Ok(false);
+                    }
+                    user.email_verified_at = Some(at);
+                    user.password_hash = None;
+                    Ok(true)
+                },
+                |user| {
+                    let event = Self::security_event(
+                        "unverified_account_claimed",
+                        Some(user.id),
+                        client,
+                        json!({}),
+                    );
+                    (Vec::new(), vec![event])
+                },
+            )
+            .await?;
+        Ok(user)
+    }
+
+    /// Passwordless sign-up: a verified account with a neutral name (not the address's local
+    /// part, which profiles would show to everyone).
+    async fn sign_up_by_code(&self, email: &str, at: Timestamp) -> Result<User, AuthError> {
+        let tx = self.store.begin().await?;
+        let mut user = match tx
+            .create_user(NewUser {
+                email: email.to_owned(),
+                name: "New user".into(),
+                password_hash: None,
+            })
+            .await
+        {
+            Ok(user) => user,
+            // Registered at this very moment by someone else: this code signs nobody in.
+            Err(StoreError::Conflict(_)) => return Err(AuthError::InvalidCredentials),
+            Err(e) => return Err(e.into()),
+        };
+        user.email_verified_at = Some(at);
+        tx.update_user(&user).await?;
+        tx.enqueue(&event(
+            "user.registered",
+            json!({"userId": user.id, "via": "otp"}),
+        ))
+        .await?;
+        tx.enqueue(&mail("welcome", &user.email, json!({"name": user.name})))
+            .await?;
+        tx.commit().await?;
+        Ok(user)
+    }
+
     // ---- users ----
+
+    /// Changes the user with `change` and writes the result only if nobody wrote the row in
+    /// between (a password reset racing a rename must not be undone); on a lost race it reads
+    /// again and retries. `change` says whether it changed anything; `also` stages writes
+    /// that commit with it (mail, events, audit). Drops the cached account.
+    async fn modify_user(
+        &self,
+        id: UserId,
+        change: impl Fn(&mut User) -> Result<bool, AuthError>,
+        also: impl Fn(&User) -> (Vec<OutboxEntry>, Vec<SecurityEvent>),
+    ) -> Result<(User, bool), AuthError> {
+        for _ in 0..8 {
+            let tx = self.store.begin().await?;
+            let mut user = tx.user_by_id(id).await?.ok_or(AuthError::Unauthenticated)?;
+            let seen = user.updated_at;
+            if !change(&mut user)? {
+                return Ok((user, false));
+            }
+            user.updated_at = now().max(seen + chrono::Duration::microseconds(1));
+            if !tx.update_user_if_unchanged(&user, seen).await? {
+                continue; // Someone else wrote it: read again.
+            }
+            let (entries, events) = also(&user);
+            for entry in &entries {
+                tx.enqueue(entry).await?;
+            }
+            for event in &events {
+                tx.record_security_event(event).await?;
+            }
+            tx.commit().await?;
+            self.forget(id).await;
+            return Ok((user, true));
+        }
+        Err(AuthError::Internal(
+            "the account kept changing under a write".into(),
+        ))
+    }
 
     /// Drops the cached account (`session:{id}`); every change to a user calls it.
     async fn forget(&self, id: UserId) {
@@ -1083,7 +1289,7 @@ impl AuthService {
         }
         let account = Account::from(&self.user(who.user_id).await?);
         if let Ok(bytes) = serde_json::to_vec(&account) {
-            let _ = self.cache.set(&key, &bytes, Some(keys::SESSION_TTL)).await;
+            let _ = self.cache.set(&key, &bytes, Some(ACCOUNT_CACHE_TTL)).await;
         }
         Ok(account)
     }
@@ -1099,11 +1305,16 @@ impl AuthService {
     /// `PATCH /users/me`.
     pub async fn rename(&self, who: Principal, name: &str) -> Result<User, AuthError> {
         let name = check_name(name)?;
-        let mut user = self.user(who.user_id).await?;
-        user.name = name;
-        user.updated_at = now();
-        self.store.update_user(&user).await?;
-        self.forget(user.id).await;
+        let (user, _) = self
+            .modify_user(
+                who.user_id,
+                |user| {
+                    user.name.clone_from(&name);
+                    Ok(true)
+                },
+                |_| (Vec::new(), Vec::new()),
+            )
+            .await?;
         Ok(user)
     }
 
@@ -1116,7 +1327,9 @@ impl AuthService {
         current: &str,
         new: &str,
     ) -> Result<TokenPair, AuthError> {
-        let mut user = self.user(who.user_id).await?;
+        let user = self.user(who.user_id).await?;
+        // Guessing the current password with a stolen access token is limited like a login.
+        self.limit_email("password-change", &user.email).await?;
         check_password(new, &user.email, "new")?;
         if user.password_hash.is_some()
             && self
@@ -1128,26 +1341,36 @@ impl AuthService {
                 .await?;
             return Err(AuthError::WrongPassword);
         }
+        let verified_hash = user.password_hash.clone();
+        let new_hash = self.hash_password(new).await?;
         let at = now();
-        user.password_hash = Some(self.hash_password(new).await?);
-        user.updated_at = at;
-        let (family, first, tokens) = self.new_session_rows(user.id);
-        let tx = self.store.begin().await?;
-        tx.update_user(&user).await?;
-        let ended = tx
+        let ended = self
+            .store
             .revoke_user_refresh_families(user.id, "password_changed", at)
             .await?;
-        tx.create_refresh_family(&family, &first).await?;
-        tx.record_security_event(&Self::security_event(
-            "password_changed",
-            Some(user.id),
-            client,
-            json!({"sessionsEnded": ended}),
-        ))
+        self.end_access_tokens(user.id).await;
+        self.modify_user(
+            user.id,
+            |user| {
+                // The password checked above must still be the one in force.
+                if user.password_hash != verified_hash {
+                    return Err(AuthError::WrongPassword);
+                }
+                user.password_hash = Some(new_hash.clone());
+                Ok(true)
+            },
+            |user| {
+                let event = Self::security_event(
+                    "password_changed",
+                    Some(user.id),
+                    client,
+                    json!({"sessionsEnded": ended}),
+                );
+                (Vec::new(), vec![event])
+            },
+        )
         .await?;
-        tx.commit().await?;
-        self.forget(user.id).await;
-        Ok(tokens)
+        self.start_session(user.id).await
     }
 
     /// `DELETE /users/me`: the account and its personal data go; messages in shared chats
@@ -1177,6 +1400,7 @@ impl AuthService {
         .await?;
         tx.commit().await?;
         self.forget(user.id).await;
+        self.end_access_tokens(user.id).await;
         Ok(())
     }
 
@@ -1229,11 +1453,14 @@ impl AuthService {
         Ok(self.store.security_events(who.user_id, page).await?)
     }
 
-    /// The hourly purge: expired refresh families (with their tokens) and one-time tokens.
-    pub async fn purge_expired(&self) -> Result<(u64, u64), AuthError> {
+    /// The hourly purge: expired refresh families (with their tokens), expired one-time
+    /// tokens, and published outbox rows (their mail payloads hold live links and codes).
+    pub async fn purge_expired(&self) -> Result<Purged, AuthError> {
         let at = now();
-        let families = self.store.purge_refresh_families(at).await?;
-        let tokens = self.store.purge_one_time_tokens(at).await?;
-        Ok((families, tokens))
+        Ok(Purged {
+            families: self.store.purge_refresh_families(at).await?,
+            tokens: self.store.purge_one_time_tokens(at).await?,
+            outbox: self.store.purge_published_outbox(at).await?,
+        })
     }
 }

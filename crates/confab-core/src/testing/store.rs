@@ -33,6 +33,7 @@ where
     cases!(
         users_are_created_found_and_unique_by_email,
         updating_a_user_writes_its_fields,
+        a_stale_user_write_is_refused,
         failed_logins_count_in_a_window_and_lock_at_the_threshold,
         concurrent_failed_logins_each_count_once,
         users_are_found_by_name_prefix_or_exact_email_only,
@@ -47,6 +48,7 @@ where
         read_positions_only_move_forward_and_count_unread,
         a_transaction_commits_all_or_nothing,
         the_outbox_hands_out_pending_entries_oldest_first,
+        published_outbox_entries_are_purged_and_pending_ones_stay,
         a_processed_event_conflicts_the_second_time,
         security_events_are_listed_per_user_newest_first,
         a_refresh_token_rotates_once_and_its_family_can_be_revoked,
@@ -200,6 +202,27 @@ async fn concurrent_failed_logins_each_count_once(store: Arc<dyn Store>) {
         seen.insert(task.await.unwrap());
     }
     assert_eq!(seen, (1..=8).collect(), "each failure counted exactly once");
+}
+
+async fn a_stale_user_write_is_refused(store: Arc<dyn Store>) {
+    let ann = user(&*store).await;
+    let seen = ann.updated_at;
+    let mut reset = ann.clone();
+    reset.password_hash = Some("new-hash".into());
+    reset.updated_at = seen + Span::milliseconds(1);
+    assert!(store.update_user_if_unchanged(&reset, seen).await.unwrap());
+    let mut stale = ann.clone();
+    stale.name = "Renamed from an old copy".into();
+    stale.updated_at = seen + Span::milliseconds(2);
+    assert!(
+        !store.update_user_if_unchanged(&stale, seen).await.unwrap(),
+        "a write from a copy read before the reset is refused"
+    );
+    let stored = store.user_by_id(ann.id).await.unwrap().unwrap();
+    assert_eq!(stored, reset);
+    let mut ghost = ann;
+    ghost.id = UserId::new();
+    assert!(!store.update_user_if_unchanged(&ghost, seen).await.unwrap());
 }
 
 async fn updating_a_user_writes_its_fields(store: Arc<dyn Store>) {
@@ -612,6 +635,38 @@ async fn the_outbox_hands_out_pending_entries_oldest_first(store: Arc<dyn Store>
     assert!(
         matches!(again, Err(StoreError::Conflict(_))),
         "an event id is enqueued once: {again:?}"
+    );
+}
+
+async fn published_outbox_entries_are_purged_and_pending_ones_stay(store: Arc<dyn Store>) {
+    let entries: Vec<OutboxEntry> = ["a", "b", "c"].iter().map(|k| outbox(k)).collect();
+    for e in &entries {
+        store.enqueue(e).await.unwrap();
+    }
+    let published_at = now();
+    store
+        .mark_published(&[entries[0].id, entries[1].id], published_at)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .purge_published_outbox(published_at - Span::seconds(1))
+            .await
+            .unwrap(),
+        0,
+        "published after the cut-off: kept"
+    );
+    assert_eq!(
+        store
+            .purge_published_outbox(published_at + Span::seconds(1))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        store.pending_outbox(10).await.unwrap(),
+        [entries[2].clone()],
+        "the unpublished entry stays"
     );
 }
 

@@ -106,7 +106,8 @@ fn path_rejection(rejection: &PathRejection) -> ApiError {
 }
 
 /// The caller, from `Authorization: Bearer <access token>`: 401 `UNAUTHENTICATED` without a
-/// valid one. Verifying needs no database read. Records `userId` on the request's span.
+/// valid one (or one issued before the user's sessions were ended). Verifying needs no
+/// database read, one cache read. Records `userId` on the request's span.
 #[derive(Debug, Clone, Copy)]
 pub struct Authenticated(pub confab_core::services::auth::Principal);
 
@@ -128,7 +129,7 @@ impl FromRequestParts<crate::state::AppState> for Authenticated {
             })
             .map(str::trim)
             .ok_or(confab_core::services::auth::AuthError::Unauthenticated)?;
-        let principal = state.auth.authenticate(token)?;
+        let principal = state.auth.authenticate(token).await?;
         tracing::Span::current().record("userId", tracing::field::display(principal.user_id));
         Ok(Self(principal))
     }

@@ -904,7 +904,22 @@ async fn the_account_can_be_renamed_repassworded_logged_out_and_deleted(backend:
         200,
     )
     .await;
-    // Every earlier sign-in ended; the new pair works.
+    // Every earlier sign-in ended, access tokens included; the new pair works.
+    let old_access = call(&app, Method::GET, "/api/v1/users/me", Some(&access), None).await;
+    assert_error(old_access, 401, "UNAUTHENTICATED").await;
+    let new_access = changed["accessToken"].as_str().unwrap();
+    json_of(
+        call(
+            &app,
+            Method::GET,
+            "/api/v1/users/me",
+            Some(new_access),
+            None,
+        )
+        .await,
+        200,
+    )
+    .await;
     assert_error(
         refresh(&app, other["refreshToken"].as_str().unwrap()).await,
         401,
@@ -951,7 +966,14 @@ async fn the_account_can_be_renamed_repassworded_logged_out_and_deleted(backend:
         "UNAUTHENTICATED",
     )
     .await;
+    for token in [&access, another["accessToken"].as_str().unwrap()] {
+        let ended = call(&app, Method::GET, "/api/v1/users/me", Some(token), None).await;
+        assert_error(ended, 401, "UNAUTHENTICATED").await;
+    }
 
+    // Deleting the account ends its last sign-in with it.
+    let last = json_of(login(&app, &email, "another long one").await, 200).await;
+    let access = last["accessToken"].as_str().unwrap().to_owned();
     let deleted = call(
         &app,
         Method::DELETE,
@@ -1087,7 +1109,7 @@ async fn every_authenticated_route_admits_only_a_valid_token() {
 
     let session = register(&app, &unique_email("matrix")).await;
     let valid = session["accessToken"].as_str().unwrap().to_owned();
-    let claims = app.state.auth.authenticate(&valid).unwrap();
+    let claims = app.state.auth.authenticate(&valid).await.unwrap();
     let ttl = Duration::from_mins(15);
     let ours = AccessTokens::new(
         &SigningKey::Hs256(SECRET.as_bytes().to_vec()),
@@ -1183,7 +1205,7 @@ async fn with_an_ed25519_key_tokens_are_eddsa_and_the_public_key_is_published() 
         Duration::ZERO,
     )
     .unwrap();
-    let claims = app.state.auth.authenticate(access).unwrap();
+    let claims = app.state.auth.authenticate(access).await.unwrap();
     let (token, _) = hs.issue(claims.user_id, claims.session, now());
     assert_error(
         call(&app, Method::GET, "/api/v1/users/me", Some(&token), None).await,
@@ -1226,6 +1248,14 @@ async fn a_scheduled_job_runs_once_across_nodes_and_purges_expired_tokens(backen
         .await
         .unwrap();
 
+    // The registration's mail and event leave the outbox; the purge then removes them.
+    let store = a.state.store.clone();
+    confab_core::testing::eventually("the outbox is published", Duration::from_secs(10), || {
+        let store = store.clone();
+        async move { store.pending_outbox(10).await.unwrap().is_empty() }
+    })
+    .await;
+
     // A period no background tick has claimed: both nodes try at once, one runs it.
     let at = chrono::DateTime::parse_from_rfc3339("2031-01-01T10:30:00Z")
         .unwrap()
@@ -1243,6 +1273,11 @@ async fn a_scheduled_job_runs_once_across_nodes_and_purges_expired_tokens(backen
             .unwrap()
             .is_none(),
         "purged"
+    );
+    assert_eq!(
+        b.state.store.purge_published_outbox(now()).await.unwrap(),
+        0,
+        "published outbox rows (links and codes in their payloads) were purged"
     );
     // The next hour is a new run.
     let next = at + chrono::Duration::hours(1);
@@ -1339,19 +1374,21 @@ async fn a_socket_io_handshake_is_authenticated_by_its_auth_token() {
     let auth = &app.state.auth;
     let who = auth
         .authenticate_handshake(&json!({ "token": token }))
+        .await
         .unwrap();
     assert_eq!(
         who.user_id.to_string(),
         session["user"]["id"].as_str().unwrap()
     );
     let bearer = json!({ "token": format!("Bearer {token}") });
-    assert_eq!(auth.authenticate_handshake(&bearer).unwrap(), who);
-    assert!(auth.authenticate_handshake(&json!({})).is_err());
+    assert_eq!(auth.authenticate_handshake(&bearer).await.unwrap(), who);
+    assert!(auth.authenticate_handshake(&json!({})).await.is_err());
     assert!(
         auth.authenticate_handshake(&json!({"token": "nope"}))
+            .await
             .is_err()
     );
-    assert!(auth.authenticate_handshake(&Value::Null).is_err());
+    assert!(auth.authenticate_handshake(&Value::Null).await.is_err());
 }
 
 /// Each case once on embedded backends and once on PostgreSQL + Redis + RabbitMQ.
@@ -1393,3 +1430,98 @@ on_every_backend!(
     profiles_show_public_fields_and_search_never_matches_an_email_prefix,
     a_scheduled_job_runs_once_across_nodes_and_purges_expired_tokens,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_sign_in_to_an_account_nobody_verified_ends_its_password_and_sessions() {
+    let app = auth_app(&Backend::EMBEDDED, |_| {}).await;
+    let email = unique_email("hijack");
+    // Someone registers the victim's address with a password of their choosing …
+    let attacker = register(&app, &email).await;
+    // … and the owner, who never saw that account, signs in by code.
+    call(
+        &app,
+        Method::POST,
+        "/api/v1/auth/otp/request",
+        None,
+        Some(json!({"email": email})),
+    )
+    .await;
+    let code = code_in(&nth_mail(&app, &email, "Your sign-in code", 1).await);
+    let owner = json_of(
+        call(
+            &app,
+            Method::POST,
+            "/api/v1/auth/otp/verify",
+            None,
+            Some(json!({"email": email, "code": code})),
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(owner["user"]["emailVerified"], true);
+    let stale = refresh(&app, attacker["refreshToken"].as_str().unwrap()).await;
+    assert_error(stale, 401, "UNAUTHENTICATED").await;
+    assert_error(login(&app, &email, PASSWORD).await, 401, "UNAUTHENTICATED").await;
+    json_of(
+        refresh(&app, owner["refreshToken"].as_str().unwrap()).await,
+        200,
+    )
+    .await;
+    let kinds = security_event_kinds(&app, owner["accessToken"].as_str().unwrap()).await;
+    assert!(
+        kinds.contains(&"unverified_account_claimed".to_owned()),
+        "{kinds:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_codes_are_capped_per_day_across_new_codes() {
+    let app = auth_app(&Backend::EMBEDDED, |_| {}).await;
+    let email = unique_email("guesser");
+    register(&app, &email).await;
+    let wrong_for = |code: &str| if code == "000000" { "111111" } else { "000000" }.to_owned();
+    let cap = confab_core::services::auth::OTP_FAILURES_PER_DAY as usize;
+    let per_code = 5;
+    for n in 1..=cap / per_code {
+        call(
+            &app,
+            Method::POST,
+            "/api/v1/auth/otp/request",
+            None,
+            Some(json!({"email": email})),
+        )
+        .await;
+        let code = code_in(&nth_mail(&app, &email, "Your sign-in code", n).await);
+        for _ in 0..per_code {
+            let response = call(
+                &app,
+                Method::POST,
+                "/api/v1/auth/otp/verify",
+                None,
+                Some(json!({"email": email, "code": wrong_for(&code)})),
+            )
+            .await;
+            assert_error(response, 401, "UNAUTHENTICATED").await;
+        }
+    }
+    // A fresh code, the right one, after the day's wrong tries are used up: refused.
+    call(
+        &app,
+        Method::POST,
+        "/api/v1/auth/otp/request",
+        None,
+        Some(json!({"email": email})),
+    )
+    .await;
+    let code = code_in(&nth_mail(&app, &email, "Your sign-in code", cap / per_code + 1).await);
+    let response = call(
+        &app,
+        Method::POST,
+        "/api/v1/auth/otp/verify",
+        None,
+        Some(json!({"email": email, "code": code})),
+    )
+    .await;
+    assert_error(response, 401, "UNAUTHENTICATED").await;
+}

@@ -40,6 +40,10 @@ pub struct Claims {
     /// The sign-in (refresh-token family) this token came from.
     pub sid: RefreshFamilyId,
     pub iat: i64,
+    /// `iat` in milliseconds: ending a user's sessions cuts off the tokens issued before that
+    /// moment, and a new sign-in in the same second must not be cut off with them.
+    #[serde(default)]
+    pub ims: i64,
     pub exp: i64,
     pub iss: String,
     pub aud: String,
@@ -163,6 +167,7 @@ impl AccessTokens {
             sub: user,
             sid: family,
             iat,
+            ims: at.timestamp_millis(),
             exp: iat + i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX / 2),
             iss: ISSUER.into(),
             aud: AUDIENCE.into(),
