@@ -1419,6 +1419,8 @@ macro_rules! on_every_backend {
 }
 
 on_every_backend!(
+    wrong_codes_are_capped_per_day_across_new_codes,
+    a_code_sign_in_to_an_account_nobody_verified_ends_its_password_and_sessions,
     register_verify_login_refresh_then_reuse_kills_the_whole_family,
     two_tabs_refreshing_at_once_both_get_the_same_new_pair,
     five_failures_lock_the_account_a_success_resets_the_count_and_the_lock_ends,
@@ -1431,9 +1433,10 @@ on_every_backend!(
     a_scheduled_job_runs_once_across_nodes_and_purges_expired_tokens,
 );
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_code_sign_in_to_an_account_nobody_verified_ends_its_password_and_sessions() {
-    let app = auth_app(&Backend::EMBEDDED, |_| {}).await;
+async fn a_code_sign_in_to_an_account_nobody_verified_ends_its_password_and_sessions(
+    backend: &Backend,
+) {
+    let app = auth_app(backend, |_| {}).await;
     let email = unique_email("hijack");
     // Someone registers the victim's address with a password of their choosing …
     let attacker = register(&app, &email).await;
@@ -1475,9 +1478,8 @@ async fn a_code_sign_in_to_an_account_nobody_verified_ends_its_password_and_sess
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_codes_are_capped_per_day_across_new_codes() {
-    let app = auth_app(&Backend::EMBEDDED, |_| {}).await;
+async fn wrong_codes_are_capped_per_day_across_new_codes(backend: &Backend) {
+    let app = auth_app(backend, |_| {}).await;
     let email = unique_email("guesser");
     register(&app, &email).await;
     let wrong_for = |code: &str| if code == "000000" { "111111" } else { "000000" }.to_owned();

@@ -129,3 +129,61 @@ async fn every_line_logged_while_serving_a_request_carries_its_request_id() {
         "headers are not logged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_in_logs_the_user_id_but_never_a_password_or_a_token() {
+    use crate::auth::{Backend, PASSWORD, auth_app, register};
+    let captured = Captured::global();
+    let app = auth_app(&Backend::EMBEDDED, |_| {}).await;
+    let email = format!("{}@example.com", confab_core::testing::unique("logs")).to_lowercase();
+    let session = register(&app, &email).await;
+    let (access, refresh) = (
+        session["accessToken"].as_str().unwrap().to_owned(),
+        session["refreshToken"].as_str().unwrap().to_owned(),
+    );
+    let user_id = session["user"]["id"].as_str().unwrap().to_owned();
+    for (path, body) in [
+        (
+            "/api/v1/auth/login",
+            serde_json::json!({"email": email, "password": PASSWORD}),
+        ),
+        (
+            "/api/v1/auth/login",
+            serde_json::json!({"email": email, "password": "wrong-password-1"}),
+        ),
+        (
+            "/api/v1/auth/refresh",
+            serde_json::json!({"refreshToken": refresh}),
+        ),
+    ] {
+        app.client
+            .post(app.url(path))
+            .header("x-request-id", "auth-logs-1")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+    }
+    app.client
+        .get(app.url("/api/v1/users/me"))
+        .header("x-request-id", "auth-logs-me")
+        .bearer_auth(&access)
+        .send()
+        .await
+        .unwrap();
+
+    let lines = captured.lines();
+    let me: Vec<_> = lines
+        .iter()
+        .filter(|l| l["requestId"] == "auth-logs-me")
+        .collect();
+    assert!(!me.is_empty());
+    assert!(
+        me.iter().all(|l| l["userId"] == user_id.as_str()),
+        "the caller's id is on every line of the request: {me:?}"
+    );
+    let all = serde_json::to_string(&lines).unwrap();
+    for secret in [PASSWORD, "wrong-password-1", &access, &refresh] {
+        assert!(!all.contains(secret), "a secret reached the log");
+    }
+}
