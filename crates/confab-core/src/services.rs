@@ -1,4 +1,5 @@
 //! Use cases over the ports. Each takes the ports it needs; none does I/O of its own.
 
 pub mod auth;
+pub mod chats;
 pub mod delivery;

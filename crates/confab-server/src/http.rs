@@ -3,6 +3,7 @@
 //! → security headers → CORS → gzip → panic → body limit → the route.
 
 pub mod auth;
+pub mod chats;
 pub mod error;
 pub mod extract;
 pub mod middleware;
@@ -47,6 +48,7 @@ pub const DOCS_PATH: &str = "/docs";
         (name = "operations", description = "Probes and metrics, outside /api/v1."),
         (name = "auth", description = "Accounts and sign-in. Public unless marked with bearerAuth."),
         (name = "users", description = "The caller's account and other users' profiles."),
+        (name = "chats", description = "Chats between people: members, messages, read positions."),
     ),
     components(schemas(error::ErrorBody)),
     modifiers(&BearerAuth)
@@ -102,6 +104,13 @@ fn documented_routes(role: Role) -> OpenApiRouter<AppState> {
         .routes(routes!(users::security_events))
         .routes(routes!(users::profile))
         .routes(routes!(users::search))
+        .routes(routes!(chats::create_chat, chats::list_chats))
+        .routes(routes!(chats::get_chat))
+        .routes(routes!(chats::add_member))
+        .routes(routes!(chats::remove_member))
+        .routes(routes!(chats::list_messages, chats::send_message))
+        .routes(routes!(chats::edit_message, chats::delete_message))
+        .routes(routes!(chats::mark_read))
 }
 
 /// The OpenAPI document of the full API.

@@ -130,6 +130,9 @@ impl Application {
         ));
         let state = AppState {
             auth,
+            chats: Arc::new(confab_core::services::chats::ChatService::new(
+                ports.store.clone(),
+            )),
             components: Arc::new(
                 overrides
                     .components

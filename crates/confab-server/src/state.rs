@@ -26,6 +26,8 @@ pub struct AppState {
     pub templates: Arc<crate::mail::Templates>,
     /// Accounts and sign-in.
     pub auth: Arc<confab_core::services::auth::AuthService>,
+    /// Chats between people.
+    pub chats: Arc<confab_core::services::chats::ChatService>,
     pub metrics: PrometheusHandle,
     pub started_at: Instant,
     /// Cancelled when the process begins to shut down; `/ready` then answers 503.

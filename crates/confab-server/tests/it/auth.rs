@@ -1080,6 +1080,20 @@ async fn profiles_show_public_fields_and_search_never_matches_an_email_prefix(ba
     assert_error(search(String::new()).await, 400, "VALIDATION_ERROR").await;
 }
 
+/// A documented path with every `{parameter}` replaced by a fresh id.
+pub fn with_ids(path: &str) -> String {
+    path.split('/')
+        .map(|segment| {
+            if segment.starts_with('{') {
+                UserId::new().to_string()
+            } else {
+                segment.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 fn forged(header: &Value, payload_of: &str) -> String {
     let payload = payload_of.split('.').nth(1).unwrap();
     format!("{}.{payload}.", URL_SAFE_NO_PAD.encode(header.to_string()))
@@ -1094,7 +1108,7 @@ async fn every_authenticated_route_admits_only_a_valid_token() {
         for (method, op) in item.as_object().unwrap() {
             let secured = op["security"].as_array().is_some_and(|s| !s.is_empty());
             if secured {
-                let path = path.replace("{id}", &UserId::new().to_string());
+                let path = with_ids(path);
                 routes.push((
                     Method::from_bytes(method.to_uppercase().as_bytes()).unwrap(),
                     path,

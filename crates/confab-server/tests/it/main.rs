@@ -2,8 +2,10 @@
 // Tests state their expectations with unwrap/expect: a failure is the test failing.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)]
 
+#[macro_use]
 mod auth;
 mod cache;
+mod chats;
 mod cli;
 mod config;
 mod delivery;

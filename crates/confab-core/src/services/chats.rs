@@ -1,0 +1,444 @@
+//! Chats between people (SPEC §3 "Chats"): creating them, members, messages, read positions.
+//!
+//! Rules kept here, in one place:
+//! - Only members can see or touch a chat: for anyone else it does not exist (`NotFound`,
+//!   never `Forbidden`, so ids cannot be probed).
+//! - A direct chat is unique per pair: creating it again returns the same chat.
+//! - Sending is idempotent by `(sender, clientId)`: a retry returns the stored message. The
+//!   message, the chat's latest-message pointer and the `message.created` outbox row commit
+//!   together.
+//!
+//! This is the REST half of the chat issue; the realtime delivery (Socket.IO) builds on the
+//! same operations.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::domain::{
+    Chat, ChatId, ChatKind, EventId, Member, MemberRole, Message, MessageId, MessageKind, NewChat,
+    OutboxEntry, Page, UserId, now,
+};
+use crate::ports::broker::queues;
+use crate::ports::store::{Store, StoreError};
+
+/// The longest message text (SPEC issue: 10,000 characters).
+pub const MAX_TEXT_CHARS: usize = 10_000;
+/// The most members a new group may list.
+pub const MAX_GROUP_MEMBERS: usize = 500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    /// No such chat or message, or the caller is not a member.
+    #[error("not found")]
+    NotFound,
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: &'static str,
+    },
+    /// A member may not do this (remove someone else without being an admin; edit another
+    /// member's message).
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A chat with what a client shows of it.
+#[derive(Debug, Clone)]
+pub struct ChatView {
+    pub chat: Chat,
+    pub members: Vec<Member>,
+    pub latest: Option<Message>,
+    /// Messages after the caller's read position, not sent by the caller.
+    pub unread: u64,
+}
+
+pub struct ChatService {
+    store: Arc<dyn Store>,
+}
+
+fn invalid(field: &'static str, message: &'static str) -> ChatError {
+    ChatError::Invalid { field, message }
+}
+
+/// Message text: not blank, at most [`MAX_TEXT_CHARS`] characters.
+pub fn check_text(text: &str) -> Result<String, ChatError> {
+    if text.trim().is_empty() {
+        return Err(invalid("text", "must not be empty"));
+    }
+    if text.chars().count() > MAX_TEXT_CHARS {
+        return Err(invalid("text", "must be at most 10000 characters"));
+    }
+    Ok(text.to_owned())
+}
+
+/// A client-chosen id: 1..=64 printable ASCII characters.
+pub fn check_client_id(client_id: &str) -> Result<String, ChatError> {
+    let ok = !client_id.is_empty()
+        && client_id.len() <= 64
+        && client_id.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(client_id.to_owned())
+    } else {
+        Err(invalid(
+            "clientId",
+            "must be 1 to 64 printable ASCII characters",
+        ))
+    }
+}
+
+impl ChatService {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+
+    /// The chat and the caller's membership, or `NotFound` for anyone else.
+    async fn membership(&self, who: UserId, chat: ChatId) -> Result<(Chat, Member), ChatError> {
+        let member = self
+            .store
+            .member(chat, who)
+            .await?
+            .ok_or(ChatError::NotFound)?;
+        let chat = self
+            .store
+            .chat_by_id(chat)
+            .await?
+            .ok_or(ChatError::NotFound)?;
+        Ok((chat, member))
+    }
+
+    async fn view(&self, who: UserId, chat: Chat) -> Result<ChatView, ChatError> {
+        let members = self.store.members(chat.id).await?;
+        let latest = match chat.last_message_id {
+            Some(id) => self.store.message_by_id(id).await?,
+            None => None,
+        };
+        let read_up_to = members
+            .iter()
+            .find(|m| m.user_id == who)
+            .and_then(|m| m.last_read_message_id);
+        let unread = self
+            .store
+            .count_messages_after(chat.id, read_up_to, who)
+            .await?;
+        Ok(ChatView {
+            chat,
+            members,
+            latest,
+            unread,
+        })
+    }
+
+    /// `POST /chats`: a direct chat with exactly one other member and no name (the same one
+    /// again if it exists: `false`), else a group with the caller as admin (`true`: created).
+    pub async fn create(
+        &self,
+        who: UserId,
+        member_ids: &[UserId],
+        name: Option<&str>,
+    ) -> Result<(ChatView, bool), ChatError> {
+        let mut seen = HashSet::from([who]);
+        let others: Vec<UserId> = member_ids
+            .iter()
+            .copied()
+            .filter(|id| seen.insert(*id))
+            .collect();
+        if others.is_empty() {
+            return Err(invalid("memberIds", "must name at least one other user"));
+        }
+        if others.len() > MAX_GROUP_MEMBERS {
+            return Err(invalid("memberIds", "names more than 500 users"));
+        }
+        let name = match name.map(str::trim) {
+            Some("") | None => None,
+            Some(name) if name.chars().count() > 100 || name.chars().any(char::is_control) => {
+                return Err(invalid("name", "must be at most 100 characters"));
+            }
+            Some(name) => Some(name.to_owned()),
+        };
+        for id in &others {
+            if self.store.user_by_id(*id).await?.is_none() {
+                return Err(invalid("memberIds", "names a user that does not exist"));
+            }
+        }
+        if let ([other], None) = (others.as_slice(), &name) {
+            if let Some(chat) = self.store.direct_chat(who, *other).await? {
+                return Ok((self.view(who, chat).await?, false));
+            }
+            let new = NewChat {
+                id: ChatId::new(),
+                kind: ChatKind::Direct,
+                name: None,
+                created_by: who,
+                members: vec![(who, MemberRole::Member), (*other, MemberRole::Member)],
+            };
+            return match self.store.create_chat(new).await {
+                Ok(chat) => Ok((self.view(who, chat).await?, true)),
+                // Both created it at once: the other request's chat is the one.
+                Err(StoreError::Conflict(_)) => {
+                    let chat = self
+                        .store
+                        .direct_chat(who, *other)
+                        .await?
+                        .ok_or(ChatError::NotFound)?;
+                    Ok((self.view(who, chat).await?, false))
+                }
+                Err(e) => Err(e.into()),
+            };
+        }
+        let mut members = vec![(who, MemberRole::Admin)];
+        members.extend(others.iter().map(|id| (*id, MemberRole::Member)));
+        let chat = self
+            .store
+            .create_chat(NewChat {
+                id: ChatId::new(),
+                kind: ChatKind::Group,
+                name,
+                created_by: who,
+                members,
+            })
+            .await?;
+        Ok((self.view(who, chat).await?, true))
+    }
+
+    /// `GET /chats/{id}`.
+    pub async fn get(&self, who: UserId, chat: ChatId) -> Result<ChatView, ChatError> {
+        let (chat, _) = self.membership(who, chat).await?;
+        self.view(who, chat).await
+    }
+
+    /// `GET /chats`: most recently active first.
+    pub async fn list(&self, who: UserId) -> Result<Vec<ChatView>, ChatError> {
+        let mut views = Vec::new();
+        for chat in self.store.chats_of(who).await? {
+            views.push(self.view(who, chat).await?);
+        }
+        Ok(views)
+    }
+
+    /// `POST /chats/{id}/members`: a member adds someone to a group.
+    pub async fn add_member(
+        &self,
+        who: UserId,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<ChatView, ChatError> {
+        let (chat, _) = self.membership(who, chat).await?;
+        if chat.kind == ChatKind::Direct {
+            return Err(invalid("userId", "a direct chat has exactly two members"));
+        }
+        if self.store.user_by_id(user).await?.is_none() {
+            return Err(invalid("userId", "names a user that does not exist"));
+        }
+        match self
+            .store
+            .add_member(chat.id, user, MemberRole::Member)
+            .await
+        {
+            Ok(_) | Err(StoreError::Conflict(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.view(who, chat).await
+    }
+
+    /// `DELETE /chats/{id}/members/{userId}`: a group admin removes a member, or a member
+    /// leaves.
+    pub async fn remove_member(
+        &self,
+        who: UserId,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<(), ChatError> {
+        let (chat, me) = self.membership(who, chat).await?;
+        if chat.kind == ChatKind::Direct {
+            return Err(invalid("userId", "a direct chat has exactly two members"));
+        }
+        if user != who && me.role != MemberRole::Admin {
+            return Err(ChatError::Forbidden(
+                "Only a group admin can remove others.",
+            ));
+        }
+        if !self.store.remove_member(chat.id, user).await? {
+            return Err(ChatError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// `GET /chats/{id}/messages`, with the members (for read receipts).
+    pub async fn messages(
+        &self,
+        who: UserId,
+        chat: ChatId,
+        page: Page<MessageId>,
+    ) -> Result<(Vec<Message>, Vec<Member>), ChatError> {
+        let (chat, _) = self.membership(who, chat).await?;
+        let messages = self.store.messages(chat.id, page).await?;
+        Ok((messages, self.store.members(chat.id).await?))
+    }
+
+    /// `POST /chats/{id}/messages`: stores the message (once per `client_id`), moves the
+    /// chat's latest-message pointer and queues `message.created`, in one transaction.
+    /// `false` when it was already there (a retry).
+    pub async fn send(
+        &self,
+        who: UserId,
+        chat: ChatId,
+        text: &str,
+        client_id: Option<&str>,
+    ) -> Result<(Message, bool), ChatError> {
+        let text = check_text(text)?;
+        let client_id = client_id.map(check_client_id).transpose()?;
+        let (chat, _) = self.membership(who, chat).await?;
+        if let Some(client_id) = &client_id
+            && let Some(existing) = self.store.message_by_client_id(who, client_id).await?
+        {
+            return same_chat(existing, chat.id).map(|m| (m, false));
+        }
+        let message = Message {
+            id: MessageId::new(),
+            chat_id: chat.id,
+            sender_id: Some(who),
+            kind: MessageKind::Text,
+            text: Some(text),
+            client_id: client_id.clone(),
+            image: None,
+            created_at: now(),
+            edited_at: None,
+            deleted_at: None,
+        };
+        let tx = self.store.begin().await?;
+        match tx.insert_message(&message).await {
+            Ok(()) => {}
+            // The same client id, sent twice at once: the first one stands.
+            Err(StoreError::Conflict(_)) => {
+                drop(tx);
+                let existing = match &client_id {
+                    Some(client_id) => self.store.message_by_client_id(who, client_id).await?,
+                    None => None,
+                }
+                .ok_or(ChatError::NotFound)?;
+                return same_chat(existing, chat.id).map(|m| (m, false));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tx.set_latest_message(chat.id, message.id, message.created_at)
+            .await?;
+        tx.enqueue(&OutboxEntry {
+            id: EventId::new(),
+            queue: queues::EVENTS.into(),
+            kind: "message.created".into(),
+            payload: json!({
+                "messageId": message.id,
+                "chatId": chat.id,
+                "senderId": who,
+            }),
+            trace_id: None,
+            created_at: message.created_at,
+        })
+        .await?;
+        tx.commit().await?;
+        Ok((message, true))
+    }
+
+    /// The caller's own message in the chat, not yet deleted.
+    async fn own_message(
+        &self,
+        who: UserId,
+        chat: ChatId,
+        message: MessageId,
+    ) -> Result<Message, ChatError> {
+        self.membership(who, chat).await?;
+        let message = self
+            .store
+            .message_by_id(message)
+            .await?
+            .filter(|m| m.chat_id == chat && m.deleted_at.is_none())
+            .ok_or(ChatError::NotFound)?;
+        if message.sender_id != Some(who) {
+            return Err(ChatError::Forbidden(
+                "Only the sender can change a message.",
+            ));
+        }
+        Ok(message)
+    }
+
+    /// `PATCH /chats/{id}/messages/{messageId}`: the sender changes the text.
+    pub async fn edit(
+        &self,
+        who: UserId,
+        chat: ChatId,
+        message: MessageId,
+        text: &str,
+    ) -> Result<Message, ChatError> {
+        let text = check_text(text)?;
+        let mut message = self.own_message(who, chat, message).await?;
+        message.text = Some(text);
+        message.edited_at = Some(now());
+        self.store.update_message(&message).await?;
+        Ok(message)
+    }
+
+    /// `DELETE /chats/{id}/messages/{messageId}`: the sender deletes it; a tombstone stays.
+    pub async fn delete(
+        &self,
+        who: UserId,
+        chat: ChatId,
+        message: MessageId,
+    ) -> Result<Message, ChatError> {
+        let mut message = self.own_message(who, chat, message).await?;
+        message.text = None;
+        message.deleted_at = Some(now());
+        self.store.update_message(&message).await?;
+        Ok(message)
+    }
+
+    /// `POST /chats/{id}/read`: everything up to `message` is seen by the caller.
+    pub async fn mark_read(
+        &self,
+        who: UserId,
+        chat: ChatId,
+        message: MessageId,
+    ) -> Result<(), ChatError> {
+        self.membership(who, chat).await?;
+        self.store
+            .message_by_id(message)
+            .await?
+            .filter(|m| m.chat_id == chat)
+            .ok_or(ChatError::NotFound)?;
+        self.store.mark_read(chat, who, message, now()).await?;
+        Ok(())
+    }
+}
+
+/// A client id is unique per sender, across chats: reusing one in another chat is a client
+/// bug, answered as a conflict rather than with a message from elsewhere.
+fn same_chat(message: Message, chat: ChatId) -> Result<Message, ChatError> {
+    if message.chat_id == chat {
+        Ok(message)
+    } else {
+        Err(invalid(
+            "clientId",
+            "was already used for a message in another chat",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_and_client_ids_are_bounded() {
+        assert!(check_text("hi").is_ok());
+        assert!(check_text("   ").is_err());
+        assert!(check_text(&"é".repeat(MAX_TEXT_CHARS)).is_ok());
+        assert!(check_text(&"é".repeat(MAX_TEXT_CHARS + 1)).is_err());
+        assert!(check_client_id("tab-1:42").is_ok());
+        assert!(check_client_id("").is_err());
+        assert!(check_client_id("with space").is_err());
+        assert!(check_client_id(&"x".repeat(65)).is_err());
+    }
+}

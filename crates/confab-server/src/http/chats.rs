@@ -1,0 +1,516 @@
+//! `/api/v1/chats*` (SPEC §3 "Chats"): chats between people, their members and messages.
+//! Every route needs an access token; a chat the caller is not a member of is a 404.
+
+// utoipa's expansion of `params(SomeQuery)` qualifies paths the lint calls unnecessary.
+#![allow(unused_qualifications)]
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use confab_core::domain::{ChatId, ChatKind, Member, MemberRole, Message, MessageId, Page, UserId};
+use confab_core::services::chats::{ChatError, ChatView};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::rfc3339;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Authenticated};
+use crate::state::AppState;
+
+impl From<ChatError> for ApiError {
+    fn from(err: ChatError) -> Self {
+        match err {
+            ChatError::NotFound => Self::not_found(),
+            ChatError::Invalid { field, message } => {
+                Self::validation(format!("{field} {message}."))
+                    .with_details(serde_json::json!({ "field": field }))
+            }
+            ChatError::Forbidden(message) => {
+                Self::new(confab_core::error::ErrorCode::Forbidden, message)
+            }
+            ChatError::Store(e) => e.into(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SeenBody {
+    pub user_id: String,
+    pub seen_at: Option<String>,
+}
+
+/// A message (SPEC §3).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageBody {
+    pub id: String,
+    pub chat_id: String,
+    /// Null once the sender deleted their account ("deleted user").
+    pub sender_id: Option<String>,
+    /// `text` | `image` | `ai` | `system`
+    pub kind: &'static str,
+    /// Null for a deleted message (a tombstone).
+    pub text: Option<String>,
+    pub client_id: Option<String>,
+    pub created_at: String,
+    pub edited_at: Option<String>,
+    pub deleted_at: Option<String>,
+    /// The other members who have read up to this message.
+    pub seen_by: Vec<SeenBody>,
+    /// Direct chats: whether the other member has seen it, and when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seen: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seen_at: Option<String>,
+}
+
+pub fn kind_name(kind: confab_core::domain::MessageKind) -> &'static str {
+    use confab_core::domain::MessageKind;
+    match kind {
+        MessageKind::Text => "text",
+        MessageKind::Image => "image",
+        MessageKind::Ai => "ai",
+        MessageKind::System => "system",
+    }
+}
+
+impl MessageBody {
+    pub fn new(message: Message, kind: ChatKind, members: &[Member]) -> Self {
+        let seen_by: Vec<SeenBody> = members
+            .iter()
+            .filter(|m| Some(m.user_id) != message.sender_id)
+            .filter(|m| {
+                m.last_read_message_id
+                    .is_some_and(|read| read >= message.id)
+            })
+            .map(|m| SeenBody {
+                user_id: m.user_id.to_string(),
+                seen_at: m.last_read_at.map(rfc3339),
+            })
+            .collect();
+        let (seen, seen_at) = if kind == ChatKind::Direct {
+            (
+                Some(!seen_by.is_empty()),
+                seen_by.first().and_then(|s| s.seen_at.clone()),
+            )
+        } else {
+            (None, None)
+        };
+        Self {
+            id: message.id.to_string(),
+            chat_id: message.chat_id.to_string(),
+            sender_id: message.sender_id.map(|id| id.to_string()),
+            kind: kind_name(message.kind),
+            text: message.text,
+            client_id: message.client_id,
+            created_at: rfc3339(message.created_at),
+            edited_at: message.edited_at.map(rfc3339),
+            deleted_at: message.deleted_at.map(rfc3339),
+            seen_by,
+            seen,
+            seen_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LatestBody {
+    pub id: String,
+    pub text: Option<String>,
+    pub sender_id: Option<String>,
+    pub kind: &'static str,
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberBody {
+    pub user_id: String,
+    /// `admin` | `member`
+    pub role: &'static str,
+    pub joined_at: String,
+}
+
+/// A chat as its members see it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatBody {
+    pub id: String,
+    /// `direct` | `group`
+    pub kind: &'static str,
+    pub name: Option<String>,
+    pub created_by: Option<String>,
+    pub created_at: String,
+    pub members: Vec<MemberBody>,
+    pub latest_message: Option<LatestBody>,
+    pub unread_count: u64,
+}
+
+impl From<ChatView> for ChatBody {
+    fn from(view: ChatView) -> Self {
+        Self {
+            id: view.chat.id.to_string(),
+            kind: match view.chat.kind {
+                ChatKind::Direct => "direct",
+                ChatKind::Group => "group",
+            },
+            name: view.chat.name,
+            created_by: view.chat.created_by.map(|id| id.to_string()),
+            created_at: rfc3339(view.chat.created_at),
+            members: view
+                .members
+                .iter()
+                .map(|m| MemberBody {
+                    user_id: m.user_id.to_string(),
+                    role: match m.role {
+                        MemberRole::Admin => "admin",
+                        MemberRole::Member => "member",
+                    },
+                    joined_at: rfc3339(m.joined_at),
+                })
+                .collect(),
+            latest_message: view.latest.map(|m| LatestBody {
+                id: m.id.to_string(),
+                text: m.text,
+                sender_id: m.sender_id.map(|id| id.to_string()),
+                kind: kind_name(m.kind),
+                created_at: rfc3339(m.created_at),
+            }),
+            unread_count: view.unread,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatPage {
+    pub items: Vec<ChatBody>,
+    /// All of the caller's chats come in one page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessagePage {
+    pub items: Vec<MessageBody>,
+    /// The id to pass as `before` (or `after`, when paging forward) for the next page; null
+    /// at the end.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateChatRequest {
+    /// The other members: exactly one (and no name) for a direct chat.
+    #[schema(value_type = Vec<String>)]
+    pub member_ids: Vec<UserId>,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AddMemberRequest {
+    #[schema(value_type = String)]
+    pub user_id: UserId,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SendRequest {
+    /// 1 to 10,000 characters.
+    pub text: String,
+    /// Client-chosen, unique per sender: a retry with the same one returns the same message.
+    pub client_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct EditRequest {
+    pub text: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadRequest {
+    #[schema(value_type = String)]
+    pub message_id: MessageId,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct MessagesQuery {
+    /// A message id: older messages, newest first.
+    #[param(value_type = Option<String>)]
+    pub before: Option<MessageId>,
+    /// A message id: newer messages, oldest first (what a reconnecting client asks for).
+    #[param(value_type = Option<String>)]
+    pub after: Option<MessageId>,
+    /// 1..=200, default 50.
+    pub limit: Option<u32>,
+}
+
+/// Creates a direct chat (the existing one again: 200) or a group (201).
+#[utoipa::path(post, path = "/api/v1/chats", tag = "chats", security(("bearerAuth" = [])),
+    request_body = CreateChatRequest,
+    responses(
+        (status = 200, description = "The direct chat that already existed.", body = ChatBody),
+        (status = 201, description = "Created.", body = ChatBody),
+        (status = 400, description = "No other member, or one that does not exist.", body = ErrorBody),
+        (status = 401, description = "No valid access token.", body = ErrorBody),
+        (status = 422, description = "The body lacks a field or has one of the wrong type.", body = ErrorBody),
+    ))]
+pub async fn create_chat(
+    State(state): State<AppState>,
+    Authenticated(who): Authenticated,
+    ApiJson(body): ApiJson<CreateChatRequest>,
+) -> Result<(StatusCode, Json<ChatBody>), ApiError> {
+    let (view, created) = state
+        .chats
+        .create(who.user_id, &body.member_ids, body.name.as_deref())
+        .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(view.into())))
+}
+
+/// The caller's chats, most recently active first.
+#[utoipa::path(get, path = "/api/v1/chats", tag = "chats", security(("bearerAuth" = [])),
+    responses(
+        (status = 200, description = "The caller's chats.", body = ChatPage),
+        (status = 401, description = "No valid access token.", body = ErrorBody),
+    ))]
+pub async fn list_chats(
+    State(state): State<AppState>,
+    Authenticated(who): Authenticated,
+) -> Result<Json<ChatPage>, ApiError> {
+    let views = state.chats.list(who.user_id).await?;
+    Ok(Json(ChatPage {
+        items: views.into_iter().map(ChatBody::from).collect(),
+        next_cursor: None,
+    }))
+}
+
+/// One chat.
+#[utoipa::path(get, path = "/api/v1/chats/{id}", tag = "chats", security(("bearerAuth" = [])),
+    params(("id" = String, Path, description = "A chat id")),
+    responses(
+        (status = 200, description = "The chat.", body = ChatBody),
+        (status = 401, description = "No valid access token.", body = ErrorBody),
+        (status = 404, description = "No such chat, or not a member.", body = ErrorBody),
+    ))]
+pub async fn get_chat(
+    State(state): State<AppState>,
+    Authenticated(who): Authenticated,
+    ApiPath(id): ApiPath<ChatId>,
+) -> Result<Json<ChatBody>, ApiError> {
+    Ok(Json(state.chats.get(who.user_id, id).await?.into()))
+}
+
+/// Adds a member to a group.
+#[utoipa::path(post, path = "/api/v1/chats/{id}/members", tag = "chats", security(("bearerAuth" = [])),
+    params(("id" = String, Path, description = "A chat id")),
+    request_body = AddMemberRequest,
+    responses(
+        (status = 200, description = "The chat with its members.", body = ChatBody),
+        (status = 400, description = "A direct chat, or no such user.", body = ErrorBody),
+        (status = 401, description = "No valid access token.", body = ErrorBody),
+        (status = 404, description = "No such chat, or not a member.", body = ErrorBody),
+        (status = 422, description = "The body lacks a field or has one of the wrong type.", body = ErrorBody),
+    ))]
+pub async fn add_member(
+    State(state): State<AppState>,
+    Authenticated(who): Authenticated,
+    ApiPath(id): ApiPath<ChatId>,
+    ApiJson(body): ApiJson<AddMemberRequest>,
+) -> Result<Json<ChatBody>, ApiError> {
+    let view = state
+        .chats
+        .add_member(who.user_id, id, body.user_id)
+        .await?;
+    Ok(Json(view.into()))
+}
+
+/// Removes a member (group admins) or leaves (oneself).
+#[utoipa::path(delete, path = "/api/v1/chats/{id}/members/{userId}", tag = "chats",
+    security(("bearerAuth" = [])),
+    params(
+        ("id" = String, Path, description = "A chat id"),
+        ("userId" = String, Path, description = "The member to remove; the caller's own id leaves"),
+    ),
+    responses(
+        (status = 204, description = "Removed."),
+        (status = 400, description = "A direct chat.", body = ErrorBody),
+        (status = 401, description = "No valid access token.", body = ErrorBody),
+        (status = 403, description = "Only admins remove others.", body = ErrorBody),
+        (status = 404, description = "No such chat or member, or not a member.", body = ErrorBody),
+    ))]
+pub async fn remove_member(
+    State(state): State<AppState>,
+    Authenticated(who): Authenticated,
+    ApiPath((id, user)): ApiPath<(ChatId, UserId)>,
+) -> Result<StatusCode, ApiError> {
+    state.chats.remove_member(who.user_id, id, user).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A page of messages: newest first (`before`), or oldest first (`after`).
+#[utoipa::path(get, path = "/api/v1/chats/{id}/messages", tag = "chats",
+    security(("bearerAuth" = [])),
+    params(("id" = String, Path, description = "A chat id"), MessagesQuery),
+    responses(
+        (status = 200, description = "A page of messages.", body = MessagePage),
+        (status = 400, description = "Both before and after.", body = ErrorBody),
+        (status = 401, description = "No valid access token.", body = ErrorBody),
+        (status = 404, description = "No such chat, or not a member.", body = ErrorBody),
+    ))]
+pub async fn list_messages(
+    State(state): State<AppState>,
+    Authenticated(who): Authenticated,
+    ApiPath(id): ApiPath<ChatId>,
+    ApiQuery(query): ApiQuery<MessagesQuery>,
+) -> Result<Json<MessagePage>, ApiError> {
+    if query.before.is_some() && query.after.is_some() {
+        return Err(ApiError::validation("Give before or after, not both.")
+            .with_details(serde_json::json!({ "field": "after" })));
+    }
+    let page = Page {
+        before: query.before,
+        after: query.after,
+        limit: query.limit.unwrap_or(Page::<MessageId>::DEFAULT_LIMIT),
+    };
+    let chat = state.chats.get(who.user_id, id).await?;
+    let (messages, members) = state.chats.messages(who.user_id, id, page).await?;
+    let next_cursor = (messages.len() == page.clamped_limit() as usize)
+        .then(|| messages.last().map(|m| m.id.to_string()))
+        .flatten();
+    Ok(Json(MessagePage {
+        items: messages
+            .into_iter()
+            .map(|m| MessageBody::new(m, chat.chat.kind, &members))
+            .collect(),
+        next_cursor,
+    }))
+}
+
+/// Sends a text message; a retry with the same `clientId` returns the stored one (200).
+#[utoipa::path(post, path = "/api/v1/chats/{id}/messages", tag = "chats",
+    security(("bearerAuth" = [])),
+    params(("id" = String, Path, description = "A chat id")),
+    request_body = SendRequest,
+    responses(
+        (status = 200, description = "Already stored under this clientId.", body = MessageBody),
+        (status = 201, description = "Stored.", body = MessageBody),
+        (status = 400, description = "Empty or too long, or a bad clientId.", body = ErrorBody),
+        (status = 401, description = "No valid access token.", body = ErrorBody),
+        (status = 404, description = "No such chat, or not a member.", body = ErrorBody),
+        (status = 422, description = "The body lacks a field or has one of the wrong type.", body = ErrorBody),
+    ))]
+pub async fn send_message(
+    State(state): State<AppState>,
+    Authenticated(who): Authenticated,
+    ApiPath(id): ApiPath<ChatId>,
+    ApiJson(body): ApiJson<SendRequest>,
+) -> Result<(StatusCode, Json<MessageBody>), ApiError> {
+    let (message, created) = state
+        .chats
+        .send(who.user_id, id, &body.text, body.client_id.as_deref())
+        .await?;
+    let chat = state.chats.get(who.user_id, id).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(MessageBody::new(message, chat.chat.kind, &chat.members)),
+    ))
+}
+
+/// Changes the text of one's own message.
+#[utoipa::path(patch, path = "/api/v1/chats/{id}/messages/{messageId}", tag = "chats",
+    security(("bearerAuth" = [])),
+    params(
+        ("id" = String, Path, description = "A chat id"),
+        ("messageId" = String, Path, description = "A message id"),
+    ),
+    request_body = EditRequest,
+    responses(
+        (status = 200, description = "Edited.", body = MessageBody),
+        (status = 400, description = "Empty or too long.", body = ErrorBody),
+        (status = 401, description = "No valid access token.", body = ErrorBody),
+        (status = 403, description = "Someone else's message.", body = ErrorBody),
+        (status = 404, description = "No such chat or message, or not a member.", body = ErrorBody),
+        (status = 422, description = "The body lacks a field or has one of the wrong type.", body = ErrorBody),
+    ))]
+pub async fn edit_message(
+    State(state): State<AppState>,
+    Authenticated(who): Authenticated,
+    ApiPath((id, message)): ApiPath<(ChatId, MessageId)>,
+    ApiJson(body): ApiJson<EditRequest>,
+) -> Result<Json<MessageBody>, ApiError> {
+    let message = state
+        .chats
+        .edit(who.user_id, id, message, &body.text)
+        .await?;
+    let chat = state.chats.get(who.user_id, id).await?;
+    Ok(Json(MessageBody::new(
+        message,
+        chat.chat.kind,
+        &chat.members,
+    )))
+}
+
+/// Deletes one's own message, leaving a tombstone.
+#[utoipa::path(delete, path = "/api/v1/chats/{id}/messages/{messageId}", tag = "chats",
+    security(("bearerAuth" = [])),
+    params(
+        ("id" = String, Path, description = "A chat id"),
+        ("messageId" = String, Path, description = "A message id"),
+    ),
+    responses(
+        (status = 200, description = "The tombstone.", body = MessageBody),
+        (status = 401, description = "No valid access token.", body = ErrorBody),
+        (status = 403, description = "Someone else's message.", body = ErrorBody),
+        (status = 404, description = "No such chat or message, or not a member.", body = ErrorBody),
+    ))]
+pub async fn delete_message(
+    State(state): State<AppState>,
+    Authenticated(who): Authenticated,
+    ApiPath((id, message)): ApiPath<(ChatId, MessageId)>,
+) -> Result<Json<MessageBody>, ApiError> {
+    let message = state.chats.delete(who.user_id, id, message).await?;
+    let chat = state.chats.get(who.user_id, id).await?;
+    Ok(Json(MessageBody::new(
+        message,
+        chat.chat.kind,
+        &chat.members,
+    )))
+}
+
+/// Marks everything up to a message as seen by the caller.
+#[utoipa::path(post, path = "/api/v1/chats/{id}/read", tag = "chats",
+    security(("bearerAuth" = [])),
+    params(("id" = String, Path, description = "A chat id")),
+    request_body = ReadRequest,
+    responses(
+        (status = 204, description = "Marked."),
+        (status = 401, description = "No valid access token.", body = ErrorBody),
+        (status = 404, description = "No such chat or message, or not a member.", body = ErrorBody),
+        (status = 422, description = "The body lacks a field or has one of the wrong type.", body = ErrorBody),
+    ))]
+pub async fn mark_read(
+    State(state): State<AppState>,
+    Authenticated(who): Authenticated,
+    ApiPath(id): ApiPath<ChatId>,
+    ApiJson(body): ApiJson<ReadRequest>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .chats
+        .mark_read(who.user_id, id, body.message_id)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
