@@ -55,6 +55,56 @@ pub const DOCS_PATH: &str = "/docs";
 )]
 struct ApiDoc;
 
+/// Every operation that takes a JSON body can answer 400 (not JSON), 413 (too large), 415
+/// (not `application/json`) and 422 (JSON of the wrong shape): `ApiJson` does, before the
+/// handler runs. Declared here once rather than on each route, after the routes are added
+/// (utoipa runs `modifiers(…)` before).
+struct BodyErrors;
+
+impl utoipa::Modify for BodyErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let answers = [
+            (
+                "400",
+                "The body is not valid JSON, or a field is not valid.",
+            ),
+            ("413", "The body is too large."),
+            ("415", "The body is not sent as application/json."),
+            (
+                "422",
+                "The body lacks a field or has one of the wrong type.",
+            ),
+        ];
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [item.post.as_mut(), item.put.as_mut(), item.patch.as_mut()];
+            for operation in operations.into_iter().flatten() {
+                if operation.request_body.is_none() {
+                    continue;
+                }
+                for (status, description) in answers {
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_owned())
+                        .or_insert_with(|| {
+                            ResponseBuilder::new()
+                                .description(description)
+                                .content(
+                                    "application/json",
+                                    ContentBuilder::new()
+                                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                                        .build(),
+                                )
+                                .build()
+                                .into()
+                        });
+                }
+            }
+        }
+    }
+}
+
 /// Declares `bearerAuth`, the access token that routes marked with it need.
 struct BearerAuth;
 
@@ -115,7 +165,9 @@ fn documented_routes(role: Role) -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document of the full API.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    documented_routes(Role::All).into_openapi()
+    let mut openapi = documented_routes(Role::All).into_openapi();
+    utoipa::Modify::modify(&BodyErrors, &mut openapi);
+    openapi
 }
 
 /// The whole HTTP application for `role`. `extra` routes are merged in unchanged (tests use it
@@ -126,7 +178,8 @@ pub fn router(state: AppState, role: Role, extra: Router<AppState>) -> Router {
         request_timeout: Duration::from_secs(config.request_timeout_secs),
         hsts: !config.environment.is_development(),
     });
-    let (mut router, openapi) = documented_routes(role).split_for_parts();
+    let (mut router, mut openapi) = documented_routes(role).split_for_parts();
+    utoipa::Modify::modify(&BodyErrors, &mut openapi);
     if matches!(role, Role::All | Role::Api) {
         router = router.merge(SwaggerUi::new(DOCS_PATH).url(OPENAPI_PATH, openapi));
     }

@@ -109,9 +109,12 @@ fn accepted() -> (StatusCode, Json<AcceptedBody>) {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct RegisterRequest {
+    #[schema(format = Email, max_length = 254)]
     pub email: String,
     /// 8 to 128 characters, not the email.
+    #[schema(min_length = 8, max_length = 128)]
     pub password: String,
+    #[schema(min_length = 1, max_length = 100)]
     pub name: String,
 }
 
@@ -140,6 +143,7 @@ pub struct EmailRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ResetRequest {
     pub token: String,
+    #[schema(min_length = 8, max_length = 128)]
     pub password: String,
 }
 

@@ -204,7 +204,7 @@ pub struct MessagePage {
 #[serde(rename_all = "camelCase")]
 pub struct CreateChatRequest {
     /// The other members: exactly one (and no name) for a direct chat.
-    #[schema(value_type = Vec<String>)]
+    #[schema(value_type = Vec<uuid::Uuid>, min_items = 1, max_items = 500)]
     pub member_ids: Vec<UserId>,
     pub name: Option<String>,
 }
@@ -212,7 +212,7 @@ pub struct CreateChatRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AddMemberRequest {
-    #[schema(value_type = String)]
+    #[schema(value_type = uuid::Uuid)]
     pub user_id: UserId,
 }
 
@@ -220,32 +220,36 @@ pub struct AddMemberRequest {
 #[serde(rename_all = "camelCase")]
 pub struct SendRequest {
     /// 1 to 10,000 characters.
+    #[schema(min_length = 1, max_length = 10000)]
     pub text: String,
     /// Client-chosen, unique per sender: a retry with the same one returns the same message.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[!-~]+$")]
     pub client_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct EditRequest {
+    #[schema(min_length = 1, max_length = 10000)]
     pub text: String,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReadRequest {
-    #[schema(value_type = String)]
+    #[schema(value_type = uuid::Uuid)]
     pub message_id: MessageId,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct MessagesQuery {
     /// A message id: older messages, newest first.
-    #[param(value_type = Option<String>)]
+    #[param(value_type = Option<uuid::Uuid>)]
     pub before: Option<MessageId>,
     /// A message id: newer messages, oldest first (what a reconnecting client asks for).
-    #[param(value_type = Option<String>)]
+    #[param(value_type = Option<uuid::Uuid>)]
     pub after: Option<MessageId>,
     /// 1..=200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
 }
 

@@ -71,6 +71,7 @@ pub struct SecurityEventPage {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct UpdateMeRequest {
+    #[schema(min_length = 1, max_length = 100)]
     pub name: String,
 }
 
@@ -79,23 +80,27 @@ pub struct ChangePasswordRequest {
     /// The current password (may be empty for an account made by a one-time code).
     #[serde(default)]
     pub current: String,
+    #[schema(min_length = 8, max_length = 128)]
     pub new: String,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct SearchQuery {
     /// A name prefix (any case) or an exact email address.
+    #[param(min_length = 1, max_length = 254)]
     pub q: String,
     /// 1..=200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct EventsQuery {
     /// An event id: the page of events older than it.
-    #[param(value_type = Option<String>)]
+    #[param(value_type = Option<String>, format = Uuid)]
     pub before: Option<SecurityEventId>,
     /// 1..=200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
 }
 
