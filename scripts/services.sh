@@ -108,3 +108,22 @@ ensure_smtp() {
   # Tests that stop and start a sink of their own run this Python (it has aiosmtpd).
   export TEST_SMTP_PYTHON="${TEST_SMTP_PYTHON:-$PEERS_DIR/venv/bin/python}"
 }
+
+# The official JavaScript Socket.IO client (npm socket.io-client v4), run with the machine's
+# Node.js by the realtime tests: proof of wire compatibility with the clients frontends use.
+ensure_socketio_client() {
+  local dir="$PEERS_DIR/node"
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "services: node/npm not found; the Socket.IO client tests will be skipped" >&2
+    return 0
+  fi
+  if [ ! -f "$dir/node_modules/socket.io-client/package.json" ]; then
+    echo "services: installing socket.io-client@4 from npm (once; cached in $dir)"
+    mkdir -p "$dir"
+    if ! npm install --prefix "$dir" --no-audit --no-fund --silent socket.io-client@4 >/dev/null 2>&1; then
+      echo "services: cannot install socket.io-client; its tests will be skipped" >&2
+      return 0
+    fi
+  fi
+  export TEST_SOCKETIO_NODE_MODULES="${TEST_SOCKETIO_NODE_MODULES:-$dir/node_modules}"
+}

@@ -172,7 +172,13 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// The whole HTTP application for `role`. `extra` routes are merged in unchanged (tests use it
 /// to mount handlers that panic or take long).
-pub fn router(state: AppState, role: Role, extra: Router<AppState>) -> Router {
+/// `socket_io` is the Socket.IO layer (`/socket.io`), mounted for the `all` and `api` roles.
+pub fn router(
+    state: AppState,
+    role: Role,
+    extra: Router<AppState>,
+    socket_io: socketioxide::layer::SocketIoLayer,
+) -> Router {
     let config = &state.config.server;
     let settings = Arc::new(HttpSettings {
         request_timeout: Duration::from_secs(config.request_timeout_secs),
@@ -183,7 +189,7 @@ pub fn router(state: AppState, role: Role, extra: Router<AppState>) -> Router {
     if matches!(role, Role::All | Role::Api) {
         router = router.merge(SwaggerUi::new(DOCS_PATH).url(OPENAPI_PATH, openapi));
     }
-    router
+    router = router
         .merge(extra)
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "No such route.") })
         .method_not_allowed_fallback(|| async {
@@ -191,7 +197,13 @@ pub fn router(state: AppState, role: Role, extra: Router<AppState>) -> Router {
                 ErrorCode::MethodNotAllowed,
                 "This route does not accept that method.",
             )
-        })
+        });
+    // After the fallbacks: a layer wraps only what the router already has, and /socket.io
+    // matches no route.
+    if matches!(role, Role::All | Role::Api) {
+        router = router.layer(socket_io);
+    }
+    router
         .layer(DefaultBodyLimit::max(config.json_body_limit_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(CompressionLayer::new())

@@ -11,6 +11,7 @@ pub mod http;
 pub mod jobs;
 pub mod mail;
 pub mod metrics;
+pub mod realtime;
 pub mod startup;
 pub mod state;
 pub mod telemetry;

@@ -128,11 +128,17 @@ impl Application {
                 .expose()
                 .as_bytes(),
         ));
+        let chats = Arc::new(confab_core::services::chats::ChatService::new(
+            ports.store.clone(),
+        ));
+        let (socket_io, io) = crate::realtime::build(crate::realtime::Realtime {
+            auth: auth.clone(),
+            chats: chats.clone(),
+        });
         let state = AppState {
             auth,
-            chats: Arc::new(confab_core::services::chats::ChatService::new(
-                ports.store.clone(),
-            )),
+            chats,
+            io,
             components: Arc::new(
                 overrides
                     .components
@@ -155,7 +161,7 @@ impl Application {
             started_at: Instant::now(),
             shutdown: CancellationToken::new(),
         };
-        let router = crate::http::router(state.clone(), role, overrides.routes);
+        let router = crate::http::router(state.clone(), role, overrides.routes, socket_io);
         Ok(Self {
             listener,
             router,

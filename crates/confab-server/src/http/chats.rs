@@ -423,15 +423,16 @@ pub async fn send_message(
         .send(who.user_id, id, &body.text, body.client_id.as_deref())
         .await?;
     let chat = state.chats.get(who.user_id, id).await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((
-        status,
-        Json(MessageBody::new(message, chat.chat.kind, &chat.members)),
-    ))
+    let body = MessageBody::new(message.clone(), chat.chat.kind, &chat.members);
+    if !created {
+        return Ok((StatusCode::OK, Json(body)));
+    }
+    // Stored: now every member online sees it, however it was sent.
+    let room = crate::realtime::chat_room(id);
+    if let Err(error) = state.io.to(room).emit("message:new", &body).await {
+        tracing::warn!(%error, "Could not broadcast a message.");
+    }
+    Ok((StatusCode::CREATED, Json(body)))
 }
 
 /// Changes the text of one's own message.

@@ -13,4 +13,5 @@ mod helpers;
 mod http;
 mod logs;
 mod mail;
+mod realtime;
 mod store;

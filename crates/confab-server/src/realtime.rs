@@ -1,0 +1,262 @@
+//! Socket.IO v4 on `/socket.io` (SPEC §4), default namespace: the handshake's `auth.token` is
+//! an access token; each socket joins `user:<id>`; members join `chat:<id>` rooms; messages
+//! sent here and over REST are the same thing (persisted by `ChatService`, then broadcast).
+//!
+//! Event handlers are registered synchronously in the connect handler, before any await:
+//! socketioxide answers the namespace CONNECT before an async connect handler has run, so a
+//! client's first event would otherwise find no handler (DEPENDENCIES.md).
+//!
+//! Not here yet (the rest of the realtime issue): typing auto-stop, presence, `chat:new`,
+//! the per-user message rate, Redis rooms across nodes, and the group-commit write path the
+//! throughput targets need.
+
+use std::sync::Arc;
+
+use confab_core::domain::{ChatId, MessageId};
+use confab_core::services::auth::{AuthService, Principal};
+use confab_core::services::chats::{ChatError, ChatService};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use socketioxide::SocketIo;
+use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
+use socketioxide::handler::ConnectHandler;
+use socketioxide::layer::SocketIoLayer;
+
+use crate::http::chats::MessageBody;
+
+/// What the socket handlers reach.
+#[derive(Clone)]
+pub struct Realtime {
+    pub auth: Arc<AuthService>,
+    pub chats: Arc<ChatService>,
+}
+
+/// The Socket.IO layer for the router and the handle that emits from anywhere (REST sends).
+pub fn build(realtime: Realtime) -> (SocketIoLayer, SocketIo) {
+    let (layer, io) = SocketIo::builder().with_state(realtime).build_layer();
+    io.ns("/", on_connect.with(authenticate));
+    (layer, io)
+}
+
+/// A refused handshake: the client's `connect_error` says `UNAUTHENTICATED`.
+#[derive(Debug)]
+struct Refused;
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UNAUTHENTICATED")
+    }
+}
+
+async fn authenticate(
+    socket: SocketRef,
+    TryData(auth): TryData<Value>,
+    State(rt): State<Realtime>,
+) -> Result<(), Refused> {
+    let auth = auth.map_err(|_| Refused)?;
+    let who = rt
+        .auth
+        .authenticate_handshake(&auth)
+        .await
+        .map_err(|_| Refused)?;
+    socket.extensions.insert(who);
+    Ok(())
+}
+
+async fn on_connect(socket: SocketRef, Extension(who): Extension<Principal>) {
+    socket.on("chat:join", chat_join);
+    socket.on("chat:leave", chat_leave);
+    socket.on("message:send", message_send);
+    socket.on("message:read", message_read);
+    socket.on("typing:start", typing_start);
+    socket.on("typing:stop", typing_stop);
+    socket.join(user_room(who));
+}
+
+pub fn user_room(who: Principal) -> String {
+    format!("user:{}", who.user_id)
+}
+
+pub fn chat_room(chat: ChatId) -> String {
+    format!("chat:{chat}")
+}
+
+fn refused(code: &str) -> Value {
+    json!({ "ok": false, "code": code })
+}
+
+fn error_code(err: &ChatError) -> &'static str {
+    match err {
+        ChatError::NotFound => "NOT_FOUND",
+        ChatError::Invalid { .. } => "VALIDATION_ERROR",
+        ChatError::Forbidden(_) => "FORBIDDEN",
+        ChatError::Store(confab_core::ports::store::StoreError::Unavailable(_)) => "UNAVAILABLE",
+        ChatError::Store(_) => "INTERNAL_ERROR",
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ChatRef {
+    chat_id: ChatId,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SendPayload {
+    chat_id: ChatId,
+    client_id: Option<String>,
+    text: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReadPayload {
+    chat_id: ChatId,
+    message_id: MessageId,
+}
+
+async fn chat_join(
+    socket: SocketRef,
+    Extension(who): Extension<Principal>,
+    State(rt): State<Realtime>,
+    TryData(data): TryData<ChatRef>,
+    ack: AckSender,
+) {
+    let answer = match data {
+        Err(_) => refused("VALIDATION_ERROR"),
+        Ok(ChatRef { chat_id }) => match rt.chats.get(who.user_id, chat_id).await {
+            Ok(_) => {
+                socket.join(chat_room(chat_id));
+                json!({ "ok": true })
+            }
+            Err(e) => refused(error_code(&e)),
+        },
+    };
+    let _ = ack.send(&answer);
+}
+
+async fn chat_leave(socket: SocketRef, TryData(data): TryData<ChatRef>, ack: AckSender) {
+    if let Ok(ChatRef { chat_id }) = data {
+        socket.leave(chat_room(chat_id));
+    }
+    let _ = ack.send(&json!({ "ok": true }));
+}
+
+/// Persists, acknowledges (only once stored), then broadcasts `message:new` to the chat room.
+async fn message_send(
+    io: SocketIo,
+    Extension(who): Extension<Principal>,
+    State(rt): State<Realtime>,
+    TryData(data): TryData<SendPayload>,
+    ack: AckSender,
+) {
+    let Ok(data) = data else {
+        let _ = ack.send(&refused("VALIDATION_ERROR"));
+        return;
+    };
+    let sent = rt
+        .chats
+        .send(
+            who.user_id,
+            data.chat_id,
+            &data.text,
+            data.client_id.as_deref(),
+        )
+        .await;
+    let (message, created) = match sent {
+        Ok(sent) => sent,
+        Err(e) => {
+            let _ = ack.send(&refused(error_code(&e)));
+            return;
+        }
+    };
+    let _ = ack.send(&json!({
+        "ok": true,
+        "id": message.id,
+        "createdAt": crate::http::auth::rfc3339(message.created_at),
+    }));
+    if created {
+        broadcast_message(&io, &rt.chats, who, message).await;
+    }
+}
+
+/// Emits `message:new` for a stored message to its chat room (sender included).
+pub async fn broadcast_message(
+    io: &SocketIo,
+    chats: &ChatService,
+    who: Principal,
+    message: confab_core::domain::Message,
+) {
+    let Ok(view) = chats.get(who.user_id, message.chat_id).await else {
+        return;
+    };
+    let room = chat_room(message.chat_id);
+    let body = MessageBody::new(message, view.chat.kind, &view.members);
+    if let Err(error) = io.to(room).emit("message:new", &body).await {
+        tracing::warn!(%error, "Could not broadcast a message.");
+    }
+}
+
+async fn message_read(
+    socket: SocketRef,
+    Extension(who): Extension<Principal>,
+    State(rt): State<Realtime>,
+    TryData(data): TryData<ReadPayload>,
+    ack: AckSender,
+) {
+    let Ok(data) = data else {
+        let _ = ack.send(&refused("VALIDATION_ERROR"));
+        return;
+    };
+    match rt
+        .chats
+        .mark_read(who.user_id, data.chat_id, data.message_id)
+        .await
+    {
+        Ok(()) => {
+            let _ = ack.send(&json!({ "ok": true }));
+            let event = json!({
+                "chatId": data.chat_id,
+                "userId": who.user_id,
+                "messageId": data.message_id,
+                "seenAt": crate::http::auth::rfc3339(confab_core::domain::now()),
+            });
+            let _ = socket
+                .within(chat_room(data.chat_id))
+                .emit("message:read", &event)
+                .await;
+        }
+        Err(e) => {
+            let _ = ack.send(&refused(error_code(&e)));
+        }
+    }
+}
+
+async fn typing(socket: SocketRef, who: Principal, data: Result<ChatRef, ()>, typing: bool) {
+    let Ok(ChatRef { chat_id }) = data else {
+        return;
+    };
+    // Only to a room the socket joined (as a member): no typing into others' chats.
+    if !socket.rooms().contains(&chat_room(chat_id).into()) {
+        return;
+    }
+    let event = json!({ "chatId": chat_id, "userId": who.user_id, "typing": typing });
+    let _ = socket.to(chat_room(chat_id)).emit("typing", &event).await;
+}
+
+async fn typing_start(
+    socket: SocketRef,
+    Extension(who): Extension<Principal>,
+    TryData(data): TryData<ChatRef>,
+) {
+    typing(socket, who, data.map_err(drop), true).await;
+}
+
+async fn typing_stop(
+    socket: SocketRef,
+    Extension(who): Extension<Principal>,
+    TryData(data): TryData<ChatRef>,
+) {
+    typing(socket, who, data.map_err(drop), false).await;
+}

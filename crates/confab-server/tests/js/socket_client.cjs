@@ -1,0 +1,60 @@
+// The official socket.io-client v4, driven by tests/it/realtime.rs. One JSON line per event on
+// stdout; the Rust test reads them. Usage: node socket_client.cjs '<json config>'
+//   {url, token, mode: "send" | "listen" | "connect", chatId?, text?, clientId?}
+// send:    join the chat, send a message with an ack, wait for its message:new, exit.
+// listen:  join the chat, print {"event":"ready"}, wait for one message:new, exit.
+// connect: connect and print the outcome (connect_error message when refused), exit.
+const { io } = require("socket.io-client");
+
+const config = JSON.parse(process.argv[2]);
+const out = (line) => process.stdout.write(JSON.stringify(line) + "\n");
+const fail = (why) => {
+  out({ event: "failed", why });
+  process.exit(1);
+};
+setTimeout(() => fail("timed out"), 15000).unref();
+
+const socket = io(config.url, {
+  auth: config.token === undefined ? undefined : { token: config.token },
+  transports: config.transports || ["websocket"],
+  reconnection: false,
+});
+
+socket.on("connect_error", (err) => {
+  out({ event: "connect_error", message: err.message });
+  process.exit(0);
+});
+
+socket.on("connect", async () => {
+  if (config.mode === "connect") {
+    out({ event: "connected" });
+    socket.close();
+    process.exit(0);
+  }
+  const joined = await socket.emitWithAck("chat:join", { chatId: config.chatId });
+  out({ event: "joined", ack: joined });
+  // A refused join still tries to send (a non-member must be refused there too).
+  if (!joined.ok && config.mode !== "send") {
+    socket.close();
+    process.exit(0);
+  }
+  socket.on("message:new", (message) => {
+    out({ event: "message:new", message });
+    socket.close();
+    process.exit(0);
+  });
+  if (config.mode === "listen") {
+    out({ event: "ready" });
+    return;
+  }
+  const ack = await socket.emitWithAck("message:send", {
+    chatId: config.chatId,
+    clientId: config.clientId,
+    text: config.text,
+  });
+  out({ event: "sent", ack });
+  if (!ack.ok || !joined.ok) {
+    socket.close();
+    process.exit(0);
+  }
+});
