@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use confab_core::domain::{ChatId, MessageId};
+use confab_core::domain::{ChatId, MessageId, UserId};
 use confab_core::services::auth::{AuthService, Principal};
 use confab_core::services::chats::{ChatError, ChatService};
 use serde::Deserialize;
@@ -70,11 +70,11 @@ async fn on_connect(socket: SocketRef, Extension(who): Extension<Principal>) {
     socket.on("message:read", message_read);
     socket.on("typing:start", typing_start);
     socket.on("typing:stop", typing_stop);
-    socket.join(user_room(who));
+    socket.join(user_room(who.user_id));
 }
 
-pub fn user_room(who: Principal) -> String {
-    format!("user:{}", who.user_id)
+pub fn user_room(user: UserId) -> String {
+    format!("user:{user}")
 }
 
 pub fn chat_room(chat: ChatId) -> String {

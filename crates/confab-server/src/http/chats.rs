@@ -272,12 +272,21 @@ pub async fn create_chat(
         .chats
         .create(who.user_id, &body.member_ids, body.name.as_deref())
         .await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, Json(view.into())))
+    let members: Vec<UserId> = view.members.iter().map(|m| m.user_id).collect();
+    let body = ChatBody::from(view);
+    if !created {
+        return Ok((StatusCode::OK, Json(body)));
+    }
+    for member in members {
+        emit(
+            &state,
+            crate::realtime::user_room(member),
+            "chat:new",
+            &body,
+        )
+        .await;
+    }
+    Ok((StatusCode::CREATED, Json(body)))
 }
 
 /// The caller's chats, most recently active first.
@@ -334,7 +343,18 @@ pub async fn add_member(
         .chats
         .add_member(who.user_id, id, body.user_id)
         .await?;
-    Ok(Json(view.into()))
+    let members: Vec<UserId> = view.members.iter().map(|m| m.user_id).collect();
+    let body = ChatBody::from(view);
+    for member in members {
+        emit(
+            &state,
+            crate::realtime::user_room(member),
+            "chat:updated",
+            &body,
+        )
+        .await;
+    }
+    Ok(Json(body))
 }
 
 /// Removes a member (group admins) or leaves (oneself).
@@ -428,10 +448,7 @@ pub async fn send_message(
         return Ok((StatusCode::OK, Json(body)));
     }
     // Stored: now every member online sees it, however it was sent.
-    let room = crate::realtime::chat_room(id);
-    if let Err(error) = state.io.to(room).emit("message:new", &body).await {
-        tracing::warn!(%error, "Could not broadcast a message.");
-    }
+    emit(&state, crate::realtime::chat_room(id), "message:new", &body).await;
     Ok((StatusCode::CREATED, Json(body)))
 }
 
@@ -462,11 +479,15 @@ pub async fn edit_message(
         .edit(who.user_id, id, message, &body.text)
         .await?;
     let chat = state.chats.get(who.user_id, id).await?;
-    Ok(Json(MessageBody::new(
-        message,
-        chat.chat.kind,
-        &chat.members,
-    )))
+    let body = MessageBody::new(message, chat.chat.kind, &chat.members);
+    emit(
+        &state,
+        crate::realtime::chat_room(id),
+        "message:updated",
+        &body,
+    )
+    .await;
+    Ok(Json(body))
 }
 
 /// Deletes one's own message, leaving a tombstone.
@@ -489,11 +510,15 @@ pub async fn delete_message(
 ) -> Result<Json<MessageBody>, ApiError> {
     let message = state.chats.delete(who.user_id, id, message).await?;
     let chat = state.chats.get(who.user_id, id).await?;
-    Ok(Json(MessageBody::new(
-        message,
-        chat.chat.kind,
-        &chat.members,
-    )))
+    let body = MessageBody::new(message, chat.chat.kind, &chat.members);
+    emit(
+        &state,
+        crate::realtime::chat_room(id),
+        "message:deleted",
+        &body,
+    )
+    .await;
+    Ok(Json(body))
 }
 
 /// Marks everything up to a message as seen by the caller.
@@ -518,4 +543,12 @@ pub async fn mark_read(
         .mark_read(who.user_id, id, body.message_id)
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Emits `event` to `room` on every node; a failure is logged, never the request's failure
+/// (the change is stored; clients catch up with `after`).
+async fn emit(state: &AppState, room: String, event: &'static str, body: &impl Serialize) {
+    if let Err(error) = state.io.to(room).emit(event, body).await {
+        tracing::warn!(%error, event, "Could not broadcast.");
+    }
 }

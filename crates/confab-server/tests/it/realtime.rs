@@ -230,3 +230,62 @@ async fn a_non_member_can_neither_join_nor_send() {
     .unwrap();
     assert_eq!(page["items"].as_array().unwrap().len(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_hear_of_new_chats_and_of_edits_and_deletions() {
+    let app = auth_app(&Backend::EMBEDDED, |_| {}).await;
+    let (ann, bob) = (person(&app, "ann").await, person(&app, "bob").await);
+    // Bob is online before the chat exists: chat:new reaches his user room.
+    let Some(mut lobby) = JsClient::start(
+        &app,
+        json!({"mode": "events", "token": bob.token, "expect": 1}),
+    ) else {
+        return;
+    };
+    assert_eq!(lobby.next().await["event"], "ready");
+    let chat = direct_chat(&app, &ann, &bob).await;
+    let new = lobby.next().await;
+    assert_eq!(new["event"], "chat:new");
+    assert_eq!(new["data"]["id"], chat.as_str());
+    lobby.finish().await;
+
+    let Some(mut room) = JsClient::start(
+        &app,
+        json!({"mode": "events", "token": bob.token, "chatId": chat, "expect": 3}),
+    ) else {
+        return;
+    };
+    assert_eq!(room.next().await["ack"]["ok"], true);
+    assert_eq!(room.next().await["event"], "ready");
+    let path = format!("/api/v1/chats/{chat}/messages");
+    let sent: Value = call(
+        &app,
+        Method::POST,
+        &path,
+        Some(&ann.token),
+        Some(json!({"text": "v1", "clientId": "u-1"})),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let one = format!("{path}/{}", sent["id"].as_str().unwrap());
+    call(
+        &app,
+        Method::PATCH,
+        &one,
+        Some(&ann.token),
+        Some(json!({"text": "v2"})),
+    )
+    .await;
+    call(&app, Method::DELETE, &one, Some(&ann.token), None).await;
+    let events: Vec<Value> = [room.next().await, room.next().await, room.next().await].into();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["message:new", "message:updated", "message:deleted"]);
+    assert_eq!(events[1]["data"]["text"], "v2");
+    assert!(events[2]["data"]["text"].is_null() && events[2]["data"]["deletedAt"].is_string());
+    room.finish().await;
+}

@@ -4,6 +4,8 @@
 // send:    join the chat, send a message with an ack, wait for its message:new, exit.
 // listen:  join the chat, print {"event":"ready"}, wait for one message:new, exit.
 // connect: connect and print the outcome (connect_error message when refused), exit.
+// events:  (join the chat if chatId,) print {"event":"ready"}, then print every event the
+//          server emits until `expect` of them came.
 const { io } = require("socket.io-client");
 
 const config = JSON.parse(process.argv[2]);
@@ -26,6 +28,22 @@ socket.on("connect_error", (err) => {
 });
 
 socket.on("connect", async () => {
+  if (config.mode === "events") {
+    // Every event the server sends, in order, until `expect` of them came.
+    let left = config.expect;
+    socket.onAny((event, data) => {
+      out({ event, data });
+      if (--left === 0) {
+        socket.close();
+        process.exit(0);
+      }
+    });
+    if (config.chatId) {
+      out({ event: "joined", ack: await socket.emitWithAck("chat:join", { chatId: config.chatId }) });
+    }
+    out({ event: "ready" });
+    return;
+  }
   if (config.mode === "connect") {
     out({ event: "connected" });
     socket.close();
