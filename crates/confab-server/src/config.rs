@@ -75,6 +75,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub cache: CacheConfig,
     pub rate_limit: RateLimitConfig,
+    pub chat: ChatConfig,
     pub queue: QueueConfig,
     pub media: MediaConfig,
     pub mail: MailConfig,
@@ -438,6 +439,23 @@ impl AuthConfig {
     }
 }
 
+/// `[chat]`: chats between people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// Messages a user may send per second (REST and Socket.IO together); as many may come at
+    /// once. Beyond it: 429 / ack `RATE_LIMITED`.
+    pub messages_per_second: u32,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            messages_per_second: 20,
+        }
+    }
+}
+
 /// `[rate_limit]`: how limits behave (the limits themselves belong to each feature).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -726,6 +744,13 @@ impl Config {
                 "server.client_ip_header",
                 format!("{header:?} is not a header name"),
                 "a header name such as x-forwarded-for or x-real-ip",
+            ));
+        }
+        if !(1..=10_000).contains(&self.chat.messages_per_second) {
+            return Err(ConfigError::invalid(
+                "chat.messages_per_second",
+                format!("{} is outside 1..=10000", self.chat.messages_per_second),
+                "a number of messages per second between 1 and 10000",
             ));
         }
         self.auth.validate()?;

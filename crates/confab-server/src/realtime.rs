@@ -90,6 +90,7 @@ fn error_code(err: &ChatError) -> &'static str {
         ChatError::NotFound => "NOT_FOUND",
         ChatError::Invalid { .. } => "VALIDATION_ERROR",
         ChatError::Forbidden(_) => "FORBIDDEN",
+        ChatError::RateLimited { .. } => "RATE_LIMITED",
         ChatError::Store(confab_core::ports::store::StoreError::Unavailable(_)) => "UNAVAILABLE",
         ChatError::Store(_) => "INTERNAL_ERROR",
     }

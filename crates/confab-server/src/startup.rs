@@ -130,6 +130,8 @@ impl Application {
         ));
         let chats = Arc::new(confab_core::services::chats::ChatService::new(
             ports.store.clone(),
+            ports.cache.clone(),
+            confab_core::ports::cache::RateLimit::per_second(config.chat.messages_per_second),
         ));
         let (socket_io, io) = crate::realtime::build(crate::realtime::Realtime {
             auth: auth.clone(),

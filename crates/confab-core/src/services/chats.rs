@@ -21,6 +21,7 @@ use crate::domain::{
     OutboxEntry, Page, UserId, now,
 };
 use crate::ports::broker::queues;
+use crate::ports::cache::{Cache, RateLimit, keys};
 use crate::ports::store::{Store, StoreError};
 
 /// The longest message text (SPEC issue: 10,000 characters).
@@ -42,6 +43,9 @@ pub enum ChatError {
     /// member's message).
     #[error("{0}")]
     Forbidden(&'static str),
+    /// The sender's message rate is used up: try again after `retry_after`.
+    #[error("too many messages")]
+    RateLimited { retry_after: std::time::Duration },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -58,6 +62,10 @@ pub struct ChatView {
 
 pub struct ChatService {
     store: Arc<dyn Store>,
+    cache: Arc<dyn Cache>,
+    /// Messages a user may send (over REST and Socket.IO together), GCRA: all at once, then
+    /// evenly refilled.
+    message_rate: RateLimit,
 }
 
 fn invalid(field: &'static str, message: &'static str) -> ChatError {
@@ -91,8 +99,23 @@ pub fn check_client_id(client_id: &str) -> Result<String, ChatError> {
 }
 
 impl ChatService {
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+    pub fn new(store: Arc<dyn Store>, cache: Arc<dyn Cache>, message_rate: RateLimit) -> Self {
+        Self {
+            store,
+            cache,
+            message_rate,
+        }
+    }
+
+    async fn limit_messages(&self, who: UserId) -> Result<(), ChatError> {
+        let key = keys::rate(&format!("user:{who}"), "message");
+        match self.cache.rate_limit(&key, self.message_rate).await {
+            Ok(decision) if !decision.allowed => Err(ChatError::RateLimited {
+                retry_after: decision.retry_after,
+            }),
+            // An outage is the fail-soft wrapper's call (open or closed).
+            Ok(_) | Err(_) => Ok(()),
+        }
     }
 
     /// The chat and the caller's membership, or `NotFound` for anyone else.
@@ -295,8 +318,10 @@ impl ChatService {
         if let Some(client_id) = &client_id
             && let Some(existing) = self.store.message_by_client_id(who, client_id).await?
         {
+            // A retry of a stored message is answered even when the rate is used up.
             return same_chat(existing, chat.id).map(|m| (m, false));
         }
+        self.limit_messages(who).await?;
         let message = Message {
             id: MessageId::new(),
             chat_id: chat.id,

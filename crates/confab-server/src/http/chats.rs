@@ -28,6 +28,11 @@ impl From<ChatError> for ApiError {
             ChatError::Forbidden(message) => {
                 Self::new(confab_core::error::ErrorCode::Forbidden, message)
             }
+            ChatError::RateLimited { retry_after } => Self::new(
+                confab_core::error::ErrorCode::RateLimited,
+                "Too many messages; slow down.",
+            )
+            .with_retry_after(retry_after.as_secs().max(1)),
             ChatError::Store(e) => e.into(),
         }
     }

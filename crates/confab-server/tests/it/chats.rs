@@ -335,7 +335,8 @@ async fn groups_have_an_admin_members_join_and_leave(backend: &Backend) {
 }
 
 async fn a_reconnecting_client_gets_exactly_what_it_missed(backend: &Backend) {
-    let app = auth_app(backend, |_| {}).await;
+    // One sender at full speed: the per-user message rate is not what this is about.
+    let app = auth_app(backend, |c| c.chat.messages_per_second = 10_000).await;
     let (ann, bob) = (person(&app, "ann").await, person(&app, "bob").await);
     let id = direct(&app, &ann, &bob).await;
     let (_, first) = send(&app, &ann, &id, "before the drop", "r-0").await;
@@ -487,3 +488,28 @@ on_every_backend!(
     groups_have_an_admin_members_join_and_leave,
     a_reconnecting_client_gets_exactly_what_it_missed,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_beyond_the_message_rate_is_refused_but_retries_are_answered() {
+    let app = auth_app(&Backend::EMBEDDED, |c| c.chat.messages_per_second = 3).await;
+    let (ann, bob) = (person(&app, "ann").await, person(&app, "bob").await);
+    let id = direct(&app, &ann, &bob).await;
+    for n in 0..3 {
+        let (status, _) = send(&app, &ann, &id, "quick", &format!("q-{n}")).await;
+        assert_eq!(status, 201);
+    }
+    let response = call(
+        &app,
+        Method::POST,
+        &format!("/api/v1/chats/{id}/messages"),
+        Some(&ann.token),
+        Some(json!({"text": "one too many", "clientId": "q-3"})),
+    )
+    .await;
+    assert!(response.headers().contains_key("retry-after"));
+    assert_error(response, 429, "RATE_LIMITED").await;
+    let (status, _) = send(&app, &ann, &id, "quick", "q-0").await;
+    assert_eq!(status, 200, "a retry of a stored message is still answered");
+    let (status, _) = send(&app, &bob, &id, "bob is not limited by ann", "b-0").await;
+    assert_eq!(status, 201);
+}
