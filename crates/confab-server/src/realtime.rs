@@ -13,6 +13,7 @@
 use std::sync::Arc;
 
 use confab_core::domain::{ChatId, MessageId, UserId};
+use confab_core::ports::cache::{Cache, keys};
 use confab_core::services::auth::{AuthService, Principal};
 use confab_core::services::chats::{ChatError, ChatService};
 use serde::Deserialize;
@@ -29,6 +30,8 @@ use crate::http::chats::MessageBody;
 pub struct Realtime {
     pub auth: Arc<AuthService>,
     pub chats: Arc<ChatService>,
+    /// Presence (SPEC §4, §7 `online_users`).
+    pub cache: Arc<dyn Cache>,
 }
 
 /// The Socket.IO layer for the router and the handle that emits from anywhere (REST sends).
@@ -63,14 +66,70 @@ async fn authenticate(
     Ok(())
 }
 
-async fn on_connect(socket: SocketRef, Extension(who): Extension<Principal>) {
+async fn on_connect(
+    socket: SocketRef,
+    Extension(who): Extension<Principal>,
+    State(rt): State<Realtime>,
+) {
     socket.on("chat:join", chat_join);
     socket.on("chat:leave", chat_leave);
     socket.on("message:send", message_send);
     socket.on("message:read", message_read);
     socket.on("typing:start", typing_start);
     socket.on("typing:stop", typing_stop);
+    socket.on_disconnect(on_disconnect);
     socket.join(user_room(who.user_id));
+    // Handlers are in place: awaiting is safe from here on.
+    touch(&*rt.cache, who.user_id).await;
+}
+
+/// The user was seen now: online for five minutes from here (SPEC §4: while a socket is
+/// connected, kept fresh by [`spawn_presence`], or active in the last 5 minutes).
+async fn touch(cache: &dyn Cache, user: UserId) {
+    let now = confab_core::domain::now().timestamp_millis();
+    if let Err(error) = cache
+        .presence_touch(keys::ONLINE_USERS, &user.to_string(), now)
+        .await
+    {
+        tracing::debug!(%error, "Presence not recorded.");
+    }
+}
+
+async fn on_disconnect(Extension(who): Extension<Principal>, State(rt): State<Realtime>) {
+    // Last seen now; the 5-minute window of SPEC §4 runs from here.
+    touch(&*rt.cache, who.user_id).await;
+}
+
+/// Keeps the users of this node's sockets present (every minute, well within the 5-minute
+/// window) and drops entries older than a day until `shutdown`.
+pub fn spawn_presence(
+    io: SocketIo,
+    cache: Arc<dyn Cache>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_mins(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let users: std::collections::HashSet<UserId> = io
+                .sockets()
+                .iter()
+                .filter_map(|s| s.extensions.get::<Principal>())
+                .map(|p| p.user_id)
+                .collect();
+            for user in users {
+                touch(&*cache, user).await;
+            }
+            let day_ago = confab_core::domain::now() - chrono::Duration::days(1);
+            let _ = cache
+                .presence_prune(keys::ONLINE_USERS, day_ago.timestamp_millis())
+                .await;
+        }
+    })
 }
 
 pub fn user_room(user: UserId) -> String {

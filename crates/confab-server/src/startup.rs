@@ -136,6 +136,7 @@ impl Application {
         let (socket_io, io) = crate::realtime::build(crate::realtime::Realtime {
             auth: auth.clone(),
             chats: chats.clone(),
+            cache: ports.cache.clone(),
         });
         let state = AppState {
             auth,
@@ -216,6 +217,11 @@ impl Application {
             crate::workers::spawn_depth_gauges(self.depths.clone(), token.clone()),
             crate::workers::spawn_mail_worker(self.state.clone(), token.clone()),
             crate::jobs::spawn_scheduler(self.state.clone(), token.clone()),
+            crate::realtime::spawn_presence(
+                self.state.io.clone(),
+                self.state.cache.clone(),
+                token.clone(),
+            ),
             crate::workers::spawn_outbox_relay(
                 self.state.store.clone(),
                 self.state.broker.clone(),

@@ -289,3 +289,45 @@ async fn members_hear_of_new_chats_and_of_edits_and_deletions() {
     assert!(events[2]["data"]["text"].is_null() && events[2]["data"]["deletedAt"].is_string());
     room.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_user_shows_as_online_in_their_profile() {
+    let app = auth_app(&Backend::EMBEDDED, |_| {}).await;
+    let (ann, bob) = (person(&app, "ann").await, person(&app, "bob").await);
+    let profile = |app: &TestApp, token: String, id: String| {
+        let path = format!("/api/v1/users/{id}");
+        let client = app.client.clone();
+        let url = app.url(&path);
+        async move {
+            let body: Value = client
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body["online"].as_bool().unwrap()
+        }
+    };
+    assert!(
+        !profile(&app, ann.token.clone(), bob.id.clone()).await,
+        "not connected yet"
+    );
+    let Some(mut bobs) = JsClient::start(
+        &app,
+        json!({"mode": "events", "token": bob.token, "expect": 1}),
+    ) else {
+        return;
+    };
+    assert_eq!(bobs.next().await["event"], "ready");
+    confab_core::testing::eventually("bob shows as online", Duration::from_secs(5), || {
+        profile(&app, ann.token.clone(), bob.id.clone())
+    })
+    .await;
+    // Something for Bob's client to receive, so that it ends.
+    direct_chat(&app, &ann, &bob).await;
+    assert_eq!(bobs.next().await["event"], "chat:new");
+    bobs.finish().await;
+}
