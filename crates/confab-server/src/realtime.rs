@@ -6,8 +6,8 @@
 //! socketioxide answers the namespace CONNECT before an async connect handler has run, so a
 //! client's first event would otherwise find no handler (DEPENDENCIES.md).
 //!
-//! Not here yet (the rest of the realtime issue): typing auto-stop, presence, `chat:new`,
-//! the per-user message rate, Redis rooms across nodes, and the group-commit write path the
+//! Not here yet (the rest of the realtime issue): `presence` events to chat partners, Redis
+//! rooms across nodes, the offline digest mail, and the group-commit write path the
 //! throughput targets need.
 
 use std::sync::Arc;
@@ -78,6 +78,7 @@ async fn on_connect(
     socket.on("typing:start", typing_start);
     socket.on("typing:stop", typing_stop);
     socket.on_disconnect(on_disconnect);
+    socket.extensions.insert(Typing::default());
     socket.join(user_room(who.user_id));
     // Handlers are in place: awaiting is safe from here on.
     touch(&*rt.cache, who.user_id).await;
@@ -293,6 +294,39 @@ async fn message_read(
     }
 }
 
+/// How long `typing: true` lasts without a new `typing:start` (SPEC §4).
+pub const TYPING_LASTS: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Per socket: the latest typing change per chat, so a stop timer knows whether it is stale.
+#[derive(Clone, Default)]
+struct Typing(Arc<std::sync::Mutex<std::collections::HashMap<ChatId, u64>>>);
+
+impl Typing {
+    /// Records a change for `chat` and returns its number.
+    fn bump(&self, chat: ChatId) -> u64 {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(chat).or_default();
+        *n += 1;
+        *n
+    }
+
+    fn is_latest(&self, chat: ChatId, n: u64) -> bool {
+        let map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(&chat) == Some(&n)
+    }
+}
+
+async fn emit_typing(socket: &SocketRef, who: Principal, chat: ChatId, typing: bool) {
+    let event = json!({ "chatId": chat, "userId": who.user_id, "typing": typing });
+    let _ = socket.to(chat_room(chat)).emit("typing", &event).await;
+}
+
 async fn typing(socket: SocketRef, who: Principal, data: Result<ChatRef, ()>, typing: bool) {
     let Ok(ChatRef { chat_id }) = data else {
         return;
@@ -301,8 +335,21 @@ async fn typing(socket: SocketRef, who: Principal, data: Result<ChatRef, ()>, ty
     if !socket.rooms().contains(&chat_room(chat_id).into()) {
         return;
     }
-    let event = json!({ "chatId": chat_id, "userId": who.user_id, "typing": typing });
-    let _ = socket.to(chat_room(chat_id)).emit("typing", &event).await;
+    let Some(state) = socket.extensions.get::<Typing>() else {
+        return;
+    };
+    let n = state.bump(chat_id);
+    emit_typing(&socket, who, chat_id, typing).await;
+    if typing {
+        // Stops by itself unless started again (or stopped) in the meantime.
+        tokio::spawn(async move {
+            tokio::time::sleep(TYPING_LASTS).await;
+            if state.is_latest(chat_id, n) && socket.connected() {
+                state.bump(chat_id);
+                emit_typing(&socket, who, chat_id, false).await;
+            }
+        });
+    }
 }
 
 async fn typing_start(

@@ -331,3 +331,46 @@ async fn a_connected_user_shows_as_online_in_their_profile() {
     assert_eq!(bobs.next().await["event"], "chat:new");
     bobs.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_reaches_the_other_members_and_stops_by_itself() {
+    let app = auth_app(&Backend::EMBEDDED, |_| {}).await;
+    let (ann, bob) = (person(&app, "ann").await, person(&app, "bob").await);
+    let chat = direct_chat(&app, &ann, &bob).await;
+    let Some(mut bobs) = JsClient::start(
+        &app,
+        json!({"mode": "events", "token": bob.token, "chatId": chat, "expect": 2}),
+    ) else {
+        return;
+    };
+    assert_eq!(bobs.next().await["ack"]["ok"], true);
+    assert_eq!(bobs.next().await["event"], "ready");
+    let Some(mut anns) = JsClient::start(
+        &app,
+        json!({"mode": "typing", "token": ann.token, "chatId": chat, "holdMs": 8000}),
+    ) else {
+        return;
+    };
+    assert_eq!(anns.next().await["ack"]["ok"], true);
+    let started = std::time::Instant::now();
+    let on = bobs.next().await;
+    assert_eq!(
+        (on["event"].as_str(), &on["data"]["typing"]),
+        (Some("typing"), &json!(true))
+    );
+    assert_eq!(on["data"]["userId"], ann.id.as_str());
+    // No typing:stop was sent: it ends by itself after 5 s.
+    let off = bobs.next().await;
+    assert_eq!(
+        (off["event"].as_str(), &off["data"]["typing"]),
+        (Some("typing"), &json!(false))
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    bobs.finish().await;
+    assert_eq!(anns.next().await["event"], "ready");
+    anns.finish().await;
+}

@@ -6,6 +6,7 @@
 // connect: connect and print the outcome (connect_error message when refused), exit.
 // events:  (join the chat if chatId,) print {"event":"ready"}, then print every event the
 //          server emits until `expect` of them came.
+// typing:  join the chat, emit typing:start once, print {"event":"ready"}, stay holdMs.
 const { io } = require("socket.io-client");
 
 const config = JSON.parse(process.argv[2]);
@@ -42,6 +43,17 @@ socket.on("connect", async () => {
       out({ event: "joined", ack: await socket.emitWithAck("chat:join", { chatId: config.chatId }) });
     }
     out({ event: "ready" });
+    return;
+  }
+  if (config.mode === "typing") {
+    // Join, start typing once, print ready, stay connected for holdMs.
+    out({ event: "joined", ack: await socket.emitWithAck("chat:join", { chatId: config.chatId }) });
+    socket.emit("typing:start", { chatId: config.chatId });
+    out({ event: "ready" });
+    setTimeout(() => {
+      socket.close();
+      process.exit(0);
+    }, config.holdMs);
     return;
   }
   if (config.mode === "connect") {
