@@ -139,6 +139,21 @@ async fn json_of(response: reqwest::Response, status: u16) -> Value {
     body
 }
 
+/// A registered user: id and access token.
+pub struct Person {
+    pub id: String,
+    pub token: String,
+}
+
+/// Registers a fresh user whose address starts with `tag`.
+pub async fn person(app: &TestApp, tag: &str) -> Person {
+    let session = register(app, &unique_email(tag)).await;
+    Person {
+        id: session["user"]["id"].as_str().unwrap().to_owned(),
+        token: session["accessToken"].as_str().unwrap().to_owned(),
+    }
+}
+
 /// Registers `email` and returns the session body.
 pub async fn register(app: &TestApp, email: &str) -> Value {
     let response = call(

@@ -5,22 +5,8 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::auth::{Backend, auth_app, call, register};
+use crate::auth::{Backend, Person, auth_app, call, person};
 use crate::helpers::{TestApp, assert_error};
-
-struct Person {
-    id: String,
-    token: String,
-}
-
-async fn person(app: &TestApp, tag: &str) -> Person {
-    let email = format!("{}@example.com", confab_core::testing::unique(tag)).to_lowercase();
-    let session = register(app, &email).await;
-    Person {
-        id: session["user"]["id"].as_str().unwrap().to_owned(),
-        token: session["accessToken"].as_str().unwrap().to_owned(),
-    }
-}
 
 async fn as_(
     app: &TestApp,

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout};
 
-use crate::auth::{Backend, auth_app, call, register};
+use crate::auth::{Backend, Person, auth_app, call, person};
 use crate::helpers::TestApp;
 
 struct JsClient {
@@ -60,20 +60,6 @@ impl JsClient {
             .expect("the client exits")
             .unwrap();
         assert!(status.success());
-    }
-}
-
-struct Person {
-    id: String,
-    token: String,
-}
-
-async fn person(app: &TestApp, tag: &str) -> Person {
-    let email = format!("{}@example.com", confab_core::testing::unique(tag)).to_lowercase();
-    let session = register(app, &email).await;
-    Person {
-        id: session["user"]["id"].as_str().unwrap().to_owned(),
-        token: session["accessToken"].as_str().unwrap().to_owned(),
     }
 }
 
