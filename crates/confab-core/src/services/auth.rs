@@ -1244,14 +1244,25 @@ impl AuthService {
         change: impl Fn(&mut User) -> Result<bool, AuthError>,
         also: impl Fn(&User) -> (Vec<OutboxEntry>, Vec<SecurityEvent>),
     ) -> Result<(User, bool), AuthError> {
-        for _ in 0..8 {
-            let tx = self.store.begin().await?;
-            let mut user = tx.user_by_id(id).await?.ok_or(AuthError::Unauthenticated)?;
+        for attempt in 0..8 {
+            // Read outside the writing transaction and make the compare-and-set its first
+            // statement: on SQLite (WAL) a transaction that reads and then writes fails at
+            // once with SQLITE_BUSY_SNAPSHOT when another writer committed in between, while
+            // one that starts by writing waits for the lock. After a lost race the read goes
+            // to the primary (a read-only transaction), never to a lagging replica.
+            let found = if attempt == 0 {
+                self.store.user_by_id(id).await?
+            } else {
+                let primary = self.store.begin().await?;
+                primary.user_by_id(id).await?
+            };
+            let mut user = found.ok_or(AuthError::Unauthenticated)?;
             let seen = user.updated_at;
             if !change(&mut user)? {
                 return Ok((user, false));
             }
             user.updated_at = now().max(seen + chrono::Duration::microseconds(1));
+            let tx = self.store.begin().await?;
             if !tx.update_user_if_unchanged(&user, seen).await? {
                 continue; // Someone else wrote it: read again.
             }
