@@ -414,9 +414,12 @@ async fn a_rabbitmq_outage_delays_messages_and_loses_none() {
     proxy.restore();
     let mut arrived = Vec::new();
     let started = std::time::Instant::now();
+    // Recovery takes ~20 s here alone and over a minute while the whole suite runs (lapin's
+    // reconnect; a known defect, see the closing note): the bound is for "never", not speed.
+    let recovery = Duration::from_mins(3);
     while arrived.len() < 3 {
         assert!(
-            started.elapsed() < Duration::from_mins(1),
+            started.elapsed() < recovery,
             "only {arrived:?} arrived after the outage"
         );
         match broker.receive(&queue, 10, Duration::from_secs(1)).await {
@@ -438,7 +441,7 @@ async fn a_rabbitmq_outage_delays_messages_and_loses_none() {
     );
     arrived.retain(|k| k != "before");
     while arrived.len() < 3 {
-        assert!(started.elapsed() < Duration::from_mins(1), "{arrived:?}");
+        assert!(started.elapsed() < recovery, "{arrived:?}");
         for d in broker
             .receive(&queue, 10, Duration::from_secs(1))
             .await
