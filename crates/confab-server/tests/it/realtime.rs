@@ -360,3 +360,40 @@ async fn typing_reaches_the_other_members_and_stops_by_itself() {
     assert_eq!(anns.next().await["event"], "ready");
     anns.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_payloads_get_a_validation_ack_and_the_socket_stays() {
+    let app = auth_app(&Backend::EMBEDDED, |_| {}).await;
+    let (ann, bob) = (person(&app, "ann").await, person(&app, "bob").await);
+    let chat = direct_chat(&app, &ann, &bob).await;
+    let too_long = "x".repeat(10_001);
+    let emits = json!([
+        ["chat:join", {"chatId": "not-a-uuid"}],
+        ["chat:join", "just a string"],
+        ["message:send", {"chatId": chat}],
+        ["message:send", {"chatId": chat, "clientId": "m-1", "text": ""}],
+        ["message:send", {"chatId": chat, "clientId": "m-2", "text": too_long}],
+        ["message:send", {"chatId": chat, "clientId": "m-3", "text": 42}],
+        ["message:read", {"chatId": chat}],
+        ["message:send", {"chatId": chat, "clientId": "m-4", "text": "fine after all that"}],
+    ]);
+    let Some(mut client) = JsClient::start(
+        &app,
+        json!({"mode": "raw", "token": ann.token, "emits": emits}),
+    ) else {
+        return;
+    };
+    let mut acks = Vec::new();
+    for _ in 0..8 {
+        let line = client.next().await;
+        assert_eq!(line["event"], "ack", "{line}");
+        acks.push(line["ack"].clone());
+    }
+    for ack in &acks[..7] {
+        assert_eq!(ack, &json!({"ok": false, "code": "VALIDATION_ERROR"}));
+    }
+    assert_eq!(acks[7]["ok"], true, "{}", acks[7]);
+    let still = client.next().await;
+    assert_eq!(still["connected"], true, "never a dropped socket");
+    client.finish().await;
+}

@@ -7,6 +7,7 @@
 // events:  (join the chat if chatId,) print {"event":"ready"}, then print every event the
 //          server emits until `expect` of them came.
 // typing:  join the chat, emit typing:start once, print {"event":"ready"}, stay holdMs.
+// raw:     emit each [event, payload] of `emits` with an ack and print the acks.
 const { io } = require("socket.io-client");
 
 const config = JSON.parse(process.argv[2]);
@@ -44,6 +45,17 @@ socket.on("connect", async () => {
     }
     out({ event: "ready" });
     return;
+  }
+  if (config.mode === "raw") {
+    // Each [event, payload] of config.emits with an ack; prints the acks, then checks that the
+    // socket is still usable.
+    for (const [event, payload] of config.emits) {
+      const ack = await socket.timeout(5000).emitWithAck(event, payload).catch((e) => ({ timeout: String(e) }));
+      out({ event: "ack", sent: event, ack });
+    }
+    out({ event: "still-connected", connected: socket.connected });
+    socket.close();
+    process.exit(0);
   }
   if (config.mode === "typing") {
     // Join, start typing once, print ready, stay connected for holdMs.
