@@ -233,6 +233,16 @@ impl<Id> Page<Id> {
     pub fn clamped_limit(&self) -> u32 {
         self.limit.clamp(1, Self::MAX_LIMIT)
     }
+
+    /// The cursor of the page after `items` (the last one's id) when this page came back
+    /// full; `None` at the end.
+    pub fn next_cursor<T>(&self, items: &[T], id: impl Fn(&T) -> Id) -> Option<Id> {
+        if items.len() == self.clamped_limit() as usize {
+            items.last().map(id)
+        } else {
+            None
+        }
+    }
 }
 
 /// A row of the transactional outbox: a queue message to publish once the change commits.

@@ -186,7 +186,7 @@ async fn chat_join(
 ) {
     let answer = match data {
         Err(_) => refused("VALIDATION_ERROR"),
-        Ok(ChatRef { chat_id }) => match rt.chats.get(who.user_id, chat_id).await {
+        Ok(ChatRef { chat_id }) => match rt.chats.audience(who.user_id, chat_id).await {
             Ok(_) => {
                 socket.join(chat_room(chat_id));
                 json!({ "ok": true })
@@ -243,19 +243,30 @@ async fn message_send(
 }
 
 /// Emits `message:new` for a stored message to its chat room (sender included).
-pub async fn broadcast_message(
+async fn broadcast_message(
     io: &SocketIo,
     chats: &ChatService,
     who: Principal,
     message: confab_core::domain::Message,
 ) {
-    let Ok(view) = chats.get(who.user_id, message.chat_id).await else {
+    let Ok(audience) = chats.audience(who.user_id, message.chat_id).await else {
         return;
     };
     let room = chat_room(message.chat_id);
-    let body = MessageBody::new(message, view.chat.kind, &view.members);
-    if let Err(error) = io.to(room).emit("message:new", &body).await {
-        tracing::warn!(%error, "Could not broadcast a message.");
+    emit(
+        io,
+        room,
+        "message:new",
+        &MessageBody::new(message, &audience),
+    )
+    .await;
+}
+
+/// Emits `event` to `room` on every node; a failure is logged, never the caller's failure
+/// (the change is stored; clients catch up with `after`).
+pub async fn emit(io: &SocketIo, room: String, event: &'static str, body: &impl serde::Serialize) {
+    if let Err(error) = io.to(room).emit(event, body).await {
+        tracing::warn!(%error, event, "Could not broadcast.");
     }
 }
 

@@ -194,6 +194,11 @@ fn hashing_permits() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get() * 2)
 }
 
+/// For `modify_user`: a change that stages no other writes.
+fn nothing_more(_: &User) -> (Vec<OutboxEntry>, Vec<SecurityEvent>) {
+    (Vec::new(), Vec::new())
+}
+
 fn revoked_before_key(user: UserId) -> String {
     format!("auth:sessions-ended:{user}")
 }
@@ -363,16 +368,9 @@ impl AuthService {
         }
     }
 
-    pub fn settings(&self) -> &AuthSettings {
-        &self.settings
-    }
-
+    /// The signer (for `/.well-known/jwks.json`).
     pub fn access_tokens(&self) -> &AccessTokens {
         &self.tokens
-    }
-
-    pub fn keyed(&self) -> &Keyed {
-        &self.keyed
     }
 
     /// The claims of a bearer token, from the token alone: signature, algorithm, key id,
@@ -721,7 +719,7 @@ impl AuthService {
                         }
                         Ok(true)
                     },
-                    |_| (Vec::new(), Vec::new()),
+                    nothing_more,
                 )
                 .await?;
         }
@@ -1323,7 +1321,7 @@ impl AuthService {
                     user.name.clone_from(&name);
                     Ok(true)
                 },
-                |_| (Vec::new(), Vec::new()),
+                nothing_more,
             )
             .await?;
         Ok(user)

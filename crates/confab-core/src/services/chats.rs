@@ -60,6 +60,15 @@ pub struct ChatView {
     pub unread: u64,
 }
 
+/// Who receives a chat's messages: what a message body needs (read receipts depend on the
+/// kind and on each member's read position). Cheaper than a [`ChatView`]: no latest message,
+/// no unread count.
+#[derive(Debug, Clone)]
+pub struct Audience {
+    pub kind: ChatKind,
+    pub members: Vec<Member>,
+}
+
 pub struct ChatService {
     store: Arc<dyn Store>,
     cache: Arc<dyn Cache>,
@@ -290,16 +299,25 @@ impl ChatService {
         Ok(())
     }
 
-    /// `GET /chats/{id}/messages`, with the members (for read receipts).
+    /// The chat's kind and members, for a member (`NotFound` for anyone else).
+    pub async fn audience(&self, who: UserId, chat: ChatId) -> Result<Audience, ChatError> {
+        let (chat, _) = self.membership(who, chat).await?;
+        Ok(Audience {
+            kind: chat.kind,
+            members: self.store.members(chat.id).await?,
+        })
+    }
+
+    /// `GET /chats/{id}/messages`, with the audience (for read receipts).
     pub async fn messages(
         &self,
         who: UserId,
         chat: ChatId,
         page: Page<MessageId>,
-    ) -> Result<(Vec<Message>, Vec<Member>), ChatError> {
-        let (chat, _) = self.membership(who, chat).await?;
-        let messages = self.store.messages(chat.id, page).await?;
-        Ok((messages, self.store.members(chat.id).await?))
+    ) -> Result<(Vec<Message>, Audience), ChatError> {
+        let audience = self.audience(who, chat).await?;
+        let messages = self.store.messages(chat, page).await?;
+        Ok((messages, audience))
     }
 
     /// `POST /chats/{id}/messages`: stores the message (once per `client_id`), moves the

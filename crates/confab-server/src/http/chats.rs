@@ -7,8 +7,10 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use confab_core::domain::{ChatId, ChatKind, Member, MemberRole, Message, MessageId, Page, UserId};
-use confab_core::services::chats::{ChatError, ChatView};
+use confab_core::domain::{ChatId, ChatKind, MemberRole, Message, MessageId, Page, UserId};
+use confab_core::services::chats::{Audience, ChatError, ChatView};
+
+use crate::realtime::emit;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -81,8 +83,9 @@ pub fn kind_name(kind: confab_core::domain::MessageKind) -> &'static str {
 }
 
 impl MessageBody {
-    pub fn new(message: Message, kind: ChatKind, members: &[Member]) -> Self {
-        let seen_by: Vec<SeenBody> = members
+    pub fn new(message: Message, audience: &Audience) -> Self {
+        let seen_by: Vec<SeenBody> = audience
+            .members
             .iter()
             .filter(|m| Some(m.user_id) != message.sender_id)
             .filter(|m| {
@@ -94,7 +97,7 @@ impl MessageBody {
                 seen_at: m.last_read_at.map(rfc3339),
             })
             .collect();
-        let (seen, seen_at) = if kind == ChatKind::Direct {
+        let (seen, seen_at) = if audience.kind == ChatKind::Direct {
             (
                 Some(!seen_by.is_empty()),
                 seen_by.first().and_then(|s| s.seen_at.clone()),
@@ -284,7 +287,7 @@ pub async fn create_chat(
     }
     for member in members {
         emit(
-            &state,
+            &state.io,
             crate::realtime::user_room(member),
             "chat:new",
             &body,
@@ -352,7 +355,7 @@ pub async fn add_member(
     let body = ChatBody::from(view);
     for member in members {
         emit(
-            &state,
+            &state.io,
             crate::realtime::user_room(member),
             "chat:updated",
             &body,
@@ -410,15 +413,14 @@ pub async fn list_messages(
         after: query.after,
         limit: query.limit.unwrap_or(Page::<MessageId>::DEFAULT_LIMIT),
     };
-    let chat = state.chats.get(who.user_id, id).await?;
-    let (messages, members) = state.chats.messages(who.user_id, id, page).await?;
-    let next_cursor = (messages.len() == page.clamped_limit() as usize)
-        .then(|| messages.last().map(|m| m.id.to_string()))
-        .flatten();
+    let (messages, audience) = state.chats.messages(who.user_id, id, page).await?;
+    let next_cursor = page
+        .next_cursor(&messages, |m| m.id)
+        .map(|id| id.to_string());
     Ok(Json(MessagePage {
         items: messages
             .into_iter()
-            .map(|m| MessageBody::new(m, chat.chat.kind, &members))
+            .map(|m| MessageBody::new(m, &audience))
             .collect(),
         next_cursor,
     }))
@@ -447,13 +449,19 @@ pub async fn send_message(
         .chats
         .send(who.user_id, id, &body.text, body.client_id.as_deref())
         .await?;
-    let chat = state.chats.get(who.user_id, id).await?;
-    let body = MessageBody::new(message.clone(), chat.chat.kind, &chat.members);
+    let audience = state.chats.audience(who.user_id, id).await?;
+    let body = MessageBody::new(message, &audience);
     if !created {
         return Ok((StatusCode::OK, Json(body)));
     }
     // Stored: now every member online sees it, however it was sent.
-    emit(&state, crate::realtime::chat_room(id), "message:new", &body).await;
+    emit(
+        &state.io,
+        crate::realtime::chat_room(id),
+        "message:new",
+        &body,
+    )
+    .await;
     Ok((StatusCode::CREATED, Json(body)))
 }
 
@@ -483,10 +491,10 @@ pub async fn edit_message(
         .chats
         .edit(who.user_id, id, message, &body.text)
         .await?;
-    let chat = state.chats.get(who.user_id, id).await?;
-    let body = MessageBody::new(message, chat.chat.kind, &chat.members);
+    let audience = state.chats.audience(who.user_id, id).await?;
+    let body = MessageBody::new(message, &audience);
     emit(
-        &state,
+        &state.io,
         crate::realtime::chat_room(id),
         "message:updated",
         &body,
@@ -514,10 +522,10 @@ pub async fn delete_message(
     ApiPath((id, message)): ApiPath<(ChatId, MessageId)>,
 ) -> Result<Json<MessageBody>, ApiError> {
     let message = state.chats.delete(who.user_id, id, message).await?;
-    let chat = state.chats.get(who.user_id, id).await?;
-    let body = MessageBody::new(message, chat.chat.kind, &chat.members);
+    let audience = state.chats.audience(who.user_id, id).await?;
+    let body = MessageBody::new(message, &audience);
     emit(
-        &state,
+        &state.io,
         crate::realtime::chat_room(id),
         "message:deleted",
         &body,
@@ -548,12 +556,4 @@ pub async fn mark_read(
         .mark_read(who.user_id, id, body.message_id)
         .await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// Emits `event` to `room` on every node; a failure is logged, never the request's failure
-/// (the change is stored; clients catch up with `after`).
-async fn emit(state: &AppState, room: String, event: &'static str, body: &impl Serialize) {
-    if let Err(error) = state.io.to(room).emit(event, body).await {
-        tracing::warn!(%error, event, "Could not broadcast.");
-    }
 }

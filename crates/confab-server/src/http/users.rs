@@ -196,9 +196,7 @@ pub async fn security_events(
         limit,
     };
     let events = state.auth.security_events(who, page).await?;
-    let next_cursor = (events.len() == page.clamped_limit() as usize)
-        .then(|| events.last().map(|e| e.id.to_string()))
-        .flatten();
+    let next_cursor = page.next_cursor(&events, |e| e.id).map(|id| id.to_string());
     Ok(Json(SecurityEventPage {
         items: events
             .into_iter()
