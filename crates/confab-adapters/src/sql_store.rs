@@ -10,6 +10,7 @@
 //! cost of an fsync per commit. Foreign keys are on and a busy connection waits (busy
 //! timeout) instead of failing.
 
+mod append;
 mod auth_ai;
 mod entities;
 mod migrations;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use confab_core::ports::health::{ComponentHealth, HealthCheck, HealthStatus};
-use confab_core::ports::store::{Store, StoreError, StoreTx};
+use confab_core::ports::store::{Append, Appended, Store, StoreError, StoreTx};
 use confab_core::settings::{SecretUrl, lenient};
 use sea_orm::sqlx;
 use sea_orm::{
@@ -192,8 +193,11 @@ impl SqlStore {
                         .synchronous(synchronous)
                         .busy_timeout(Duration::from_secs(5))
                         .foreign_keys(true)
+                        // Checkpoints run in `checkpoint_in_background`, not in a commit.
+                        .pragma("wal_autocheckpoint", "0")
                 });
                 let conn = Database::connect(options).await.map_err(store_err)?;
+                checkpoint_in_background(&conn);
                 Ok(Self {
                     conn,
                     replica: None,
@@ -360,6 +364,28 @@ pub(crate) async fn database_health(conn: &DatabaseConnection) -> ComponentHealt
     }
 }
 
+/// SQLite's automatic checkpoint runs inside whichever commit crosses the WAL threshold and
+/// puts milliseconds on that commit (and on every message waiting for it). Instead a task
+/// checkpoints twice a second, PASSIVE: it copies what it can without waiting for or blocking
+/// anyone, and the WAL is reused once a checkpoint has caught up. It stops when the pool is
+/// closed.
+fn checkpoint_in_background(conn: &DatabaseConnection) {
+    let pool = conn.get_sqlite_connection_pool().clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !pool.is_closed() {
+            tick.tick().await;
+            if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&pool)
+                .await
+            {
+                tracing::debug!(%error, "WAL checkpoint failed; the next tick tries again.");
+            }
+        }
+    });
+}
+
 /// `postgres` or `sqlite`, as `/health` names it.
 pub(crate) fn backend_kind(conn: &DatabaseConnection) -> &'static str {
     match conn.get_database_backend() {
@@ -377,6 +403,9 @@ impl Store for SqlStore {
             conn: tx,
             replica: None,
         }))
+    }
+    async fn append_messages(&self, batch: Vec<Append>) -> Result<Vec<Appended>, StoreError> {
+        self.append(batch).await
     }
 }
 

@@ -25,6 +25,9 @@ use socketioxide::layer::SocketIoLayer;
 
 use crate::http::chats::MessageBody;
 
+/// Packets buffered per socket before emits to it fail.
+pub const MAX_BUFFERED_PACKETS: usize = 4096;
+
 /// What the socket handlers reach.
 #[derive(Clone)]
 pub struct Realtime {
@@ -36,7 +39,13 @@ pub struct Realtime {
 
 /// The Socket.IO layer for the router and the handle that emits from anywhere (REST sends).
 pub fn build(realtime: Realtime) -> (SocketIoLayer, SocketIo) {
-    let (layer, io) = SocketIo::builder().with_state(realtime).build_layer();
+    let (layer, io) = SocketIo::builder()
+        // Packets waiting for one slow socket before emits to it fail (and are lost to it).
+        // socketioxide's default, 128, drops messages when a busy room bursts; the channel
+        // grows in blocks as used, so an idle socket costs nothing for the larger bound.
+        .max_buffer_size(MAX_BUFFERED_PACKETS)
+        .with_state(realtime)
+        .build_layer();
     io.ns("/", on_connect.with(authenticate));
     (layer, io)
 }
@@ -62,15 +71,9 @@ async fn authenticate(
         .authenticate_handshake(&auth)
         .await
         .map_err(|_| Refused)?;
-    socket.extensions.insert(who);
-    Ok(())
-}
-
-async fn on_connect(
-    socket: SocketRef,
-    Extension(who): Extension<Principal>,
-    State(rt): State<Realtime>,
-) {
+    // Everything a first event needs is in place before the client hears it is connected:
+    // socketioxide sends the namespace CONNECT after this middleware but spawns the connect
+    // handler, so an event sent right after CONNECT can be handled before that handler runs.
     socket.on("chat:join", chat_join);
     socket.on("chat:leave", chat_leave);
     socket.on("message:send", message_send);
@@ -80,7 +83,11 @@ async fn on_connect(
     socket.on_disconnect(on_disconnect);
     socket.extensions.insert(Typing::default());
     socket.join(user_room(who.user_id));
-    // Handlers are in place: awaiting is safe from here on.
+    socket.extensions.insert(who);
+    Ok(())
+}
+
+async fn on_connect(Extension(who): Extension<Principal>, State(rt): State<Realtime>) {
     touch(&*rt.cache, who.user_id).await;
 }
 
@@ -206,7 +213,6 @@ async fn chat_leave(socket: SocketRef, TryData(data): TryData<ChatRef>, ack: Ack
 
 /// Persists, acknowledges (only once stored), then broadcasts `message:new` to the chat room.
 async fn message_send(
-    io: SocketIo,
     Extension(who): Extension<Principal>,
     State(rt): State<Realtime>,
     TryData(data): TryData<SendPayload>,
@@ -225,7 +231,7 @@ async fn message_send(
             data.client_id.as_deref(),
         )
         .await;
-    let (message, created) = match sent {
+    let sent = match sent {
         Ok(sent) => sent,
         Err(e) => {
             let _ = ack.send(&refused(error_code(&e)));
@@ -234,32 +240,30 @@ async fn message_send(
     };
     let _ = ack.send(&json!({
         "ok": true,
-        "id": message.id,
-        "createdAt": crate::http::auth::rfc3339(message.created_at),
+        "id": sent.message.id,
+        "createdAt": crate::http::auth::rfc3339(sent.message.created_at),
     }));
-    if created {
-        broadcast_message(&io, &rt.chats, who, message).await;
-    }
+    // A new message reaches the room through `spawn_broadcaster`.
 }
 
-/// Emits `message:new` for a stored message to its chat room (sender included).
-async fn broadcast_message(
-    io: &SocketIo,
-    chats: &ChatService,
-    who: Principal,
-    message: confab_core::domain::Message,
-) {
-    let Ok(audience) = chats.audience(who.user_id, message.chat_id).await else {
-        return;
-    };
-    let room = chat_room(message.chat_id);
-    emit(
-        io,
-        room,
-        "message:new",
-        &MessageBody::new(message, &audience),
-    )
-    .await;
+/// Emits `message:new` for every newly stored message (however it was sent) to its chat
+/// room, sender included, in commit order: one task, so every member sees one order.
+pub fn spawn_broadcaster(io: SocketIo, chats: &ChatService) -> Option<tokio::task::JoinHandle<()>> {
+    let mut committed = chats.subscribe_committed()?;
+    Some(tokio::spawn(async move {
+        while let Some(batch) = committed.recv().await {
+            for (message, kind) in batch {
+                let room = chat_room(message.chat_id);
+                emit(
+                    &io,
+                    room,
+                    "message:new",
+                    &MessageBody::new_message(message, kind),
+                )
+                .await;
+            }
+        }
+    }))
 }
 
 /// Emits `event` to `room` on every node; a failure is logged, never the caller's failure

@@ -138,6 +138,8 @@ impl Application {
             chats: chats.clone(),
             cache: ports.cache.clone(),
         });
+        // Lives as long as the chat service's writer.
+        crate::realtime::spawn_broadcaster(io.clone(), &chats);
         let state = AppState {
             auth,
             chats,

@@ -104,7 +104,34 @@ fn message_kind(kind: MessageKind) -> &'static str {
     }
 }
 
-fn message(m: messages::Model) -> Result<Message, StoreError> {
+pub(super) fn message_model(m: &Message) -> messages::Model {
+    messages::Model {
+        id: m.id.0,
+        chat_id: m.chat_id.0,
+        sender_id: m.sender_id.map(|u| u.0),
+        kind: message_kind(m.kind).to_owned(),
+        text: m.text.clone(),
+        client_id: m.client_id.clone(),
+        image: m.image.clone(),
+        created_at: m.created_at,
+        edited_at: m.edited_at,
+        deleted_at: m.deleted_at,
+    }
+}
+
+pub(super) fn outbox_model(e: &OutboxEntry) -> outbox::Model {
+    outbox::Model {
+        id: e.id.0,
+        queue: e.queue.clone(),
+        kind: e.kind.clone(),
+        payload: e.payload.clone(),
+        trace_id: e.trace_id.clone(),
+        created_at: e.created_at,
+        published_at: None,
+    }
+}
+
+pub(super) fn to_message(m: messages::Model) -> Result<Message, StoreError> {
     Ok(Message {
         id: MessageId(m.id),
         chat_id: ChatId(m.chat_id),
@@ -513,19 +540,7 @@ where
     C: ConnectionTrait + TransactionTrait + Send + Sync + 'static,
 {
     async fn insert_message(&self, m: &Message) -> Result<(), StoreError> {
-        let model = messages::Model {
-            id: m.id.0,
-            chat_id: m.chat_id.0,
-            sender_id: m.sender_id.map(|u| u.0),
-            kind: message_kind(m.kind).to_owned(),
-            text: m.text.clone(),
-            client_id: m.client_id.clone(),
-            image: m.image.clone(),
-            created_at: m.created_at,
-            edited_at: m.edited_at,
-            deleted_at: m.deleted_at,
-        };
-        messages::Entity::insert(values::<_, messages::ActiveModel>(model))
+        messages::Entity::insert(values::<_, messages::ActiveModel>(message_model(m)))
             .exec_without_returning(&self.conn)
             .await
             .map_err(store_err)?;
@@ -534,7 +549,7 @@ where
 
     async fn message_by_id(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
         let found = read!(self, |c| messages::Entity::find_by_id(id.0).one(c).await);
-        found.map_err(store_err)?.map(message).transpose()
+        found.map_err(store_err)?.map(to_message).transpose()
     }
 
     async fn message_by_client_id(
@@ -548,7 +563,7 @@ where
             .filter(messages::Column::ClientId.eq(client_id))
             .one(&self.conn)
             .await;
-        found.map_err(store_err)?.map(message).transpose()
+        found.map_err(store_err)?.map(to_message).transpose()
     }
 
     async fn messages(
@@ -568,7 +583,11 @@ where
         };
         let query = query.limit(limit(&page));
         let found = read!(self, |c| query.clone().all(c).await);
-        found.map_err(store_err)?.into_iter().map(message).collect()
+        found
+            .map_err(store_err)?
+            .into_iter()
+            .map(to_message)
+            .collect()
     }
 
     async fn update_message(&self, m: &Message) -> Result<(), StoreError> {
@@ -613,16 +632,7 @@ where
     C: ConnectionTrait + TransactionTrait + Send + Sync + 'static,
 {
     async fn enqueue(&self, e: &OutboxEntry) -> Result<(), StoreError> {
-        let model = outbox::Model {
-            id: e.id.0,
-            queue: e.queue.clone(),
-            kind: e.kind.clone(),
-            payload: e.payload.clone(),
-            trace_id: e.trace_id.clone(),
-            created_at: e.created_at,
-            published_at: None,
-        };
-        outbox::Entity::insert(values::<_, outbox::ActiveModel>(model))
+        outbox::Entity::insert(values::<_, outbox::ActiveModel>(outbox_model(e)))
             .exec_without_returning(&self.conn)
             .await
             .map_err(store_err)?;

@@ -27,11 +27,11 @@ use async_trait::async_trait;
 
 use super::health::HealthCheck;
 use crate::domain::{
-    AiFeedback, AiMessage, AiRequestId, AiSession, AiSessionId, Chat, ChatId, EventId, FailedLogin,
-    GenerationId, GenerationJob, LockoutPolicy, Member, MemberRole, Message, MessageId, NewChat,
-    NewUser, OneTimeToken, OneTimeTokenId, OutboxEntry, Page, RefreshFamily, RefreshFamilyId,
-    RefreshToken, RefreshTokenId, SecurityEvent, StoredServiceError, Timestamp, TokenPurpose, User,
-    UserId,
+    AiFeedback, AiMessage, AiRequestId, AiSession, AiSessionId, Chat, ChatId, ChatKind, EventId,
+    FailedLogin, GenerationId, GenerationJob, LockoutPolicy, Member, MemberRole, Message,
+    MessageId, NewChat, NewUser, OneTimeToken, OneTimeTokenId, OutboxEntry, Page, RefreshFamily,
+    RefreshFamilyId, RefreshToken, RefreshTokenId, SecurityEvent, StoredServiceError, Timestamp,
+    TokenPurpose, User, UserId,
 };
 use crate::error::BoxError;
 
@@ -308,10 +308,39 @@ pub trait StoreTx:
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 
+/// One message to append, with the outbox entry that announces it.
+#[derive(Debug, Clone)]
+pub struct Append {
+    pub message: Message,
+    pub event: OutboxEntry,
+}
+
+/// What became of one [`Append`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Appended {
+    /// Stored now, in a chat of this kind.
+    Stored(ChatKind),
+    /// The sender had already used this client id (earlier, or earlier in the same batch):
+    /// nothing new is stored and this is the message that stands, possibly in another chat.
+    Duplicate {
+        existing: Box<Message>,
+        kind: ChatKind,
+    },
+    /// The sender is not a member of the chat, or there is no such chat: nothing stored.
+    NotMember,
+}
+
 /// The whole store.
 #[async_trait]
 pub trait Store:
     UserStore + ChatStore + MessageStore + OutboxStore + AuditStore + TokenStore + AiStore + HealthCheck
 {
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError>;
+
+    /// Group commit: appends a batch of messages in ONE transaction: each message whose
+    /// sender is a member of its chat and whose `(sender, client_id)` is new is inserted with
+    /// its outbox entry, and each chat's latest-message pointer moves to its newest. One
+    /// answer per input, in order. A duplicate client id never fails the batch (see
+    /// [`Appended::Duplicate`]); a batch error means nothing of it was stored.
+    async fn append_messages(&self, batch: Vec<Append>) -> Result<Vec<Appended>, StoreError>;
 }

@@ -22,7 +22,10 @@ use crate::domain::{
 };
 use crate::ports::broker::queues;
 use crate::ports::cache::{Cache, RateLimit, keys};
-use crate::ports::store::{Store, StoreError};
+use crate::ports::store::{Append, Appended, Store, StoreError};
+
+mod writer;
+pub use writer::{Committed, MessageWriter};
 
 /// The longest message text (SPEC issue: 10,000 characters).
 pub const MAX_TEXT_CHARS: usize = 10_000;
@@ -69,8 +72,18 @@ pub struct Audience {
     pub members: Vec<Member>,
 }
 
+/// A sent message: `created` is false for a retry answered with the message stored before.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub message: Message,
+    pub created: bool,
+    /// The chat's kind (a new message's read receipts depend on it, and nothing else).
+    pub kind: ChatKind,
+}
+
 pub struct ChatService {
     store: Arc<dyn Store>,
+    writer: MessageWriter,
     cache: Arc<dyn Cache>,
     /// Messages a user may send (over REST and Socket.IO together), GCRA: all at once, then
     /// evenly refilled.
@@ -110,10 +123,17 @@ pub fn check_client_id(client_id: &str) -> Result<String, ChatError> {
 impl ChatService {
     pub fn new(store: Arc<dyn Store>, cache: Arc<dyn Cache>, message_rate: RateLimit) -> Self {
         Self {
+            writer: MessageWriter::start(store.clone()),
             store,
             cache,
             message_rate,
         }
+    }
+
+    /// Every newly stored message, in commit order (for the one broadcaster; `None` after the
+    /// first call).
+    pub fn subscribe_committed(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Committed>> {
+        self.writer.subscribe()
     }
 
     async fn limit_messages(&self, who: UserId) -> Result<(), ChatError> {
@@ -321,69 +341,75 @@ impl ChatService {
     }
 
     /// `POST /chats/{id}/messages`: stores the message (once per `client_id`), moves the
-    /// chat's latest-message pointer and queues `message.created`, in one transaction.
-    /// `false` when it was already there (a retry).
+    /// chat's latest-message pointer and queues `message.created`, in one transaction shared
+    /// with the other messages sent meanwhile (group commit, [`MessageWriter`]).
     pub async fn send(
         &self,
         who: UserId,
         chat: ChatId,
         text: &str,
         client_id: Option<&str>,
-    ) -> Result<(Message, bool), ChatError> {
+    ) -> Result<Sent, ChatError> {
         let text = check_text(text)?;
         let client_id = client_id.map(check_client_id).transpose()?;
-        let (chat, _) = self.membership(who, chat).await?;
-        if let Some(client_id) = &client_id
-            && let Some(existing) = self.store.message_by_client_id(who, client_id).await?
-        {
+        if let Err(limited) = self.limit_messages(who).await {
             // A retry of a stored message is answered even when the rate is used up.
-            return same_chat(existing, chat.id).map(|m| (m, false));
+            if let Some(client_id) = &client_id
+                && let Some(existing) = self.store.message_by_client_id(who, client_id).await?
+            {
+                let kind = self.audience(who, chat).await?.kind;
+                return Ok(Sent {
+                    message: same_chat(existing, chat)?,
+                    created: false,
+                    kind,
+                });
+            }
+            return Err(limited);
         }
-        self.limit_messages(who).await?;
         let message = Message {
             id: MessageId::new(),
-            chat_id: chat.id,
+            chat_id: chat,
             sender_id: Some(who),
             kind: MessageKind::Text,
             text: Some(text),
-            client_id: client_id.clone(),
+            client_id,
             image: None,
             created_at: now(),
             edited_at: None,
             deleted_at: None,
         };
-        let tx = self.store.begin().await?;
-        match tx.insert_message(&message).await {
-            Ok(()) => {}
-            // The same client id, sent twice at once: the first one stands.
-            Err(StoreError::Conflict(_)) => {
-                drop(tx);
-                let existing = match &client_id {
-                    Some(client_id) => self.store.message_by_client_id(who, client_id).await?,
-                    None => None,
-                }
-                .ok_or(ChatError::NotFound)?;
-                return same_chat(existing, chat.id).map(|m| (m, false));
-            }
-            Err(e) => return Err(e.into()),
-        }
-        tx.set_latest_message(chat.id, message.id, message.created_at)
-            .await?;
-        tx.enqueue(&OutboxEntry {
+        let event = OutboxEntry {
             id: EventId::new(),
             queue: queues::EVENTS.into(),
             kind: "message.created".into(),
             payload: json!({
                 "messageId": message.id,
-                "chatId": chat.id,
+                "chatId": chat,
                 "senderId": who,
             }),
             trace_id: None,
             created_at: message.created_at,
-        })
-        .await?;
-        tx.commit().await?;
-        Ok((message, true))
+        };
+        let appended = self
+            .writer
+            .append(Append {
+                message: message.clone(),
+                event,
+            })
+            .await?;
+        match appended {
+            Appended::Stored(kind) => Ok(Sent {
+                message,
+                created: true,
+                kind,
+            }),
+            Appended::Duplicate { existing, kind } => Ok(Sent {
+                message: same_chat(*existing, chat)?,
+                created: false,
+                kind,
+            }),
+            Appended::NotMember => Err(ChatError::NotFound),
+        }
     }
 
     /// The caller's own message in the chat, not yet deleted.

@@ -16,7 +16,7 @@ use crate::domain::{
     ServiceErrorId, StoredServiceError, TokenPurpose, User, UserId, now,
 };
 use crate::ports::health::HealthStatus;
-use crate::ports::store::{Store, StoreError};
+use crate::ports::store::{Append, Appended, Store, StoreError};
 
 /// Runs every case, each on a fresh, empty, migrated store made by `make()`.
 pub async fn run_all<F, Fut>(make: F)
@@ -42,6 +42,8 @@ where
         a_direct_chat_is_unique_per_pair_in_either_order,
         chats_are_listed_most_recently_active_first,
         messages_are_unique_per_sender_and_client_id,
+        a_batch_of_messages_is_appended_in_one_group_commit,
+        concurrent_batches_with_the_same_client_id_store_it_once,
         a_message_for_a_missing_chat_is_not_found,
         pages_visit_every_message_exactly_once_in_order,
         edits_and_tombstones_are_written,
@@ -421,6 +423,146 @@ async fn messages_are_unique_per_sender_and_client_id(store: Arc<dyn Store>) {
     assert_eq!(
         store.message_by_client_id(bob.id, "other").await.unwrap(),
         None
+    );
+}
+
+fn append(message: &Message) -> Append {
+    Append {
+        message: message.clone(),
+        event: OutboxEntry {
+            id: EventId::new(),
+            queue: "events".into(),
+            kind: "message.created".into(),
+            payload: json!({ "messageId": message.id }),
+            trace_id: None,
+            created_at: message.created_at,
+        },
+    }
+}
+
+async fn a_batch_of_messages_is_appended_in_one_group_commit(store: Arc<dyn Store>) {
+    let (ann, bob, cat) = (
+        user(&*store).await,
+        user(&*store).await,
+        user(&*store).await,
+    );
+    let team = group(&*store, ann.id, &[bob.id]).await;
+    let direct = store
+        .create_chat(NewChat {
+            id: ChatId::new(),
+            kind: ChatKind::Direct,
+            name: None,
+            created_by: ann.id,
+            members: vec![(ann.id, MemberRole::Member), (cat.id, MemberRole::Member)],
+        })
+        .await
+        .unwrap()
+        .id;
+    let before = text(team, ann.id, "stored before", Some("earlier"));
+    store.insert_message(&before).await.unwrap();
+
+    let batch = [
+        text(team, ann.id, "one", Some("c1")),
+        text(team, bob.id, "two", None),
+        // Not a member of the team; a chat that does not exist.
+        text(team, cat.id, "intruder", Some("c1")),
+        text(ChatId::new(), ann.id, "nowhere", None),
+        // A retry of a message stored earlier, and of one earlier in this batch.
+        text(team, ann.id, "stored before (retry)", Some("earlier")),
+        text(team, ann.id, "one (retry)", Some("c1")),
+        text(direct, cat.id, "hi", Some("c1")),
+        text(direct, ann.id, "three", None),
+    ];
+    let answers = store
+        .append_messages(batch.iter().map(append).collect())
+        .await
+        .unwrap();
+    assert_eq!(
+        answers,
+        vec![
+            Appended::Stored(ChatKind::Group),
+            Appended::Stored(ChatKind::Group),
+            Appended::NotMember,
+            Appended::NotMember,
+            Appended::Duplicate {
+                existing: Box::new(before.clone()),
+                kind: ChatKind::Group
+            },
+            Appended::Duplicate {
+                existing: Box::new(batch[0].clone()),
+                kind: ChatKind::Group
+            },
+            Appended::Stored(ChatKind::Direct),
+            Appended::Stored(ChatKind::Direct),
+        ]
+    );
+    let stored = |i: usize| batch[i].clone();
+    let team_page = store.messages(team, Page::newest(50)).await.unwrap();
+    assert_eq!(team_page, vec![stored(1), stored(0), before.clone()]);
+    let direct_page = store.messages(direct, Page::newest(50)).await.unwrap();
+    assert_eq!(direct_page, vec![stored(7), stored(6)]);
+    // Each chat points at its newest; one outbox entry per stored message.
+    let team_chat = store.chat_by_id(team).await.unwrap().unwrap();
+    assert_eq!(team_chat.last_message_id, Some(batch[1].id));
+    let direct_chat = store.chat_by_id(direct).await.unwrap().unwrap();
+    assert_eq!(direct_chat.last_message_id, Some(batch[7].id));
+    let events: HashSet<_> = store
+        .pending_outbox(100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "message.created")
+        .map(|e| e.payload["messageId"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: HashSet<_> = [0, 1, 6, 7]
+        .iter()
+        .map(|i| batch[*i].id.to_string())
+        .collect();
+    assert_eq!(events, expected);
+    // An empty batch is no work.
+    assert_eq!(store.append_messages(Vec::new()).await.unwrap(), vec![]);
+}
+
+/// Two nodes' writers committing the same `(sender, client_id)` at once: one message stands,
+/// the other batch answers `Duplicate` with it and still stores the rest of its batch.
+async fn concurrent_batches_with_the_same_client_id_store_it_once(store: Arc<dyn Store>) {
+    let (ann, bob) = (user(&*store).await, user(&*store).await);
+    let chat = group(&*store, ann.id, &[bob.id]).await;
+    let first = [
+        text(chat, ann.id, "mine", Some("race")),
+        text(chat, bob.id, "a", None),
+    ];
+    let second = [
+        text(chat, ann.id, "mine", Some("race")),
+        text(chat, bob.id, "b", None),
+    ];
+    let (a, b) = tokio::join!(
+        store.append_messages(first.iter().map(append).collect()),
+        store.append_messages(second.iter().map(append).collect()),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let winner = match (&a[0], &b[0]) {
+        (Appended::Stored(_), Appended::Duplicate { existing, .. }) => {
+            assert_eq!(**existing, first[0]);
+            &first[0]
+        }
+        (Appended::Duplicate { existing, .. }, Appended::Stored(_)) => {
+            assert_eq!(**existing, second[0]);
+            &second[0]
+        }
+        other => panic!("exactly one should be stored: {other:?}"),
+    };
+    assert_eq!(a[1], Appended::Stored(ChatKind::Group));
+    assert_eq!(b[1], Appended::Stored(ChatKind::Group));
+    let page = store.messages(chat, Page::newest(50)).await.unwrap();
+    assert_eq!(page.len(), 3, "{page:?}");
+    assert_eq!(
+        store
+            .message_by_client_id(ann.id, "race")
+            .await
+            .unwrap()
+            .as_ref(),
+        Some(winner)
     );
 }
 

@@ -83,6 +83,17 @@ pub fn kind_name(kind: confab_core::domain::MessageKind) -> &'static str {
 }
 
 impl MessageBody {
+    /// A message just stored: nobody has read it yet.
+    pub fn new_message(message: Message, kind: ChatKind) -> Self {
+        Self::new(
+            message,
+            &Audience {
+                kind,
+                members: Vec::new(),
+            },
+        )
+    }
+
     pub fn new(message: Message, audience: &Audience) -> Self {
         let seen_by: Vec<SeenBody> = audience
             .members
@@ -445,23 +456,20 @@ pub async fn send_message(
     ApiPath(id): ApiPath<ChatId>,
     ApiJson(body): ApiJson<SendRequest>,
 ) -> Result<(StatusCode, Json<MessageBody>), ApiError> {
-    let (message, created) = state
+    let sent = state
         .chats
         .send(who.user_id, id, &body.text, body.client_id.as_deref())
         .await?;
-    let audience = state.chats.audience(who.user_id, id).await?;
-    let body = MessageBody::new(message, &audience);
-    if !created {
-        return Ok((StatusCode::OK, Json(body)));
+    if !sent.created {
+        // A retry: the stored message, with whatever receipts it has gathered since.
+        let audience = state.chats.audience(who.user_id, id).await?;
+        return Ok((
+            StatusCode::OK,
+            Json(MessageBody::new(sent.message, &audience)),
+        ));
     }
-    // Stored: now every member online sees it, however it was sent.
-    emit(
-        &state.io,
-        crate::realtime::chat_room(id),
-        "message:new",
-        &body,
-    )
-    .await;
+    // Stored: the broadcaster (`realtime::spawn_broadcaster`) shows it to every member online.
+    let body = MessageBody::new_message(sent.message, sent.kind);
     Ok((StatusCode::CREATED, Json(body)))
 }
 

@@ -11,6 +11,7 @@ mod config;
 mod delivery;
 mod helpers;
 mod http;
+mod live;
 mod logs;
 mod mail;
 mod realtime;

@@ -80,13 +80,17 @@ socket.on("connect", async () => {
     socket.close();
     process.exit(0);
   }
-  socket.on("message:new", (message) => {
-    out({ event: "message:new", message });
+  // The ack and the broadcast can arrive in one read; an awaited ack then resolves after the
+  // broadcast's handler ran. Print the ack first either way.
+  const received = new Promise((resolve) => socket.once("message:new", resolve));
+  const report = async () => {
+    out({ event: "message:new", message: await received });
     socket.close();
     process.exit(0);
-  });
+  };
   if (config.mode === "listen") {
     out({ event: "ready" });
+    await report();
     return;
   }
   const ack = await socket.emitWithAck("message:send", {
@@ -99,4 +103,5 @@ socket.on("connect", async () => {
     socket.close();
     process.exit(0);
   }
+  await report();
 });

@@ -1,0 +1,426 @@
+//! Realtime load tool (issue 8): starts a release `confab serve` on embedded defaults (fresh
+//! data dir, pinned to CPU 0), registers C users, makes R group chats of C/R members, connects
+//! every user over Socket.IO (this tool's own client, `sio.rs`, pinned to CPU 1) and joins
+//! its room, then sends M messages/s spread over the clients, each with an ack, for the
+//! measured window. Reports per configuration: sent/s, delivered/s, ack p50/p99, delivery
+//! p50/p99 (send → `message:new` read by each member, sender included), server CPU per
+//! delivery (from /proc/<pid>/stat) and server RSS.
+//!
+//! cargo build --release -p confab-server --example realtime_load --bin confab
+//! target/release/examples/realtime_load [--clients 200 --rooms 20 --rates 1000,2000,5000]
+//!     [--seconds 10] [--ramp] [--binary target/release/confab]
+//!
+//! `--ramp` raises the rate until delivery p99 exceeds 50 ms or deliveries fall behind, and
+//! reports the highest rate that held.
+
+// A measuring tool: figures are converted between integer and float freely.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss,
+    clippy::cast_sign_loss,
+    clippy::too_many_lines,
+    clippy::unwrap_used
+)]
+
+#[path = "sio.rs"]
+mod sio;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+struct Args {
+    binary: String,
+    clients: usize,
+    rooms: usize,
+    rates: Vec<u64>,
+    seconds: u64,
+    ramp: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        binary: "target/release/confab".into(),
+        clients: 200,
+        rooms: 20,
+        rates: vec![1000, 2000, 5000],
+        seconds: 10,
+        ramp: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().expect("a value after the flag");
+        match flag.as_str() {
+            "--binary" => a.binary = value(),
+            "--clients" => a.clients = value().parse().expect("--clients N"),
+            "--rooms" => a.rooms = value().parse().expect("--rooms N"),
+            "--rates" => {
+                a.rates = value()
+                    .split(',')
+                    .map(|r| r.parse().expect("--rates 1000,2000"))
+                    .collect();
+            }
+            "--seconds" => a.seconds = value().parse().expect("--seconds N"),
+            "--ramp" => a.ramp = true,
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    a
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn start_server(binary: &str, port: u16, data: &std::path::Path) -> Child {
+    let mut cmd = if std::path::Path::new("/usr/bin/taskset").exists() {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0", binary]);
+        c
+    } else {
+        Command::new(binary)
+    };
+    cmd.arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("ENVIRONMENT", "production")
+        .env("JWT_SECRET", "bench-secret-bench-secret-bench-secret")
+        .env("CONFAB_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CONFAB_DATA_DIR", data)
+        .env("CONFAB__LOG__LEVEL", "warn")
+        .env("CONFAB__AUTH__RATE_LIMIT_PER_IP_PER_MINUTE", "1000000")
+        .env("CONFAB__AUTH__RATE_LIMIT_PER_EMAIL_PER_MINUTE", "1000000")
+        // Registration is setup here, not what is measured.
+        .env("CONFAB__AUTH__ARGON2_MEMORY_KIB", "1024")
+        .env("CONFAB__AUTH__ARGON2_ITERATIONS", "1")
+        // Each client sends well under this; the limit is not what is measured.
+        .env("CONFAB__CHAT__MESSAGES_PER_SECOND", "1000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start confab")
+}
+
+/// utime + stime of `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // After the name: state is field 3, utime 14, stime 15 (1-based over the whole line).
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
+    ticks / 100.0
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Sent-at instants by message sequence number, as nanoseconds after `base`.
+struct Clock {
+    base: Instant,
+    sent: Vec<AtomicU64>,
+}
+
+struct Member {
+    client: sio::Client,
+    room: Value,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args = args();
+    let binary = std::fs::canonicalize(&args.binary)
+        .unwrap_or_else(|_| panic!("{} is missing: build it with --release", args.binary));
+    let port = free_port();
+    let data = tempfile::tempdir().expect("a temp dir");
+    let mut server = start_server(binary.to_str().expect("utf-8 path"), port, data.path());
+    let pid = server.id();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let ready = Instant::now();
+    while http
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .ok()
+        != Some(200)
+    {
+        assert!(
+            ready.elapsed() < Duration::from_secs(30),
+            "the server did not get ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (members, rss_idle) = setup(&http, &base, &args, pid).await;
+    eprintln!(
+        "{} clients in {} rooms connected and joined; server RSS {:.1} MiB (idle before: {rss_idle:.1} MiB)",
+        members.len(),
+        args.rooms,
+        rss_mib(pid)
+    );
+    let members = Arc::new(members);
+    let mut rates = args.rates.clone();
+    if args.ramp {
+        rates = (1..=40).map(|k| 1000 * k).collect();
+    }
+    let capacity = usize::try_from(rates.iter().sum::<u64>() * args.seconds).expect("fits");
+    let clock = Arc::new(Clock {
+        base: Instant::now(),
+        sent: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let seq = Arc::new(AtomicU64::new(0));
+    let mut best = None;
+    for rate in rates {
+        let r = run(&members, &clock, &seq, rate, args.seconds, pid, args.rooms).await;
+        let held = r.delivery_p99 <= Duration::from_millis(50) && r.delivered_ratio > 0.99;
+        println!(
+            "clients {} rooms {} target {rate} msg/s: sent {:.0}/s, delivered {:.0}/s ({:.1} %), ack p50 {:.2} ms p99 {:.2} ms, delivery p50 {:.2} ms p99 {:.2} ms, server CPU {:.1} µs/delivery, RSS {:.1} MiB",
+            args.clients,
+            args.rooms,
+            r.sent_per_sec,
+            r.delivered_per_sec,
+            100.0 * r.delivered_ratio,
+            ms(r.ack_p50),
+            ms(r.ack_p99),
+            ms(r.delivery_p50),
+            ms(r.delivery_p99),
+            r.cpu_us_per_delivery,
+            rss_mib(pid),
+        );
+        if args.ramp {
+            if !held {
+                break;
+            }
+            best = Some(rate);
+        }
+        // Let queues drain between configurations.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    if args.ramp {
+        println!(
+            "ramp: highest rate with delivery p99 <= 50 ms and every message delivered: {best:?} msg/s"
+        );
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn setup(http: &reqwest::Client, base: &str, args: &Args, pid: u32) -> (Vec<Member>, f64) {
+    // Users, a few at a time.
+    let mut tokens: Vec<(String, String)> = Vec::with_capacity(args.clients);
+    for chunk in (0..args.clients).collect::<Vec<_>>().chunks(16) {
+        let batch = chunk.iter().map(|i| {
+            let http = http.clone();
+            let url = format!("{base}/api/v1/auth/register");
+            async move {
+                let r: Value = http
+                    .post(url)
+                    .json(&json!({"email": format!("load{i}@example.com"), "password": "load test password", "name": format!("Load {i}")}))
+                    .send()
+                    .await
+                    .expect("register")
+                    .json()
+                    .await
+                    .expect("register body");
+                (
+                    r["user"]["id"].as_str().expect("user id").to_owned(),
+                    r["accessToken"].as_str().expect("token").to_owned(),
+                )
+            }
+        });
+        tokens.extend(futures_util::future::join_all(batch).await);
+    }
+    // Rooms: client i belongs to room i % rooms; its first member creates it.
+    let mut rooms = Vec::with_capacity(args.rooms);
+    for r in 0..args.rooms {
+        let ids: Vec<&str> = (r..args.clients)
+            .step_by(args.rooms)
+            .map(|i| tokens[i].0.as_str())
+            .collect();
+        let chat: Value = http
+            .post(format!("{base}/api/v1/chats"))
+            .bearer_auth(&tokens[r].1)
+            .json(&json!({"memberIds": &ids[1..], "name": format!("room {r}")}))
+            .send()
+            .await
+            .expect("create chat")
+            .json()
+            .await
+            .expect("chat body");
+        rooms.push(chat["id"].clone());
+    }
+    let rss_idle = rss_mib(pid);
+    let mut members = Vec::with_capacity(args.clients);
+    for (i, (_, token)) in tokens.iter().enumerate() {
+        let (client, events) = sio::connect(base, &json!({ "token": token }))
+            .await
+            .expect("socket.io connect");
+        let room = rooms[i % args.rooms].clone();
+        let joined = client
+            .call(
+                "chat:join",
+                &json!({ "chatId": room }),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("join");
+        assert_eq!(joined["ok"], true, "{joined}");
+        spawn_listener(events);
+        members.push(Member { client, room });
+    }
+    (members, rss_idle)
+}
+
+/// Per run: delivery latencies go here (one shared sink; the tool's single thread).
+static DELIVERIES: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+static CLOCK: std::sync::OnceLock<Arc<Clock>> = std::sync::OnceLock::new();
+
+fn spawn_listener(mut events: tokio::sync::mpsc::UnboundedReceiver<sio::Event>) {
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            if event.name != "message:new" {
+                continue;
+            }
+            let (Some(clock), Some(n)) = (
+                CLOCK.get(),
+                event.data["text"]
+                    .as_str()
+                    .and_then(|t| t.parse::<usize>().ok()),
+            ) else {
+                continue;
+            };
+            let sent = clock.sent[n].load(Ordering::Relaxed);
+            let now = event.at.duration_since(clock.base).as_nanos() as u64;
+            let micros = now.saturating_sub(sent) / 1000;
+            DELIVERIES
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(u32::try_from(micros).unwrap_or(u32::MAX));
+        }
+    });
+}
+
+struct Report {
+    sent_per_sec: f64,
+    delivered_per_sec: f64,
+    delivered_ratio: f64,
+    ack_p50: Duration,
+    ack_p99: Duration,
+    delivery_p50: Duration,
+    delivery_p99: Duration,
+    cpu_us_per_delivery: f64,
+}
+
+async fn run(
+    members: &Arc<Vec<Member>>,
+    clock: &Arc<Clock>,
+    seq: &Arc<AtomicU64>,
+    rate: u64,
+    seconds: u64,
+    pid: u32,
+    rooms: usize,
+) -> Report {
+    let _ = CLOCK.set(clock.clone());
+    DELIVERIES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clear();
+    let acks = Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
+    let cpu_before = cpu_seconds(pid);
+    let started = Instant::now();
+    // Every millisecond, the messages due by then (round-robin over the clients).
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let total = rate * seconds;
+    let mut sent = 0u64;
+    let mut next_client = 0usize;
+    while sent < total {
+        tick.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+        while sent < due {
+            let member = &members[next_client % members.len()];
+            next_client += 1;
+            let n = seq.fetch_add(1, Ordering::Relaxed);
+            let at = Instant::now();
+            clock.sent[n as usize].store(
+                at.duration_since(clock.base).as_nanos() as u64,
+                Ordering::Relaxed,
+            );
+            let ack = member.client.call_later(
+                "message:send",
+                &json!({ "chatId": member.room, "text": n.to_string() }),
+            );
+            let acks = acks.clone();
+            tokio::spawn(async move {
+                if let Ok(answer) = ack.await
+                    && answer["ok"] == true
+                {
+                    let micros = at.elapsed().as_micros();
+                    acks.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(u32::try_from(micros).unwrap_or(u32::MAX));
+                }
+            });
+            sent += 1;
+        }
+    }
+    let send_time = started.elapsed();
+    // Wait for the stragglers (up to 5 s), then read the server's CPU.
+    let per_room = members.len() as f64 / rooms as f64;
+    let expected = (total as f64 * per_room).round() as usize;
+    let waited = Instant::now();
+    while DELIVERIES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .len()
+        < expected
+        && waited.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let mut deliveries = std::mem::take(
+        &mut *DELIVERIES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    let mut acks = std::mem::take(
+        &mut *acks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    deliveries.sort_unstable();
+    acks.sort_unstable();
+    let q = |v: &[u32], p: f64| match v {
+        [] => Duration::MAX,
+        v => Duration::from_micros(u64::from(v[((v.len() as f64 - 1.0) * p).round() as usize])),
+    };
+    Report {
+        sent_per_sec: total as f64 / send_time.as_secs_f64(),
+        delivered_per_sec: deliveries.len() as f64 / send_time.as_secs_f64(),
+        delivered_ratio: deliveries.len() as f64 / expected.max(1) as f64,
+        ack_p50: q(&acks, 0.5),
+        ack_p99: q(&acks, 0.99),
+        delivery_p50: q(&deliveries, 0.5),
+        delivery_p99: q(&deliveries, 0.99),
+        cpu_us_per_delivery: cpu * 1e6 / deliveries.len().max(1) as f64,
+    }
+}

@@ -1,0 +1,304 @@
+//! Live delivery in bulk, driven by the Rust Socket.IO client (`bench/sio.rs`, the load
+//! tool's client): many sockets, many concurrent senders, reconnects. The official JavaScript
+//! client proves wire compatibility in `realtime.rs`; these prove the behaviour at volume, on
+//! every backend.
+
+#[path = "../../../../bench/sio.rs"]
+mod sio;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::auth::{Backend, Person, auth_app, call, person};
+use crate::helpers::TestApp;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn connect(app: &TestApp, who: &Person) -> (sio::Client, UnboundedReceiver<sio::Event>) {
+    sio::connect(&app.url(""), &json!({ "token": who.token }))
+        .await
+        .expect("the socket connects")
+}
+
+async fn join(client: &sio::Client, chat: &str) -> Value {
+    client
+        .call("chat:join", &json!({ "chatId": chat }), WAIT)
+        .await
+        .unwrap()
+}
+
+async fn group(app: &TestApp, admin: &Person, others: &[&Person]) -> String {
+    let ids: Vec<&str> = others.iter().map(|p| p.id.as_str()).collect();
+    let chat: Value = call(
+        app,
+        Method::POST,
+        "/api/v1/chats",
+        Some(&admin.token),
+        Some(json!({ "memberIds": ids, "name": "bulk" })),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    chat["id"].as_str().unwrap().to_owned()
+}
+
+/// The ids of the next `n` `message:new` events (others skipped).
+async fn receive(events: &mut UnboundedReceiver<sio::Event>, n: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    while ids.len() < n {
+        let Some(event) = sio::next_named(events, "message:new", WAIT).await else {
+            panic!("only {} of {n} messages arrived", ids.len());
+        };
+        ids.push(event.data["id"].as_str().unwrap().to_owned());
+    }
+    ids
+}
+
+/// 12 members, 6 of them sending 25 messages each at once over their sockets (the writer
+/// commits them in shared transactions): every ack is `ok` with an id, every member receives
+/// every message exactly once, in one order all members agree on, and the history holds each
+/// message once. A resent `clientId` gets the same id back and is not broadcast again.
+async fn every_member_gets_every_message_once_while_many_send(backend: &Backend) {
+    let app = auth_app(backend, |c| c.chat.messages_per_second = 10_000).await;
+    let mut people = Vec::new();
+    for i in 0..12 {
+        people.push(person(&app, &format!("bulk{i}")).await);
+    }
+    let others: Vec<&Person> = people[1..].iter().collect();
+    let chat = group(&app, &people[0], &others).await;
+    let mut sockets = Vec::new();
+    for p in &people {
+        let (client, events) = connect(&app, p).await;
+        assert_eq!(join(&client, &chat).await["ok"], true);
+        sockets.push((client, events));
+    }
+    let per_sender = 25;
+    let senders = 6;
+    let mut acks = Vec::new();
+    for round in 0..per_sender {
+        for (s, (client, _)) in sockets.iter().take(senders).enumerate() {
+            acks.push(client.call_later(
+                "message:send",
+                &json!({ "chatId": chat, "text": format!("{s}/{round}"), "clientId": format!("c-{s}-{round}") }),
+            ));
+        }
+    }
+    let mut acked = HashSet::new();
+    for ack in acks {
+        let ack = tokio::time::timeout(WAIT, ack).await.unwrap().unwrap();
+        assert_eq!(ack["ok"], true, "{ack}");
+        assert!(acked.insert(ack["id"].as_str().unwrap().to_owned()));
+    }
+    let total = per_sender * senders;
+    let mut orders = Vec::new();
+    for (_, events) in &mut sockets {
+        let ids = receive(events, total).await;
+        let unique: HashSet<_> = ids.iter().cloned().collect();
+        assert_eq!(unique, acked, "each member gets each acked message once");
+        orders.push(ids);
+    }
+    // One order per room: every member saw the messages in the same sequence.
+    assert!(orders.windows(2).all(|w| w[0] == w[1]));
+
+    // A retry is answered with the stored message and not broadcast again.
+    let (client, _) = &sockets[0];
+    let retry = client
+        .call(
+            "message:send",
+            &json!({ "chatId": chat, "text": "0/0", "clientId": "c-0-0" }),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(retry["ok"], true);
+    assert!(acked.contains(retry["id"].as_str().unwrap()));
+    let (_, listener) = &mut sockets[11];
+    let extra = sio::next_named(listener, "message:new", Duration::from_millis(500)).await;
+    assert!(extra.is_none(), "a retry is not delivered twice: {extra:?}");
+
+    // The history: each message once.
+    let mut stored = HashSet::new();
+    let mut after: Option<String> = None;
+    loop {
+        let path = match &after {
+            Some(id) => format!("/api/v1/chats/{chat}/messages?after={id}&limit=100"),
+            None => format!(
+                "/api/v1/chats/{chat}/messages?after=00000000-0000-0000-0000-000000000000&limit=100"
+            ),
+        };
+        let page: Value = call(&app, Method::GET, &path, Some(&people[3].token), None)
+            .await
+            .json()
+            .await
+            .unwrap();
+        let items = page["items"].as_array().unwrap();
+        if items.is_empty() {
+            break;
+        }
+        for item in items {
+            assert!(stored.insert(item["id"].as_str().unwrap().to_owned()));
+        }
+        after = items.last().map(|m| m["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(stored, acked);
+}
+
+/// A client that drops off while messages keep flowing reconnects, asks for everything after
+/// the last message it saw, and ends up with exactly what was sent: no gap, no duplicate.
+async fn a_reconnecting_client_catches_up_without_gaps(backend: &Backend) {
+    let app = auth_app(backend, |c| c.chat.messages_per_second = 10_000).await;
+    let (ann, bob) = (person(&app, "ann").await, person(&app, "bob").await);
+    let chat = group(&app, &ann, &[&bob]).await;
+    let (sender, _sender_events) = connect(&app, &ann).await;
+    assert_eq!(join(&sender, &chat).await["ok"], true);
+
+    // Ann keeps sending, one message every few milliseconds, in the background.
+    let total = 120;
+    let flow = {
+        let chat = chat.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..total {
+                let ack = sender
+                    .call(
+                        "message:send",
+                        &json!({ "chatId": chat, "text": format!("m{i}") }),
+                        WAIT,
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(ack["ok"], true, "{ack}");
+                ids.push(ack["id"].as_str().unwrap().to_owned());
+                tokio::time::sleep(Duration::from_millis(4)).await;
+            }
+            ids
+        })
+    };
+
+    let mut seen: Vec<String> = Vec::new();
+    for _ in 0..3 {
+        // Connected for a while: take what arrives...
+        let (bobs, mut events) = connect(&app, &bob).await;
+        assert_eq!(join(&bobs, &chat).await["ok"], true);
+        // ...after catching up on what was missed while away.
+        catch_up(&app, &bob, &chat, &mut seen).await;
+        let until = tokio::time::Instant::now() + Duration::from_millis(120);
+        while let Ok(Some(event)) = tokio::time::timeout_at(until, events.recv()).await {
+            if event.name == "message:new" {
+                let id = event.data["id"].as_str().unwrap().to_owned();
+                // Live events that the catch-up page already returned are not new.
+                if !seen.contains(&id) {
+                    seen.push(id);
+                }
+            }
+        }
+        bobs.close();
+        // Away while messages keep coming.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sent = flow.await.unwrap();
+    // Back for good: one last catch-up.
+    catch_up(&app, &bob, &chat, &mut seen).await;
+    assert_eq!(seen.len(), sent.len(), "as many as were sent");
+    assert!(seen == sent, "exactly what was sent, in order");
+}
+
+/// Appends what came after the last id in `seen` (everything when it is empty).
+async fn catch_up(app: &TestApp, who: &Person, chat: &str, seen: &mut Vec<String>) {
+    let after = seen
+        .last()
+        .cloned()
+        .unwrap_or_else(|| "00000000-0000-0000-0000-000000000000".into());
+    let page: Value = call(
+        app,
+        Method::GET,
+        &format!("/api/v1/chats/{chat}/messages?after={after}&limit=200"),
+        Some(&who.token),
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    for item in page["items"].as_array().unwrap() {
+        seen.push(item["id"].as_str().unwrap().to_owned());
+    }
+}
+
+/// Someone outside the chat: the socket cannot join it, cannot send into it, receives none
+/// of its messages, and the REST history is 404 too.
+async fn a_non_member_can_neither_join_read_nor_send(backend: &Backend) {
+    let app = auth_app(backend, |c| c.chat.messages_per_second = 10_000).await;
+    let (ann, bob, eve) = (
+        person(&app, "ann").await,
+        person(&app, "bob").await,
+        person(&app, "eve").await,
+    );
+    let chat = group(&app, &ann, &[&bob]).await;
+    let (eves, mut eve_events) = connect(&app, &eve).await;
+    assert_eq!(
+        join(&eves, &chat).await,
+        json!({ "ok": false, "code": "NOT_FOUND" })
+    );
+    let sent = eves
+        .call(
+            "message:send",
+            &json!({ "chatId": chat, "text": "let me in" }),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent, json!({ "ok": false, "code": "NOT_FOUND" }));
+    let (anns, _) = connect(&app, &ann).await;
+    assert_eq!(join(&anns, &chat).await["ok"], true);
+    let ok = anns
+        .call(
+            "message:send",
+            &json!({ "chatId": chat, "text": "members only" }),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok["ok"], true);
+    let leaked = sio::next_named(&mut eve_events, "message:new", Duration::from_millis(500)).await;
+    assert!(leaked.is_none(), "{leaked:?}");
+    let history = call(
+        &app,
+        Method::GET,
+        &format!("/api/v1/chats/{chat}/messages"),
+        Some(&eve.token),
+        None,
+    )
+    .await;
+    assert_eq!(history.status(), 404);
+    // Nothing of Eve's got in.
+    let page: Value = call(
+        &app,
+        Method::GET,
+        &format!("/api/v1/chats/{chat}/messages"),
+        Some(&ann.token),
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let texts: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, vec!["members only"]);
+}
+
+on_every_backend!(
+    every_member_gets_every_message_once_while_many_send,
+    a_reconnecting_client_catches_up_without_gaps,
+    a_non_member_can_neither_join_read_nor_send,
+);
