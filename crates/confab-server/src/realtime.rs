@@ -87,8 +87,37 @@ async fn authenticate(
     Ok(())
 }
 
-async fn on_connect(Extension(who): Extension<Principal>, State(rt): State<Realtime>) {
+async fn on_connect(
+    io: SocketIo,
+    Extension(who): Extension<Principal>,
+    State(rt): State<Realtime>,
+) {
     touch(&*rt.cache, who.user_id).await;
+    // The user's first socket: their partners see them come online.
+    if io.to(user_room(who.user_id)).sockets().len() == 1 {
+        announce_presence(&io, &rt, who.user_id, true).await;
+    }
+}
+
+/// Emits `presence` to the user rooms of everyone who shares a chat with `user` (SPEC §4).
+async fn announce_presence(io: &SocketIo, rt: &Realtime, user: UserId, online: bool) {
+    let partners = match rt.chats.partners(user).await {
+        Ok(partners) if !partners.is_empty() => partners,
+        Ok(_) => return,
+        Err(error) => {
+            tracing::debug!(%error, "Presence not announced.");
+            return;
+        }
+    };
+    let body = json!({
+        "userId": user,
+        "online": online,
+        "lastSeenAt": crate::http::auth::rfc3339(confab_core::domain::now()),
+    });
+    let rooms: Vec<String> = partners.into_iter().map(user_room).collect();
+    if let Err(error) = io.to(rooms).emit("presence", &body).await {
+        tracing::debug!(%error, "Presence not announced.");
+    }
 }
 
 /// The user was seen now: online for five minutes from here (SPEC §4: while a socket is
@@ -103,9 +132,24 @@ async fn touch(cache: &dyn Cache, user: UserId) {
     }
 }
 
-async fn on_disconnect(Extension(who): Extension<Principal>, State(rt): State<Realtime>) {
+async fn on_disconnect(
+    socket: SocketRef,
+    io: SocketIo,
+    Extension(who): Extension<Principal>,
+    State(rt): State<Realtime>,
+) {
     // Last seen now; the 5-minute window of SPEC §4 runs from here.
     touch(&*rt.cache, who.user_id).await;
+    // The user's last socket closed: partners see them go (with when they were last seen).
+    let others = io
+        .to(user_room(who.user_id))
+        .sockets()
+        .into_iter()
+        .filter(|s| s.id != socket.id)
+        .count();
+    if others == 0 {
+        announce_presence(&io, &rt, who.user_id, false).await;
+    }
 }
 
 /// Keeps the users of this node's sockets present (every minute, well within the 5-minute

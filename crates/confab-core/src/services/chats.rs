@@ -319,6 +319,19 @@ impl ChatService {
         Ok(())
     }
 
+    /// Everyone who shares a chat with `who` (not `who`): whom their presence concerns.
+    pub async fn partners(&self, who: UserId) -> Result<Vec<UserId>, ChatError> {
+        let mut partners = HashSet::new();
+        for chat in self.store.chats_of(who).await? {
+            for member in self.store.members(chat.id).await? {
+                if member.user_id != who {
+                    partners.insert(member.user_id);
+                }
+            }
+        }
+        Ok(partners.into_iter().collect())
+    }
+
     /// The chat's kind and members, for a member (`NotFound` for anyone else).
     pub async fn audience(&self, who: UserId, chat: ChatId) -> Result<Audience, ChatError> {
         let (chat, _) = self.membership(who, chat).await?;

@@ -297,8 +297,44 @@ async fn a_non_member_can_neither_join_read_nor_send(backend: &Backend) {
     assert_eq!(texts, vec!["members only"]);
 }
 
+/// Presence (SPEC §4) goes to the user's chat partners: online with the first socket, not
+/// again for a second tab, offline (with when last seen) only when the last socket closes;
+/// someone who shares no chat hears nothing.
+async fn partners_see_presence_come_and_go(backend: &Backend) {
+    let app = auth_app(backend, |_| {}).await;
+    let (ann, bob, eve) = (
+        person(&app, "ann").await,
+        person(&app, "bob").await,
+        person(&app, "eve").await,
+    );
+    group(&app, &bob, &[&ann]).await;
+    let (_bobs, mut bob_events) = connect(&app, &bob).await;
+    let (_eves, mut eve_events) = connect(&app, &eve).await;
+
+    let (first, _) = connect(&app, &ann).await;
+    let online = sio::next_named(&mut bob_events, "presence", WAIT)
+        .await
+        .unwrap();
+    assert_eq!(online.data["userId"], ann.id.as_str());
+    assert_eq!(online.data["online"], true);
+    let (second, _) = connect(&app, &ann).await;
+    first.close();
+    let quiet = sio::next_named(&mut bob_events, "presence", Duration::from_millis(400)).await;
+    assert!(quiet.is_none(), "a second tab changes nothing: {quiet:?}");
+    second.close();
+    let offline = sio::next_named(&mut bob_events, "presence", WAIT)
+        .await
+        .unwrap();
+    assert_eq!(offline.data["userId"], ann.id.as_str());
+    assert_eq!(offline.data["online"], false);
+    assert!(offline.data["lastSeenAt"].is_string());
+    let leaked = sio::next_named(&mut eve_events, "presence", Duration::from_millis(200)).await;
+    assert!(leaked.is_none(), "{leaked:?}");
+}
+
 on_every_backend!(
     every_member_gets_every_message_once_while_many_send,
     a_reconnecting_client_catches_up_without_gaps,
     a_non_member_can_neither_join_read_nor_send,
+    partners_see_presence_come_and_go,
 );

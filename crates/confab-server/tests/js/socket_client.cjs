@@ -34,6 +34,7 @@ socket.on("connect", async () => {
     // Every event the server sends, in order, until `expect` of them came.
     let left = config.expect;
     socket.onAny((event, data) => {
+      if ((config.ignore || []).includes(event)) return;
       out({ event, data });
       if (--left === 0) {
         socket.close();
