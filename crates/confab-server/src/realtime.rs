@@ -35,7 +35,37 @@ pub struct Realtime {
     pub chats: Arc<ChatService>,
     /// Presence (SPEC §4, §7 `online_users`).
     pub cache: Arc<dyn Cache>,
+    /// Open sockets per user on this node: the first one announces the user online, closing
+    /// the last one announces them offline.
+    pub open: Arc<std::sync::Mutex<std::collections::HashMap<UserId, usize>>>,
 }
+
+impl Realtime {
+    /// Counts a socket of `user` in (`+1`) or out (`-1`); whether it was the first in or the
+    /// last out.
+    fn count(&self, user: UserId, opened: bool) -> bool {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = open.entry(user).or_default();
+        if opened {
+            *n += 1;
+            *n == 1
+        } else {
+            *n = n.saturating_sub(1);
+            let last = *n == 0;
+            if last {
+                open.remove(&user);
+            }
+            last
+        }
+    }
+}
+
+/// Marks the socket that took its user from no open socket to one.
+#[derive(Clone, Copy)]
+struct FirstSocket;
 
 /// The Socket.IO layer for the router and the handle that emits from anywhere (REST sends).
 pub fn build(realtime: Realtime) -> (SocketIoLayer, SocketIo) {
@@ -83,18 +113,22 @@ async fn authenticate(
     socket.on_disconnect(on_disconnect);
     socket.extensions.insert(Typing::default());
     socket.join(user_room(who.user_id));
+    if rt.count(who.user_id, true) {
+        socket.extensions.insert(FirstSocket);
+    }
     socket.extensions.insert(who);
     Ok(())
 }
 
 async fn on_connect(
+    socket: SocketRef,
     io: SocketIo,
     Extension(who): Extension<Principal>,
     State(rt): State<Realtime>,
 ) {
     touch(&*rt.cache, who.user_id).await;
     // The user's first socket: their partners see them come online.
-    if io.to(user_room(who.user_id)).sockets().len() == 1 {
+    if socket.extensions.get::<FirstSocket>().is_some() {
         announce_presence(&io, &rt, who.user_id, true).await;
     }
 }
@@ -133,21 +167,15 @@ async fn touch(cache: &dyn Cache, user: UserId) {
 }
 
 async fn on_disconnect(
-    socket: SocketRef,
     io: SocketIo,
     Extension(who): Extension<Principal>,
     State(rt): State<Realtime>,
 ) {
+    let last = rt.count(who.user_id, false);
     // Last seen now; the 5-minute window of SPEC §4 runs from here.
     touch(&*rt.cache, who.user_id).await;
     // The user's last socket closed: partners see them go (with when they were last seen).
-    let others = io
-        .to(user_room(who.user_id))
-        .sockets()
-        .into_iter()
-        .filter(|s| s.id != socket.id)
-        .count();
-    if others == 0 {
+    if last {
         announce_presence(&io, &rt, who.user_id, false).await;
     }
 }

@@ -137,6 +137,7 @@ impl Application {
             auth: auth.clone(),
             chats: chats.clone(),
             cache: ports.cache.clone(),
+            open: Arc::default(),
         });
         // Lives as long as the chat service's writer.
         crate::realtime::spawn_broadcaster(io.clone(), &chats);
@@ -218,6 +219,7 @@ impl Application {
             crate::metrics::spawn_upkeep(self.state.metrics.clone(), token.clone()),
             crate::workers::spawn_depth_gauges(self.depths.clone(), token.clone()),
             crate::workers::spawn_mail_worker(self.state.clone(), token.clone()),
+            crate::workers::spawn_events_worker(self.state.clone(), token.clone()),
             crate::jobs::spawn_scheduler(self.state.clone(), token.clone()),
             crate::realtime::spawn_presence(
                 self.state.io.clone(),

@@ -105,3 +105,87 @@ pub fn spawn_mail_worker(
         }
     })
 }
+
+/// The consumer name under which handled `events` are recorded (idempotency).
+pub const EVENTS_CONSUMER: &str = "events";
+
+/// Consumes the `events` queue until `shutdown`: `message.created` queues the offline digest
+/// mails (each event once: the mails and the processed mark commit together); other kinds
+/// have no consumer yet and are acknowledged.
+pub fn spawn_events_worker(
+    state: crate::state::AppState,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    use confab_core::ports::broker::queues::EVENTS;
+    tokio::spawn(async move {
+        loop {
+            let batch = tokio::select! {
+                () = shutdown.cancelled() => return,
+                batch = state.broker.receive(EVENTS, 32, Duration::from_secs(1)) => batch,
+            };
+            match batch {
+                Ok(deliveries) => {
+                    for delivery in deliveries {
+                        if let Err(error) = handle_event(&state, &delivery).await {
+                            tracing::warn!(%error, kind = %delivery.envelope.kind, "Event not handled; it will be retried.");
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "Events worker cannot reach the queue; retrying.");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    })
+}
+
+async fn handle_event(
+    state: &crate::state::AppState,
+    delivery: &confab_core::ports::broker::Delivery,
+) -> anyhow::Result<()> {
+    use confab_core::domain::{ChatId, UserId};
+    use confab_core::services::delivery::handle_once;
+    if delivery.envelope.kind != "message.created" {
+        state.broker.ack(delivery).await?;
+        return Ok(());
+    }
+    let payload = &delivery.envelope.payload;
+    let chat = serde_json::from_value::<ChatId>(payload["chatId"].clone());
+    let sender = serde_json::from_value::<Option<UserId>>(payload["senderId"].clone())
+        .ok()
+        .flatten();
+    let Ok(chat) = chat else {
+        state
+            .broker
+            .nack(delivery, "message.created without a chatId")
+            .await?;
+        return Ok(());
+    };
+    let mails = match state.chats.offline_digest(chat, sender).await {
+        Ok(mails) => mails,
+        Err(error) => {
+            state.broker.nack(delivery, &error.to_string()).await?;
+            return Err(error.into());
+        }
+    };
+    handle_once(
+        &*state.store,
+        &*state.broker,
+        EVENTS_CONSUMER,
+        delivery,
+        Box::new(move |tx| {
+            Box::pin(async move {
+                for mail in &mails {
+                    tx.enqueue(mail).await?;
+                }
+                Ok(())
+            })
+        }),
+    )
+    .await?;
+    Ok(())
+}

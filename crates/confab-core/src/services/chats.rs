@@ -29,6 +29,8 @@ pub use writer::{Committed, MessageWriter};
 
 /// The longest message text (SPEC issue: 10,000 characters).
 pub const MAX_TEXT_CHARS: usize = 10_000;
+/// An offline member gets at most one new-message mail per chat this often (SPEC §9).
+pub const DIGEST_EVERY: std::time::Duration = std::time::Duration::from_mins(15);
 /// The most members a new group may list.
 pub const MAX_GROUP_MEMBERS: usize = 500;
 
@@ -330,6 +332,77 @@ impl ChatService {
             }
         }
         Ok(partners.into_iter().collect())
+    }
+
+    /// For a `message.created` event: the digest mails to queue (SPEC §9), one per member
+    /// other than the sender who is offline (no socket and no activity for 5 minutes) and was
+    /// not mailed about this chat in the last [`DIGEST_EVERY`]; it counts their unread
+    /// messages. The window is claimed in the cache (an atomic counter), so two nodes
+    /// handling events of one chat still send one mail.
+    pub async fn offline_digest(
+        &self,
+        chat: ChatId,
+        sender: Option<UserId>,
+    ) -> Result<Vec<OutboxEntry>, ChatError> {
+        let Some(found) = self.store.chat_by_id(chat).await? else {
+            return Ok(Vec::new());
+        };
+        let since = now() - chrono::Duration::minutes(5);
+        let online: HashSet<String> = self
+            .cache
+            .presence_since(keys::ONLINE_USERS, since.timestamp_millis())
+            .await
+            .map(|seen| seen.into_iter().map(|p| p.member).collect())
+            .unwrap_or_default();
+        let mut mails = Vec::new();
+        for member in self.store.members(chat).await? {
+            let user = member.user_id;
+            if Some(user) == sender || online.contains(&user.to_string()) {
+                continue;
+            }
+            let window = format!("digest:{chat}:{user}");
+            match self.cache.incr(&window, 1, DIGEST_EVERY).await {
+                Ok(1) => {}
+                // Mailed within the window; or the cache is out: no mail rather than a flood.
+                Ok(_) | Err(_) => continue,
+            }
+            let Some(account) = self.store.user_by_id(user).await? else {
+                continue;
+            };
+            let unread = self
+                .store
+                .count_messages_after(chat, member.last_read_message_id, user)
+                .await?;
+            let chat_name = match (&found.name, found.kind) {
+                (Some(name), _) => name.clone(),
+                (None, _) => match sender {
+                    Some(s) => self
+                        .store
+                        .user_by_id(s)
+                        .await?
+                        .map_or_else(|| "a chat".to_owned(), |u| u.name),
+                    None => "a chat".to_owned(),
+                },
+            };
+            mails.push(OutboxEntry {
+                id: EventId::new(),
+                queue: queues::MAIL.into(),
+                kind: "mail.message_digest".into(),
+                payload: json!({
+                    "template": "message_digest",
+                    "to": account.email,
+                    "vars": {
+                        "name": account.name,
+                        "count": unread.max(1),
+                        "chat_name": chat_name,
+                        "chat_id": chat,
+                    },
+                }),
+                trace_id: None,
+                created_at: now(),
+            });
+        }
+        Ok(mails)
     }
 
     /// The chat's kind and members, for a member (`NotFound` for anyone else).

@@ -189,7 +189,7 @@ async fn refresh(app: &TestApp, token: &str) -> reqwest::Response {
     .await
 }
 
-fn unique_email(tag: &str) -> String {
+pub fn unique_email(tag: &str) -> String {
     format!("{}@example.com", unique(tag)).to_lowercase()
 }
 
@@ -215,7 +215,7 @@ fn decode_qp(text: &str) -> String {
 }
 
 /// Every mail in the app's .eml outbox to `to`, decoded.
-fn mails_to(app: &TestApp, to: &str) -> Vec<String> {
+pub fn mails_to(app: &TestApp, to: &str) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(app.data_dir.join("outbox")) else {
         return Vec::new();
     };

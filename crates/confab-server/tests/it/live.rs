@@ -13,7 +13,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::auth::{Backend, Person, auth_app, call, person};
+use crate::auth::{Backend, Person, auth_app, call, mails_to, person, register, unique_email};
 use crate::helpers::TestApp;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -332,9 +332,82 @@ async fn partners_see_presence_come_and_go(backend: &Backend) {
     assert!(leaked.is_none(), "{leaked:?}");
 }
 
+/// New messages for a member who is offline (no socket, not active for 5 minutes) bring
+/// one digest mail per chat per 15 minutes through the `events` and `mail` queues; a member
+/// connected over Socket.IO gets none, nor does the sender. The mail names the chat and
+/// links to it, and never carries the message text.
+async fn offline_members_get_one_digest_mail_per_chat(backend: &Backend) {
+    let app = auth_app(backend, |_| {}).await;
+    let ann = person(&app, "ann").await;
+    let bob_email = unique_email("bob");
+    let bob_id = register(&app, &bob_email).await["user"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let carol_email = unique_email("carol");
+    let session = register(&app, &carol_email).await;
+    let carol = Person {
+        id: session["user"]["id"].as_str().unwrap().to_owned(),
+        token: session["accessToken"].as_str().unwrap().to_owned(),
+    };
+    let bob = Person {
+        id: bob_id,
+        token: String::new(),
+    };
+    let chat = group(&app, &ann, &[&bob, &carol]).await;
+    let (carols, _carol_events) = connect(&app, &carol).await;
+    // Carol is online once her socket is in (presence is recorded on connect).
+    assert_eq!(join(&carols, &chat).await["ok"], true);
+    confab_core::testing::eventually("carol shows as online", WAIT, || async {
+        let profile: Value = call(
+            &app,
+            Method::GET,
+            &format!("/api/v1/users/{}", carol.id),
+            Some(&ann.token),
+            None,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+        profile["online"] == true
+    })
+    .await;
+    for i in 0..3 {
+        let sent = call(
+            &app,
+            Method::POST,
+            &format!("/api/v1/chats/{chat}/messages"),
+            Some(&ann.token),
+            Some(json!({ "text": format!("secret plans {i}") })),
+        )
+        .await;
+        assert_eq!(sent.status(), 201);
+    }
+    // The subject counts what was unread when the first event was handled (1 to 3).
+    let digests = |to: &str| -> Vec<String> {
+        mails_to(&app, to)
+            .into_iter()
+            .filter(|m| m.contains(" in bulk\r\n"))
+            .collect()
+    };
+    confab_core::testing::eventually("bob's digest mail", WAIT, || async {
+        !digests(&bob_email).is_empty()
+    })
+    .await;
+    let mail = digests(&bob_email).remove(0);
+    assert!(mail.contains(&format!("/chats/{chat}")), "{mail}");
+    assert!(!mail.contains("secret plans"), "no message text in mail");
+    // The other two events are handled well within this; still one mail.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(digests(&bob_email).len(), 1);
+    assert!(digests(&carol_email).is_empty(), "Carol is online");
+}
+
 on_every_backend!(
     every_member_gets_every_message_once_while_many_send,
     a_reconnecting_client_catches_up_without_gaps,
     a_non_member_can_neither_join_read_nor_send,
     partners_see_presence_come_and_go,
+    offline_members_get_one_digest_mail_per_chat,
 );
