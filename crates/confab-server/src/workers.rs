@@ -62,40 +62,42 @@ pub fn spawn_depth_gauges(
     })
 }
 
-/// Consumes the `mail` queue until `shutdown`: each message rendered, sent once, acked; a
-/// failure nacked (retried with backoff, then dead-lettered).
-pub fn spawn_mail_worker(
+/// Receives from `queue` (up to `batch` at a time) until `shutdown` and hands each delivery
+/// to `handle`, which settles it (ack or nack); a queue that cannot be reached is retried
+/// each second.
+fn spawn_consumer<F, Fut>(
     state: crate::state::AppState,
+    queue: &'static str,
+    batch: u32,
     shutdown: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    use confab_core::ports::broker::queues::MAIL;
+    handle: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(crate::state::AppState, confab_core::ports::broker::Delivery) -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
     tokio::spawn(async move {
         loop {
-            let batch = tokio::select! {
+            let received = tokio::select! {
                 () = shutdown.cancelled() => return,
-                batch = state.broker.receive(MAIL, 8, Duration::from_secs(1)) => batch,
+                received = state.broker.receive(queue, batch, Duration::from_secs(1)) => received,
             };
-            match batch {
+            match received {
                 Ok(deliveries) => {
                     for delivery in deliveries {
-                        let handled = crate::mail::deliver(
-                            &*state.store,
-                            &*state.broker,
-                            &*state.mailer,
-                            &state.templates,
-                            &delivery,
-                        )
-                        .await;
-                        if let Err(error) = handled {
+                        let kind = delivery.envelope.kind.clone();
+                        if let Err(error) = handle(state.clone(), delivery).await {
                             tracing::warn!(
+                                queue,
+                                kind,
                                 error = format!("{error:#}"),
-                                "Mail worker could not settle a delivery."
+                                "A delivery was not handled; it will be retried."
                             );
                         }
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "Mail worker cannot reach the queue; retrying.");
+                    tracing::warn!(queue, %error, "Cannot reach the queue; retrying.");
                     tokio::select! {
                         () = shutdown.cancelled() => return,
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -103,6 +105,26 @@ pub fn spawn_mail_worker(
                 }
             }
         }
+    })
+}
+
+/// Consumes the `mail` queue until `shutdown`: each message rendered, sent once, acked; a
+/// failure nacked (retried with backoff, then dead-lettered).
+pub fn spawn_mail_worker(
+    state: crate::state::AppState,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    use confab_core::ports::broker::queues::MAIL;
+    spawn_consumer(state, MAIL, 8, shutdown, |state, delivery| async move {
+        crate::mail::deliver(
+            &*state.store,
+            &*state.broker,
+            &*state.mailer,
+            &state.templates,
+            &delivery,
+        )
+        .await
+        .map(drop)
     })
 }
 
@@ -117,29 +139,8 @@ pub fn spawn_events_worker(
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     use confab_core::ports::broker::queues::EVENTS;
-    tokio::spawn(async move {
-        loop {
-            let batch = tokio::select! {
-                () = shutdown.cancelled() => return,
-                batch = state.broker.receive(EVENTS, 32, Duration::from_secs(1)) => batch,
-            };
-            match batch {
-                Ok(deliveries) => {
-                    for delivery in deliveries {
-                        if let Err(error) = handle_event(&state, &delivery).await {
-                            tracing::warn!(%error, kind = %delivery.envelope.kind, "Event not handled; it will be retried.");
-                        }
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "Events worker cannot reach the queue; retrying.");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                }
-            }
-        }
+    spawn_consumer(state, EVENTS, 32, shutdown, |state, delivery| async move {
+        handle_event(&state, &delivery).await
     })
 }
 
