@@ -118,6 +118,11 @@ impl Cache for FailSoftCache {
         self.inner.subscribe(channel).await
     }
 
+    /// During an outage: this node alone.
+    async fn subscribers(&self, channel: &str) -> Result<u64, CacheError> {
+        Self::soft("subscribers", self.inner.subscribers(channel).await, 1)
+    }
+
     async fn rate_limit(&self, key: &str, rate: RateLimit) -> Result<RateDecision, CacheError> {
         let fallback = if self.rate_limit_fail_open {
             RateDecision {

@@ -243,6 +243,14 @@ impl Cache for MemoryCache {
         Ok(())
     }
 
+    async fn subscribers(&self, channel: &str) -> Result<u64, CacheError> {
+        let channels = lock(&self.channels);
+        let listening = channels
+            .get(channel)
+            .is_some_and(|sender| sender.receiver_count() > 0);
+        Ok(u64::from(listening))
+    }
+
     async fn subscribe(&self, channel: &str) -> Result<Subscription, CacheError> {
         let receiver = lock(&self.channels)
             .entry(channel.to_owned())

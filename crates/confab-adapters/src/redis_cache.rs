@@ -392,6 +392,16 @@ impl Cache for RedisCache {
             .map_err(unavailable)
     }
 
+    async fn subscribers(&self, channel: &str) -> Result<u64, CacheError> {
+        let (_, count): (String, u64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(self.key(channel))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(count)
+    }
+
     async fn subscribe(&self, channel: &str) -> Result<Subscription, CacheError> {
         let full = self.key(channel);
         let (receiver, first) = {

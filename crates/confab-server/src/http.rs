@@ -177,7 +177,7 @@ pub fn router(
     state: AppState,
     role: Role,
     extra: Router<AppState>,
-    socket_io: socketioxide::layer::SocketIoLayer,
+    socket_io: socketioxide::layer::SocketIoLayer<crate::realtime::Adapter>,
 ) -> Router {
     let config = &state.config.server;
     let settings = Arc::new(HttpSettings {

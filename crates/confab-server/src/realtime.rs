@@ -18,12 +18,19 @@ use confab_core::services::auth::{AuthService, Principal};
 use confab_core::services::chats::{ChatError, ChatService};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use socketioxide::SocketIo;
-use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
+use socketioxide::extract::{AckSender, Extension, State, TryData};
 use socketioxide::handler::ConnectHandler;
 use socketioxide::layer::SocketIoLayer;
 
 use crate::http::chats::MessageBody;
+
+mod cluster;
+pub use cluster::{Adapter, CacheDriver};
+
+/// The Socket.IO handle: broadcasts reach every node (see `cluster`).
+pub type Io = socketioxide::SocketIo<Adapter>;
+type Socket = socketioxide::extract::SocketRef<Adapter>;
+type Ack = AckSender<Adapter>;
 
 /// Packets buffered per socket before emits to it fail.
 pub const MAX_BUFFERED_PACKETS: usize = 4096;
@@ -35,30 +42,31 @@ pub struct Realtime {
     pub chats: Arc<ChatService>,
     /// Presence (SPEC §4, §7 `online_users`).
     pub cache: Arc<dyn Cache>,
-    /// Open sockets per user on this node: the first one announces the user online, closing
-    /// the last one announces them offline.
-    pub open: Arc<std::sync::Mutex<std::collections::HashMap<UserId, usize>>>,
 }
 
+/// How long a user's open-socket count outlives its last change (a node that died with
+/// sockets open leaves a count behind; it is forgotten after this).
+const OPEN_SOCKETS_TTL: std::time::Duration = std::time::Duration::from_hours(24);
+
 impl Realtime {
-    /// Counts a socket of `user` in (`+1`) or out (`-1`); whether it was the first in or the
-    /// last out.
-    fn count(&self, user: UserId, opened: bool) -> bool {
-        let mut open = self
-            .open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = open.entry(user).or_default();
-        if opened {
-            *n += 1;
-            *n == 1
-        } else {
-            *n = n.saturating_sub(1);
-            let last = *n == 0;
-            if last {
-                open.remove(&user);
+    /// Counts a socket of `user` in (`+1`) or out (`-1`) across all nodes (a cache counter);
+    /// whether it was the user's first socket in or last out. Without the cache: neither.
+    async fn count(&self, user: UserId, opened: bool) -> bool {
+        let key = format!("presence:sockets:{user}");
+        let by = if opened { 1 } else { -1 };
+        match self.cache.incr(&key, by, OPEN_SOCKETS_TTL).await {
+            Ok(n) if opened => n == 1,
+            Ok(n) => {
+                if n < 0 {
+                    // A count lost to expiry: start again from nothing open.
+                    let _ = self.cache.set(&key, b"0", Some(OPEN_SOCKETS_TTL)).await;
+                }
+                n <= 0
             }
-            last
+            Err(error) => {
+                tracing::debug!(%error, "Open sockets not counted.");
+                false
+            }
         }
     }
 }
@@ -68,16 +76,24 @@ impl Realtime {
 struct FirstSocket;
 
 /// The Socket.IO layer for the router and the handle that emits from anywhere (REST sends).
-pub fn build(realtime: Realtime) -> (SocketIoLayer, SocketIo) {
-    let (layer, io) = SocketIo::builder()
+pub async fn build(realtime: Realtime) -> anyhow::Result<(SocketIoLayer<Adapter>, Io)> {
+    let driver = CacheDriver::new(realtime.cache.clone());
+    let adapter = socketioxide_redis::RedisAdapterCtr::new_with_driver(
+        driver,
+        socketioxide_redis::RedisAdapterConfig::default(),
+    );
+    let (layer, io) = socketioxide::SocketIo::builder()
         // Packets waiting for one slow socket before emits to it fail (and are lost to it).
         // socketioxide's default, 128, drops messages when a busy room bursts; the channel
         // grows in blocks as used, so an idle socket costs nothing for the larger bound.
         .max_buffer_size(MAX_BUFFERED_PACKETS)
         .with_state(realtime)
+        .with_adapter::<Adapter>(adapter)
         .build_layer();
-    io.ns("/", on_connect.with(authenticate));
-    (layer, io)
+    io.ns("/", on_connect.with(authenticate))
+        .await
+        .map_err(|e| anyhow::anyhow!("the Socket.IO adapter could not start: {e}"))?;
+    Ok((layer, io))
 }
 
 /// A refused handshake: the client's `connect_error` says `UNAUTHENTICATED`.
@@ -91,7 +107,7 @@ impl std::fmt::Display for Refused {
 }
 
 async fn authenticate(
-    socket: SocketRef,
+    socket: Socket,
     TryData(auth): TryData<Value>,
     State(rt): State<Realtime>,
 ) -> Result<(), Refused> {
@@ -113,7 +129,7 @@ async fn authenticate(
     socket.on_disconnect(on_disconnect);
     socket.extensions.insert(Typing::default());
     socket.join(user_room(who.user_id));
-    if rt.count(who.user_id, true) {
+    if rt.count(who.user_id, true).await {
         socket.extensions.insert(FirstSocket);
     }
     socket.extensions.insert(who);
@@ -121,8 +137,8 @@ async fn authenticate(
 }
 
 async fn on_connect(
-    socket: SocketRef,
-    io: SocketIo,
+    socket: Socket,
+    io: Io,
     Extension(who): Extension<Principal>,
     State(rt): State<Realtime>,
 ) {
@@ -134,7 +150,7 @@ async fn on_connect(
 }
 
 /// Emits `presence` to the user rooms of everyone who shares a chat with `user` (SPEC §4).
-async fn announce_presence(io: &SocketIo, rt: &Realtime, user: UserId, online: bool) {
+async fn announce_presence(io: &Io, rt: &Realtime, user: UserId, online: bool) {
     let partners = match rt.chats.partners(user).await {
         Ok(partners) if !partners.is_empty() => partners,
         Ok(_) => return,
@@ -166,12 +182,8 @@ async fn touch(cache: &dyn Cache, user: UserId) {
     }
 }
 
-async fn on_disconnect(
-    io: SocketIo,
-    Extension(who): Extension<Principal>,
-    State(rt): State<Realtime>,
-) {
-    let last = rt.count(who.user_id, false);
+async fn on_disconnect(io: Io, Extension(who): Extension<Principal>, State(rt): State<Realtime>) {
+    let last = rt.count(who.user_id, false).await;
     // Last seen now; the 5-minute window of SPEC §4 runs from here.
     touch(&*rt.cache, who.user_id).await;
     // The user's last socket closed: partners see them go (with when they were last seen).
@@ -183,7 +195,7 @@ async fn on_disconnect(
 /// Keeps the users of this node's sockets present (every minute, well within the 5-minute
 /// window) and drops entries older than a day until `shutdown`.
 pub fn spawn_presence(
-    io: SocketIo,
+    io: Io,
     cache: Arc<dyn Cache>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
@@ -257,11 +269,11 @@ struct ReadPayload {
 }
 
 async fn chat_join(
-    socket: SocketRef,
+    socket: Socket,
     Extension(who): Extension<Principal>,
     State(rt): State<Realtime>,
     TryData(data): TryData<ChatRef>,
-    ack: AckSender,
+    ack: Ack,
 ) {
     let answer = match data {
         Err(_) => refused("VALIDATION_ERROR"),
@@ -276,7 +288,7 @@ async fn chat_join(
     let _ = ack.send(&answer);
 }
 
-async fn chat_leave(socket: SocketRef, TryData(data): TryData<ChatRef>, ack: AckSender) {
+async fn chat_leave(socket: Socket, TryData(data): TryData<ChatRef>, ack: Ack) {
     if let Ok(ChatRef { chat_id }) = data {
         socket.leave(chat_room(chat_id));
     }
@@ -288,7 +300,7 @@ async fn message_send(
     Extension(who): Extension<Principal>,
     State(rt): State<Realtime>,
     TryData(data): TryData<SendPayload>,
-    ack: AckSender,
+    ack: Ack,
 ) {
     let Ok(data) = data else {
         let _ = ack.send(&refused("VALIDATION_ERROR"));
@@ -320,7 +332,7 @@ async fn message_send(
 
 /// Emits `message:new` for every newly stored message (however it was sent) to its chat
 /// room, sender included, in commit order: one task, so every member sees one order.
-pub fn spawn_broadcaster(io: SocketIo, chats: &ChatService) -> Option<tokio::task::JoinHandle<()>> {
+pub fn spawn_broadcaster(io: Io, chats: &ChatService) -> Option<tokio::task::JoinHandle<()>> {
     let mut committed = chats.subscribe_committed()?;
     Some(tokio::spawn(async move {
         while let Some(batch) = committed.recv().await {
@@ -340,18 +352,18 @@ pub fn spawn_broadcaster(io: SocketIo, chats: &ChatService) -> Option<tokio::tas
 
 /// Emits `event` to `room` on every node; a failure is logged, never the caller's failure
 /// (the change is stored; clients catch up with `after`).
-pub async fn emit(io: &SocketIo, room: String, event: &'static str, body: &impl serde::Serialize) {
+pub async fn emit(io: &Io, room: String, event: &'static str, body: &impl serde::Serialize) {
     if let Err(error) = io.to(room).emit(event, body).await {
         tracing::warn!(%error, event, "Could not broadcast.");
     }
 }
 
 async fn message_read(
-    socket: SocketRef,
+    socket: Socket,
     Extension(who): Extension<Principal>,
     State(rt): State<Realtime>,
     TryData(data): TryData<ReadPayload>,
-    ack: AckSender,
+    ack: Ack,
 ) {
     let Ok(data) = data else {
         let _ = ack.send(&refused("VALIDATION_ERROR"));
@@ -409,12 +421,12 @@ impl Typing {
     }
 }
 
-async fn emit_typing(socket: &SocketRef, who: Principal, chat: ChatId, typing: bool) {
+async fn emit_typing(socket: &Socket, who: Principal, chat: ChatId, typing: bool) {
     let event = json!({ "chatId": chat, "userId": who.user_id, "typing": typing });
     let _ = socket.to(chat_room(chat)).emit("typing", &event).await;
 }
 
-async fn typing(socket: SocketRef, who: Principal, data: Result<ChatRef, ()>, typing: bool) {
+async fn typing(socket: Socket, who: Principal, data: Result<ChatRef, ()>, typing: bool) {
     let Ok(ChatRef { chat_id }) = data else {
         return;
     };
@@ -440,7 +452,7 @@ async fn typing(socket: SocketRef, who: Principal, data: Result<ChatRef, ()>, ty
 }
 
 async fn typing_start(
-    socket: SocketRef,
+    socket: Socket,
     Extension(who): Extension<Principal>,
     TryData(data): TryData<ChatRef>,
 ) {
@@ -448,7 +460,7 @@ async fn typing_start(
 }
 
 async fn typing_stop(
-    socket: SocketRef,
+    socket: Socket,
     Extension(who): Extension<Principal>,
     TryData(data): TryData<ChatRef>,
 ) {

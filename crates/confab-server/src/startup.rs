@@ -137,8 +137,8 @@ impl Application {
             auth: auth.clone(),
             chats: chats.clone(),
             cache: ports.cache.clone(),
-            open: Arc::default(),
-        });
+        })
+        .await?;
         // Lives as long as the chat service's writer.
         crate::realtime::spawn_broadcaster(io.clone(), &chats);
         let state = AppState {

@@ -29,7 +29,7 @@ pub struct AppState {
     /// Chats between people.
     pub chats: Arc<confab_core::services::chats::ChatService>,
     /// Socket.IO: emits to rooms from anywhere (a message sent over REST is broadcast too).
-    pub io: socketioxide::SocketIo,
+    pub io: crate::realtime::Io,
     pub metrics: PrometheusHandle,
     pub started_at: Instant,
     /// Cancelled when the process begins to shut down; `/ready` then answers 503.

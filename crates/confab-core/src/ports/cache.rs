@@ -111,6 +111,10 @@ pub trait Cache: HealthCheck {
     /// Messages published to `channel` from now on. When this returns, the subscription is
     /// in place: a message published afterwards is delivered.
     async fn subscribe(&self, channel: &str) -> Result<Subscription, CacheError>;
+    /// How many processes (nodes) hold a subscription to `channel`: Redis counts its
+    /// subscribed connections (one per process however many local subscriptions), the
+    /// in-process cache 1 or 0. How a node learns how many others to wait for.
+    async fn subscribers(&self, channel: &str) -> Result<u64, CacheError>;
 
     async fn rate_limit(&self, key: &str, rate: RateLimit) -> Result<RateDecision, CacheError>;
 }

@@ -40,6 +40,7 @@ where
         presence_tracks_members_by_last_seen_time,
         published_messages_reach_every_subscription_in_order,
         a_subscription_ends_its_channel_only,
+        subscribers_count_the_processes_listening,
         rate_limit_allows_the_limit_then_denies_with_retry_after,
         rate_limit_refills_over_the_period,
         rate_limit_is_exact_under_concurrency,
@@ -257,6 +258,16 @@ async fn a_subscription_ends_its_channel_only(cache: Arc<dyn Cache>) {
     drop(a);
     // Publishing with no subscriber left is fine.
     cache.publish("room:a", b"nobody").await.unwrap();
+}
+
+async fn subscribers_count_the_processes_listening(cache: Arc<dyn Cache>) {
+    assert_eq!(cache.subscribers("nodes").await.unwrap(), 0);
+    let first = cache.subscribe("nodes").await.unwrap();
+    // A second subscription in the same process is still one listener.
+    let second = cache.subscribe("nodes").await.unwrap();
+    assert_eq!(cache.subscribers("nodes").await.unwrap(), 1);
+    assert_eq!(cache.subscribers("elsewhere").await.unwrap(), 0);
+    drop((first, second));
 }
 
 async fn rate_limit_allows_the_limit_then_denies_with_retry_after(cache: Arc<dyn Cache>) {

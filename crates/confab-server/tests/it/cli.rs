@@ -212,11 +212,11 @@ fn an_unreachable_database_stops_startup_with_one_line() {
     assert!(!stderr.contains("pw-9") && !stdout.contains("pw-9"));
 }
 
-type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+pub type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
 
 /// `confab serve` on a free port with JSON logs, `vars` added to a clean environment; returns
 /// once it listens, with the log lines read so far and its address.
-async fn spawn_serve(
+pub async fn spawn_serve(
     dir: &Path,
     vars: &[(&str, &str)],
 ) -> (tokio::process::Child, Lines, Vec<String>, String) {

@@ -3,9 +3,6 @@
 //! client proves wire compatibility in `realtime.rs`; these prove the behaviour at volume, on
 //! every backend.
 
-#[path = "../../../../bench/sio.rs"]
-mod sio;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -15,6 +12,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::auth::{Backend, Person, auth_app, call, mails_to, person, register, unique_email};
 use crate::helpers::TestApp;
+use crate::sio;
 
 const WAIT: Duration = Duration::from_secs(20);
 

@@ -14,5 +14,10 @@ mod http;
 mod live;
 mod logs;
 mod mail;
+mod nodes;
 mod realtime;
 mod store;
+
+/// The Rust Socket.IO client the load tool uses too.
+#[path = "../../../../bench/sio.rs"]
+mod sio;
