@@ -244,6 +244,32 @@ impl Broker for DbBroker {
         Ok(())
     }
 
+    /// One statement per 256 deliveries.
+    async fn ack_all(&self, deliveries: &[Delivery]) -> Result<(), BrokerError> {
+        let mut lost = false;
+        for chunk in deliveries.chunks(256) {
+            let mut terms = Vec::with_capacity(chunk.len());
+            let mut values = Vec::with_capacity(chunk.len() * 2);
+            for (i, d) in chunk.iter().enumerate() {
+                let (id, token) = receipt(d)?;
+                terms.push(format!(
+                    "(id = ${} AND lock_token = ${})",
+                    2 * i + 1,
+                    2 * i + 2
+                ));
+                values.extend([id.into(), token.into()]);
+            }
+            let sql = format!("DELETE FROM queue_messages WHERE {}", terms.join(" OR "));
+            let deleted = self.execute(&sql, values).await?;
+            lost |= deleted < chunk.len() as u64;
+        }
+        if lost {
+            Err(BrokerError::LeaseLost)
+        } else {
+            Ok(())
+        }
+    }
+
     async fn nack(&self, d: &Delivery, error: &str) -> Result<(), BrokerError> {
         let (id, token) = receipt(d)?;
         let at = now();

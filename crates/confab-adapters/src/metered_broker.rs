@@ -86,6 +86,20 @@ impl Broker for MeteredBroker {
         result
     }
 
+    async fn ack_all(&self, deliveries: &[Delivery]) -> Result<(), BrokerError> {
+        let result = self.inner.ack_all(deliveries).await;
+        if result.is_ok() {
+            for delivery in deliveries {
+                consumed(&delivery.queue, "ack");
+            }
+        } else if matches!(result, Err(BrokerError::LeaseLost)) {
+            for delivery in deliveries {
+                consumed(&delivery.queue, "ack_or_lease_lost");
+            }
+        }
+        result
+    }
+
     async fn nack(&self, delivery: &Delivery, error: &str) -> Result<(), BrokerError> {
         let result = self.inner.nack(delivery, error).await;
         match &result {

@@ -70,6 +70,11 @@ impl Broker for PrefixedBroker {
         self.inner.ack(&self.inner_delivery(delivery)).await
     }
 
+    async fn ack_all(&self, deliveries: &[Delivery]) -> Result<(), BrokerError> {
+        let inner: Vec<Delivery> = deliveries.iter().map(|d| self.inner_delivery(d)).collect();
+        self.inner.ack_all(&inner).await
+    }
+
     async fn nack(&self, delivery: &Delivery, error: &str) -> Result<(), BrokerError> {
         self.inner.nack(&self.inner_delivery(delivery), error).await
     }

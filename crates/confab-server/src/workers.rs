@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use confab_core::ports::broker::Broker;
+use std::collections::HashMap;
+
+use confab_core::ports::broker::{Broker, Delivery};
 use confab_core::ports::store::Store;
 use confab_core::services::delivery::relay_outbox;
 use tokio_util::sync::CancellationToken;
@@ -62,9 +64,9 @@ pub fn spawn_depth_gauges(
     })
 }
 
-/// Receives from `queue` (up to `batch` at a time) until `shutdown` and hands each delivery
-/// to `handle`, which settles it (ack or nack); a queue that cannot be reached is retried
-/// each second.
+/// Receives from `queue` (up to `batch` at a time) until `shutdown` and hands each batch
+/// to `handle`, which settles every delivery in it (ack or nack); a queue that cannot be
+/// reached is retried each second.
 fn spawn_consumer<F, Fut>(
     state: crate::state::AppState,
     queue: &'static str,
@@ -73,7 +75,7 @@ fn spawn_consumer<F, Fut>(
     handle: F,
 ) -> tokio::task::JoinHandle<()>
 where
-    F: Fn(crate::state::AppState, confab_core::ports::broker::Delivery) -> Fut + Send + 'static,
+    F: Fn(crate::state::AppState, Vec<Delivery>) -> Fut + Send + 'static,
     Fut: Future<Output = anyhow::Result<()>> + Send,
 {
     tokio::spawn(async move {
@@ -83,17 +85,14 @@ where
                 received = state.broker.receive(queue, batch, Duration::from_secs(1)) => received,
             };
             match received {
+                Ok(deliveries) if deliveries.is_empty() => {}
                 Ok(deliveries) => {
-                    for delivery in deliveries {
-                        let kind = delivery.envelope.kind.clone();
-                        if let Err(error) = handle(state.clone(), delivery).await {
-                            tracing::warn!(
-                                queue,
-                                kind,
-                                error = format!("{error:#}"),
-                                "A delivery was not handled; it will be retried."
-                            );
-                        }
+                    if let Err(error) = handle(state.clone(), deliveries).await {
+                        tracing::warn!(
+                            queue,
+                            error = format!("{error:#}"),
+                            "Deliveries were not handled; they will be retried."
+                        );
                     }
                 }
                 Err(error) => {
@@ -115,78 +114,91 @@ pub fn spawn_mail_worker(
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     use confab_core::ports::broker::queues::MAIL;
-    spawn_consumer(state, MAIL, 8, shutdown, |state, delivery| async move {
-        crate::mail::deliver(
-            &*state.store,
-            &*state.broker,
-            &*state.mailer,
-            &state.templates,
-            &delivery,
-        )
-        .await
-        .map(drop)
+    spawn_consumer(state, MAIL, 8, shutdown, |state, deliveries| async move {
+        // Each mail on its own: one that cannot be settled does not hold up the others.
+        for delivery in deliveries {
+            let settled = crate::mail::deliver(
+                &*state.store,
+                &*state.broker,
+                &*state.mailer,
+                &state.templates,
+                &delivery,
+            )
+            .await;
+            if let Err(error) = settled {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "Mail worker could not settle a delivery."
+                );
+            }
+        }
+        Ok(())
     })
 }
 
-/// The consumer name under which handled `events` are recorded (idempotency).
-pub const EVENTS_CONSUMER: &str = "events";
-
-/// Consumes the `events` queue until `shutdown`: `message.created` queues the offline digest
-/// mails (each event once: the mails and the processed mark commit together); other kinds
-/// have no consumer yet and are acknowledged.
+/// Consumes the `events` queue until `shutdown`, a batch at a time: the `message.created`
+/// events of a batch are grouped by chat and each chat's offline digest is worked out once
+/// (`ChatService::offline_digest`); the mails are queued in one transaction, then the whole
+/// batch is acknowledged at once. Other kinds have no consumer yet and are acknowledged.
+///
+/// Effect-once comes from the digest window the cache claims (one mail per member and chat
+/// per 15 minutes), not from processed marks: a redelivered event finds its window claimed.
+/// A crash between the claim and the queued mail loses that one mail; it never sends two.
 pub fn spawn_events_worker(
     state: crate::state::AppState,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     use confab_core::ports::broker::queues::EVENTS;
-    spawn_consumer(state, EVENTS, 32, shutdown, |state, delivery| async move {
-        handle_event(&state, &delivery).await
-    })
+    spawn_consumer(
+        state,
+        EVENTS,
+        256,
+        shutdown,
+        |state, deliveries| async move {
+            match digest_mails(&state, &deliveries).await {
+                Ok(()) => state.broker.ack_all(&deliveries).await?,
+                Err(error) => {
+                    for delivery in &deliveries {
+                        state.broker.nack(delivery, &format!("{error:#}")).await?;
+                    }
+                    return Err(error);
+                }
+            }
+            Ok(())
+        },
+    )
 }
 
-async fn handle_event(
+async fn digest_mails(
     state: &crate::state::AppState,
-    delivery: &confab_core::ports::broker::Delivery,
+    deliveries: &[Delivery],
 ) -> anyhow::Result<()> {
     use confab_core::domain::{ChatId, UserId};
-    use confab_core::services::delivery::handle_once;
-    if delivery.envelope.kind != "message.created" {
-        state.broker.ack(delivery).await?;
-        return Ok(());
-    }
-    let payload = &delivery.envelope.payload;
-    let chat = serde_json::from_value::<ChatId>(payload["chatId"].clone());
-    let sender = serde_json::from_value::<Option<UserId>>(payload["senderId"].clone())
-        .ok()
-        .flatten();
-    let Ok(chat) = chat else {
-        state
-            .broker
-            .nack(delivery, "message.created without a chatId")
-            .await?;
-        return Ok(());
-    };
-    let mails = match state.chats.offline_digest(chat, sender).await {
-        Ok(mails) => mails,
-        Err(error) => {
-            state.broker.nack(delivery, &error.to_string()).await?;
-            return Err(error.into());
+    let mut chats: HashMap<ChatId, Vec<UserId>> = HashMap::new();
+    for delivery in deliveries {
+        if delivery.envelope.kind != "message.created" {
+            continue;
         }
-    };
-    handle_once(
-        &*state.store,
-        &*state.broker,
-        EVENTS_CONSUMER,
-        delivery,
-        Box::new(move |tx| {
-            Box::pin(async move {
-                for mail in &mails {
-                    tx.enqueue(mail).await?;
-                }
-                Ok(())
-            })
-        }),
-    )
-    .await?;
+        let payload = &delivery.envelope.payload;
+        // A malformed event is acknowledged with the rest: there is nothing to do for it.
+        let Ok(chat) = serde_json::from_value::<ChatId>(payload["chatId"].clone()) else {
+            continue;
+        };
+        let senders = chats.entry(chat).or_default();
+        if let Ok(sender) = serde_json::from_value::<UserId>(payload["senderId"].clone()) {
+            senders.push(sender);
+        }
+    }
+    let mut mails = Vec::new();
+    for (chat, senders) in chats {
+        mails.extend(state.chats.offline_digest(chat, &senders).await?);
+    }
+    if !mails.is_empty() {
+        let tx = state.store.begin().await?;
+        for mail in &mails {
+            tx.enqueue(mail).await?;
+        }
+        tx.commit().await?;
+    }
     Ok(())
 }

@@ -1,18 +1,22 @@
 //! Group commit of messages (`Store::append_messages`): a batch costs a fixed handful of
-//! statements, whatever its size: two reads (memberships with chat kinds, earlier uses of
-//! the client ids), then one transaction that starts by writing (SQLite WAL: a transaction
-//! that reads first cannot later write once another writer committed) with one multi-row
-//! insert per table and one pointer update per chat.
+//! statements, whatever its size and however many chats it touches: one read (memberships
+//! joined with chat kinds; a second only when client ids were given), then one transaction
+//! that starts by writing (SQLite WAL: a transaction that reads first cannot later write
+//! once another writer committed): a multi-row insert returning the ids that went in, a
+//! multi-row outbox insert, one update of every touched chat's latest-message pointer.
 
 use std::collections::{HashMap, HashSet};
 
 use confab_core::domain::{ChatId, ChatKind, Message, MessageId, UserId};
-use confab_core::ports::store::{Append, Appended, ChatStore, MessageStore, StoreError};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect, TransactionTrait};
+use confab_core::ports::store::{Append, Appended, MessageStore, StoreError};
+use sea_orm::sea_query::{Expr, ExprTrait, Query};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TransactionTrait, TryInsertResult,
+};
 
 use super::entities::{chat_members, chats, messages, outbox};
 use super::ops::{message_model, outbox_model, to_message, values};
-use super::{Sql, SqlStore, store_err};
+use super::{SqlStore, store_err};
 
 impl SqlStore {
     pub(super) async fn append(&self, batch: Vec<Append>) -> Result<Vec<Appended>, StoreError> {
@@ -92,7 +96,8 @@ impl SqlStore {
         Ok(out)
     }
 
-    /// `(chat, sender) → chat kind` for every sender who is a member of the chat named.
+    /// `(chat, sender) → chat kind` for every sender who is a member of the chat named: one
+    /// query (memberships joined with their chats).
     async fn memberships(
         &self,
         batch: &[Append],
@@ -102,45 +107,38 @@ impl SqlStore {
             .iter()
             .filter_map(|a| a.message.sender_id.map(|u| u.0))
             .collect();
+        let query = Query::select()
+            .column((chat_members::Entity, chat_members::Column::ChatId))
+            .column((chat_members::Entity, chat_members::Column::UserId))
+            .column((chats::Entity, chats::Column::Kind))
+            .from(chat_members::Entity)
+            .inner_join(
+                chats::Entity,
+                Expr::col((chats::Entity, chats::Column::Id))
+                    .equals((chat_members::Entity, chat_members::Column::ChatId)),
+            )
+            .and_where(
+                Expr::col((chat_members::Entity, chat_members::Column::ChatId)).is_in(chat_ids),
+            )
+            .and_where(
+                Expr::col((chat_members::Entity, chat_members::Column::UserId)).is_in(senders),
+            )
+            .to_owned();
         // The primary: a member added a moment ago may send at once.
-        let rows: Vec<(uuid::Uuid, uuid::Uuid)> = chat_members::Entity::find()
-            .select_only()
-            .column(chat_members::Column::ChatId)
-            .column(chat_members::Column::UserId)
-            .filter(chat_members::Column::ChatId.is_in(chat_ids.iter().copied()))
-            .filter(chat_members::Column::UserId.is_in(senders))
-            .into_tuple()
-            .all(&self.conn)
-            .await
-            .map_err(store_err)?;
-        let kinds: Vec<(uuid::Uuid, String)> = chats::Entity::find()
-            .select_only()
-            .column(chats::Column::Id)
-            .column(chats::Column::Kind)
-            .filter(chats::Column::Id.is_in(chat_ids))
-            .into_tuple()
-            .all(&self.conn)
-            .await
-            .map_err(store_err)?;
-        let kinds: HashMap<uuid::Uuid, ChatKind> = kinds
-            .into_iter()
-            .map(|(id, kind)| {
-                let kind = if kind == "direct" {
-                    ChatKind::Direct
-                } else {
-                    ChatKind::Group
-                };
-                (id, kind)
-            })
-            .collect();
-        Ok(rows
-            .into_iter()
-            .filter_map(|(chat, user)| {
-                kinds
-                    .get(&chat)
-                    .map(|kind| ((ChatId(chat), UserId(user)), *kind))
-            })
-            .collect())
+        let rows = self.conn.query_all(&query).await.map_err(store_err)?;
+        let mut kinds = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let chat: uuid::Uuid = row.try_get("", "chat_id").map_err(store_err)?;
+            let user: uuid::Uuid = row.try_get("", "user_id").map_err(store_err)?;
+            let kind: String = row.try_get("", "kind").map_err(store_err)?;
+            let kind = if kind == "direct" {
+                ChatKind::Direct
+            } else {
+                ChatKind::Group
+            };
+            kinds.insert((ChatId(chat), UserId(user)), kind);
+        }
+        Ok(kinds)
     }
 
     /// Messages already stored under the batch's `(sender, client_id)` pairs.
@@ -186,23 +184,16 @@ impl SqlStore {
         let rows = fresh
             .iter()
             .map(|a| values::<_, messages::ActiveModel>(message_model(&a.message)));
-        messages::Entity::insert_many(rows)
+        // The ids that went in (a client id taken meanwhile is skipped, not returned).
+        let inserted = messages::Entity::insert_many(rows)
             .on_conflict_do_nothing_on([messages::Column::SenderId, messages::Column::ClientId])
-            .exec_without_returning(&tx)
+            .exec_with_returning_keys(&tx)
             .await
             .map_err(store_err)?;
-        let ids: Vec<uuid::Uuid> = fresh.iter().map(|a| a.message.id.0).collect();
-        let stored: HashSet<MessageId> = messages::Entity::find()
-            .select_only()
-            .column(messages::Column::Id)
-            .filter(messages::Column::Id.is_in(ids))
-            .into_tuple::<uuid::Uuid>()
-            .all(&tx)
-            .await
-            .map_err(store_err)?
-            .into_iter()
-            .map(MessageId)
-            .collect();
+        let stored: HashSet<MessageId> = match inserted {
+            TryInsertResult::Inserted(ids) => ids.into_iter().map(MessageId).collect(),
+            TryInsertResult::Empty | TryInsertResult::Conflicted => HashSet::new(),
+        };
         let events = fresh
             .iter()
             .filter(|a| stored.contains(&a.message.id))
@@ -214,22 +205,25 @@ impl SqlStore {
                 .await
                 .map_err(store_err)?;
         }
-        let mut latest: HashMap<ChatId, &Message> = HashMap::new();
-        for a in fresh.iter().filter(|a| stored.contains(&a.message.id)) {
-            let m = &a.message;
-            let newest = latest.entry(m.chat_id).or_insert(m);
-            if m.id > newest.id {
-                *newest = m;
-            }
+        // Every chat of the batch points at its newest message: one statement for all.
+        let touched: HashSet<uuid::Uuid> = fresh
+            .iter()
+            .filter(|a| stored.contains(&a.message.id))
+            .map(|a| a.message.chat_id.0)
+            .collect();
+        if !touched.is_empty() {
+            let newest = "(SELECT m.id FROM messages m WHERE m.chat_id = chats.id ORDER BY m.id DESC LIMIT 1)";
+            let newest_at = "(SELECT m.created_at FROM messages m WHERE m.chat_id = chats.id ORDER BY m.id DESC LIMIT 1)";
+            let update = Query::update()
+                .table(chats::Entity)
+                .value(chats::Column::LastMessageId, Expr::cust(newest))
+                .value(chats::Column::LastMessageAt, Expr::cust(newest_at))
+                .value(chats::Column::ActivityAt, Expr::cust(newest_at))
+                .and_where(Expr::col(chats::Column::Id).is_in(touched))
+                .to_owned();
+            tx.execute(&update).await.map_err(store_err)?;
         }
-        let tx = Sql {
-            conn: tx,
-            replica: None,
-        };
-        for (chat, m) in latest {
-            tx.set_latest_message(chat, m.id, m.created_at).await?;
-        }
-        tx.conn.commit().await.map_err(store_err)?;
+        tx.commit().await.map_err(store_err)?;
         Ok(stored)
     }
 }

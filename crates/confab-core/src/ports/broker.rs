@@ -127,6 +127,23 @@ pub trait Broker: HealthCheck {
         wait: Duration,
     ) -> Result<Vec<Delivery>, BrokerError>;
     async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError>;
+    /// Acknowledges every delivery, in one round trip where the backend allows it. All are
+    /// settled that can be; `LeaseLost` when any was no longer held.
+    async fn ack_all(&self, deliveries: &[Delivery]) -> Result<(), BrokerError> {
+        let mut lost = false;
+        for delivery in deliveries {
+            match self.ack(delivery).await {
+                Ok(()) => {}
+                Err(BrokerError::LeaseLost) => lost = true,
+                Err(e) => return Err(e),
+            }
+        }
+        if lost {
+            Err(BrokerError::LeaseLost)
+        } else {
+            Ok(())
+        }
+    }
     async fn nack(&self, delivery: &Delivery, error: &str) -> Result<(), BrokerError>;
     async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError>;
     async fn dead_letters(&self, queue: &str, limit: u32) -> Result<Vec<DeadLetter>, BrokerError>;

@@ -334,15 +334,15 @@ impl ChatService {
         Ok(partners.into_iter().collect())
     }
 
-    /// For a `message.created` event: the digest mails to queue (SPEC §9), one per member
-    /// other than the sender who is offline (no socket and no activity for 5 minutes) and was
+    /// For `message.created` events of one chat: the digest mails to queue (SPEC §9), one per
+    /// member other than the senders who is offline (no socket and no activity for 5 minutes) and was
     /// not mailed about this chat in the last [`DIGEST_EVERY`]; it counts their unread
     /// messages. The window is claimed in the cache (an atomic counter), so two nodes
     /// handling events of one chat still send one mail.
     pub async fn offline_digest(
         &self,
         chat: ChatId,
-        sender: Option<UserId>,
+        senders: &[UserId],
     ) -> Result<Vec<OutboxEntry>, ChatError> {
         let Some(found) = self.store.chat_by_id(chat).await? else {
             return Ok(Vec::new());
@@ -357,7 +357,7 @@ impl ChatService {
         let mut mails = Vec::new();
         for member in self.store.members(chat).await? {
             let user = member.user_id;
-            if Some(user) == sender || online.contains(&user.to_string()) {
+            if senders.contains(&user) || online.contains(&user.to_string()) {
                 continue;
             }
             let window = format!("digest:{chat}:{user}");
@@ -373,16 +373,15 @@ impl ChatService {
                 .store
                 .count_messages_after(chat, member.last_read_message_id, user)
                 .await?;
-            let chat_name = match (&found.name, found.kind) {
+            // A direct chat has no name: it is the other member's.
+            let chat_name = match (&found.name, senders.first()) {
                 (Some(name), _) => name.clone(),
-                (None, _) => match sender {
-                    Some(s) => self
-                        .store
-                        .user_by_id(s)
-                        .await?
-                        .map_or_else(|| "a chat".to_owned(), |u| u.name),
-                    None => "a chat".to_owned(),
-                },
+                (None, Some(sender)) => self
+                    .store
+                    .user_by_id(*sender)
+                    .await?
+                    .map_or_else(|| "a chat".to_owned(), |u| u.name),
+                (None, None) => "a chat".to_owned(),
             };
             mails.push(OutboxEntry {
                 id: EventId::new(),

@@ -37,6 +37,7 @@ where
         a_published_message_is_received_intact_and_acked_away,
         one_consumer_receives_in_publish_order,
         a_batch_is_published_whole_and_in_order,
+        a_batch_of_deliveries_is_acked_at_once,
         competing_consumers_share_the_queue_without_duplicates,
         a_message_held_by_a_dead_consumer_comes_back,
         an_ack_after_the_lease_passed_is_refused,
@@ -135,6 +136,37 @@ where
         }
     }
     assert_eq!(got, batch.iter().map(|e| e.id).collect::<Vec<_>>());
+}
+
+async fn a_batch_of_deliveries_is_acked_at_once<F, Fut>(settings: &Settings, make: &F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let broker = make().await;
+    let queue = unique("q-");
+    let batch: Vec<Envelope> = (0..12).map(|n| envelope("e", n)).collect();
+    broker.publish_all(&queue, &batch).await.unwrap();
+    let mut held = Vec::new();
+    while held.len() < batch.len() {
+        held.extend(broker.receive(&queue, 12, WAIT).await.unwrap());
+    }
+    broker.ack_all(&[]).await.unwrap();
+    broker.ack_all(&held).await.unwrap();
+    // Settled: nothing comes back, not even after the visibility timeout.
+    tokio::time::sleep(settings.visibility_timeout + Duration::from_millis(300)).await;
+    assert!(
+        broker
+            .receive(&queue, 12, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Acking them again: their leases are gone.
+    assert!(matches!(
+        broker.ack_all(&held).await,
+        Err(BrokerError::LeaseLost)
+    ));
 }
 
 async fn competing_consumers_share_the_queue_without_duplicates<F, Fut>(_: &Settings, make: &F)
