@@ -8,7 +8,8 @@
 //!
 //! cargo build --release -p confab-server --example realtime_load --bin confab
 //! target/release/examples/realtime_load [--clients 200 --rooms 20 --rates 1000,2000,5000]
-//!     [--seconds 10] [--ramp] [--binary target/release/confab]
+//!     [--seconds 10] [--ramp] [--binary target/release/confab] [--server-threads N]
+//!     [--server-env KEY=VALUE ...] [--server-cpus 0|all]
 //!
 //! `--ramp` raises the rate until delivery p99 exceeds 50 ms or deliveries fall behind, and
 //! reports the highest rate that held.
@@ -39,6 +40,12 @@ struct Args {
     rates: Vec<u64>,
     seconds: u64,
     ramp: bool,
+    /// The server's runtime worker threads (`TOKIO_WORKER_THREADS`); its default otherwise.
+    server_threads: Option<String>,
+    /// More `KEY=VALUE` settings for the server (`--server-env`, repeatable).
+    server_env: Vec<(String, String)>,
+    /// The CPUs the server is pinned to (`taskset -c`); `all`: not pinned.
+    server_cpus: String,
 }
 
 fn args() -> Args {
@@ -49,6 +56,9 @@ fn args() -> Args {
         rates: vec![1000, 2000, 5000],
         seconds: 10,
         ramp: false,
+        server_threads: None,
+        server_env: Vec::new(),
+        server_cpus: "0".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -65,6 +75,13 @@ fn args() -> Args {
             }
             "--seconds" => a.seconds = value().parse().expect("--seconds N"),
             "--ramp" => a.ramp = true,
+            "--server-threads" => a.server_threads = Some(value()),
+            "--server-cpus" => a.server_cpus = value(),
+            "--server-env" => {
+                let pair = value();
+                let (k, v) = pair.split_once('=').expect("--server-env KEY=VALUE");
+                a.server_env.push((k.to_owned(), v.to_owned()));
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -78,10 +95,12 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-fn start_server(binary: &str, port: u16, data: &std::path::Path) -> Child {
-    let mut cmd = if std::path::Path::new("/usr/bin/taskset").exists() {
+fn start_server(binary: &str, port: u16, data: &std::path::Path, args: &Args) -> Child {
+    let threads = args.server_threads.as_deref();
+    let pin = args.server_cpus != "all" && std::path::Path::new("/usr/bin/taskset").exists();
+    let mut cmd = if pin {
         let mut c = Command::new("taskset");
-        c.args(["-c", "0", binary]);
+        c.args(["-c", &args.server_cpus, binary]);
         c
     } else {
         Command::new(binary)
@@ -101,6 +120,8 @@ fn start_server(binary: &str, port: u16, data: &std::path::Path) -> Child {
         .env("CONFAB__AUTH__ARGON2_ITERATIONS", "1")
         // Each client sends well under this; the limit is not what is measured.
         .env("CONFAB__CHAT__MESSAGES_PER_SECOND", "1000")
+        .envs(threads.map(|n| ("TOKIO_WORKER_THREADS", n)))
+        .envs(args.server_env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -146,7 +167,12 @@ async fn main() {
         .unwrap_or_else(|_| panic!("{} is missing: build it with --release", args.binary));
     let port = free_port();
     let data = tempfile::tempdir().expect("a temp dir");
-    let mut server = start_server(binary.to_str().expect("utf-8 path"), port, data.path());
+    let mut server = start_server(
+        binary.to_str().expect("utf-8 path"),
+        port,
+        data.path(),
+        &args,
+    );
     let pid = server.id();
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();

@@ -446,12 +446,16 @@ pub struct ChatConfig {
     /// Messages a user may send per second (REST and Socket.IO together); as many may come at
     /// once. Beyond it: 429 / ack `RATE_LIMITED`.
     pub messages_per_second: u32,
+    /// While messages flow, how long the group commit lets a batch gather more after its
+    /// first, in milliseconds (0: never wait). Trades a little latency for fewer commits.
+    pub group_commit_wait_ms: u64,
 }
 
 impl Default for ChatConfig {
     fn default() -> Self {
         Self {
             messages_per_second: 20,
+            group_commit_wait_ms: 0,
         }
     }
 }
@@ -751,6 +755,13 @@ impl Config {
                 "chat.messages_per_second",
                 format!("{} is outside 1..=10000", self.chat.messages_per_second),
                 "a number of messages per second between 1 and 10000",
+            ));
+        }
+        if self.chat.group_commit_wait_ms > 100 {
+            return Err(ConfigError::invalid(
+                "chat.group_commit_wait_ms",
+                format!("{} is above 100", self.chat.group_commit_wait_ms),
+                "a number of milliseconds between 0 and 100",
             ));
         }
         self.auth.validate()?;

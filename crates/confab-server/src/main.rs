@@ -7,6 +7,10 @@ use clap::Parser;
 use confab_server::cli::Cli;
 use confab_server::commands::{self, EXIT_CONFIG, Failure};
 
+/// mimalloc: a long-running server's memory stays close to what it uses (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Several crates link rustls; one process-wide crypto provider must be chosen before the
     // first TLS connection (rediss://, amqps://, https), or that connection panics.

@@ -132,6 +132,7 @@ impl Application {
             ports.store.clone(),
             ports.cache.clone(),
             confab_core::ports::cache::RateLimit::per_second(config.chat.messages_per_second),
+            Duration::from_millis(config.chat.group_commit_wait_ms),
         ));
         let (socket_io, io) = crate::realtime::build(crate::realtime::Realtime {
             auth: auth.clone(),

@@ -189,9 +189,13 @@ async fn digest_mails(
             senders.push(sender);
         }
     }
+    if chats.is_empty() {
+        return Ok(());
+    }
+    let online = state.chats.online_users().await;
     let mut mails = Vec::new();
     for (chat, senders) in chats {
-        mails.extend(state.chats.offline_digest(chat, &senders).await?);
+        mails.extend(state.chats.offline_digest(chat, &senders, &online).await?);
     }
     if !mails.is_empty() {
         let tx = state.store.begin().await?;

@@ -123,9 +123,15 @@ pub fn check_client_id(client_id: &str) -> Result<String, ChatError> {
 }
 
 impl ChatService {
-    pub fn new(store: Arc<dyn Store>, cache: Arc<dyn Cache>, message_rate: RateLimit) -> Self {
+    /// `commit_wait`: see [`MessageWriter::start`].
+    pub fn new(
+        store: Arc<dyn Store>,
+        cache: Arc<dyn Cache>,
+        message_rate: RateLimit,
+        commit_wait: std::time::Duration,
+    ) -> Self {
         Self {
-            writer: MessageWriter::start(store.clone()),
+            writer: MessageWriter::start(store.clone(), commit_wait),
             store,
             cache,
             message_rate,
@@ -334,30 +340,41 @@ impl ChatService {
         Ok(partners.into_iter().collect())
     }
 
+    /// Users online now (SPEC §4: a socket open, or active in the last 5 minutes); empty
+    /// when the cache cannot tell.
+    pub async fn online_users(&self) -> HashSet<UserId> {
+        let since = now() - chrono::Duration::minutes(5);
+        self.cache
+            .presence_since(keys::ONLINE_USERS, since.timestamp_millis())
+            .await
+            .map(|seen| {
+                seen.into_iter()
+                    .filter_map(|p| p.member.parse::<uuid::Uuid>().ok().map(UserId))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// For `message.created` events of one chat: the digest mails to queue (SPEC §9), one per
     /// member other than the senders who is offline (no socket and no activity for 5 minutes) and was
     /// not mailed about this chat in the last [`DIGEST_EVERY`]; it counts their unread
     /// messages. The window is claimed in the cache (an atomic counter), so two nodes
     /// handling events of one chat still send one mail.
+    ///
+    /// `online`: [`Self::online_users`], read once for a batch of events.
     pub async fn offline_digest(
         &self,
         chat: ChatId,
         senders: &[UserId],
+        online: &HashSet<UserId>,
     ) -> Result<Vec<OutboxEntry>, ChatError> {
         let Some(found) = self.store.chat_by_id(chat).await? else {
             return Ok(Vec::new());
         };
-        let since = now() - chrono::Duration::minutes(5);
-        let online: HashSet<String> = self
-            .cache
-            .presence_since(keys::ONLINE_USERS, since.timestamp_millis())
-            .await
-            .map(|seen| seen.into_iter().map(|p| p.member).collect())
-            .unwrap_or_default();
         let mut mails = Vec::new();
         for member in self.store.members(chat).await? {
             let user = member.user_id;
-            if senders.contains(&user) || online.contains(&user.to_string()) {
+            if senders.contains(&user) || online.contains(&user) {
                 continue;
             }
             let window = format!("digest:{chat}:{user}");

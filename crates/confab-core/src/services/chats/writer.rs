@@ -17,6 +17,8 @@ type Subscriber = Arc<OnceLock<mpsc::UnboundedSender<Committed>>>;
 
 /// The most messages in one transaction.
 pub const MAX_BATCH: usize = 512;
+/// A commit this recent means traffic: the next batch may wait to gather more.
+const BUSY_WITHIN: std::time::Duration = std::time::Duration::from_millis(20);
 /// Messages waiting for the writer before senders wait for room (backpressure).
 const QUEUE: usize = 16 * MAX_BATCH;
 
@@ -30,10 +32,12 @@ pub struct MessageWriter {
 
 impl MessageWriter {
     /// Starts the writer task (it ends when every handle is dropped). Needs a Tokio runtime.
-    pub fn start(store: Arc<dyn Store>) -> Self {
+    /// `wait`: how long a batch may wait for more messages after its first while messages
+    /// are flowing (zero: never wait). A message on a quiet server is committed at once.
+    pub fn start(store: Arc<dyn Store>, wait: std::time::Duration) -> Self {
         let (jobs, queue) = mpsc::channel(QUEUE);
         let committed = Subscriber::default();
-        tokio::spawn(run(store, queue, committed.clone()));
+        tokio::spawn(run(store, queue, committed.clone(), wait));
         Self { jobs, committed }
     }
 
@@ -62,12 +66,29 @@ async fn run(
     store: Arc<dyn Store>,
     mut queue: mpsc::Receiver<(Append, Reply)>,
     committed: Subscriber,
+    wait: std::time::Duration,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut last_commit: Option<tokio::time::Instant> = None;
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Gather only under traffic (a commit a moment ago): a message on a quiet server is
+        // committed at once.
+        let busy = last_commit.is_some_and(|at| at.elapsed() < BUSY_WITHIN);
+        if busy && !wait.is_zero() {
+            let deadline = tokio::time::Instant::now() + wait;
+            while batch.len() < MAX_BATCH {
+                let room = MAX_BATCH - batch.len();
+                let more = queue.recv_many(&mut batch, room);
+                match tokio::time::timeout_at(deadline, more).await {
+                    Ok(n) if n > 0 => {}
+                    _ => break,
+                }
+            }
+        }
         let (appends, replies): (Vec<Append>, Vec<Reply>) = batch.drain(..).unzip();
         let messages: Vec<Message> = appends.iter().map(|a| a.message.clone()).collect();
         let answers = commit(&*store, appends).await;
+        last_commit = Some(tokio::time::Instant::now());
         let mut stored = Committed::new();
         for ((reply, answer), message) in replies.into_iter().zip(answers).zip(messages) {
             if let Ok(Appended::Stored(kind)) = &answer {
