@@ -350,6 +350,14 @@ pub fn spawn_broadcaster(io: Io, chats: &ChatService) -> Option<tokio::task::Joi
     }))
 }
 
+/// Closes every socket of `user` on every node: their sign-ins ended (logout everywhere,
+/// password changed or reset, account deleted), so the sockets opened with them end too.
+pub async fn disconnect_user(io: &Io, user: UserId) {
+    if let Err(error) = io.to(user_room(user)).disconnect().await {
+        tracing::warn!(%error, "Could not close a user's sockets.");
+    }
+}
+
 /// Emits `event` to `room` on every node; a failure is logged, never the caller's failure
 /// (the change is stored; clients catch up with `after`).
 pub async fn emit(io: &Io, room: String, event: &'static str, body: &impl serde::Serialize) {

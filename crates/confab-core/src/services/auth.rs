@@ -1010,13 +1010,13 @@ impl AuthService {
         Ok(())
     }
 
-    /// `POST /auth/password/reset`: sets the password, unlocks, and ends every sign-in.
+    /// `POST /auth/password/reset`: sets the password, unlocks, and ends every sign-in; whose.
     pub async fn reset_password(
         &self,
         client: &ClientInfo,
         token: &str,
         password: &str,
-    ) -> Result<(), AuthError> {
+    ) -> Result<UserId, AuthError> {
         self.limit_ip("password-reset", client).await?;
         let hash = crypto::token_hash(token);
         let row = self
@@ -1060,7 +1060,7 @@ impl AuthService {
             AuthError::Unauthenticated => AuthError::InvalidLink,
             e => e,
         })?;
-        Ok(())
+        Ok(id)
     }
 
     /// `POST /auth/otp/request`: mails a 6-digit code when the email has an account or may

@@ -243,6 +243,7 @@ pub async fn logout_all(
     Client(client): Client,
 ) -> Result<StatusCode, ApiError> {
     state.auth.logout_all(who, &client).await?;
+    crate::realtime::disconnect_user(&state.io, who.user_id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -306,10 +307,11 @@ pub async fn reset_password(
     Client(client): Client,
     ApiJson(body): ApiJson<ResetRequest>,
 ) -> Result<StatusCode, ApiError> {
-    state
+    let user = state
         .auth
         .reset_password(&client, &body.token, &body.password)
         .await?;
+    crate::realtime::disconnect_user(&state.io, user).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -395,7 +395,37 @@ pub async fn remove_member(
     Authenticated(who): Authenticated,
     ApiPath((id, user)): ApiPath<(ChatId, UserId)>,
 ) -> Result<StatusCode, ApiError> {
+    let before = state.chats.audience(who.user_id, id).await?;
     state.chats.remove_member(who.user_id, id, user).await?;
+    // Their sockets, on every node, leave the room at once: no more of its messages.
+    if let Err(error) = state
+        .io
+        .to(crate::realtime::user_room(user))
+        .leave(crate::realtime::chat_room(id))
+        .await
+    {
+        tracing::warn!(%error, "Could not take a removed member's sockets out of the room.");
+    }
+    // Everyone who was in it, the removed member included, sees the new member list.
+    let remaining = before
+        .members
+        .iter()
+        .map(|m| m.user_id)
+        .find(|m| *m != user);
+    if let Some(remaining) = remaining
+        && let Ok(view) = state.chats.get(remaining, id).await
+    {
+        let body = ChatBody::from(view);
+        for member in before.members.iter().map(|m| m.user_id) {
+            emit(
+                &state.io,
+                crate::realtime::user_room(member),
+                "chat:updated",
+                &body,
+            )
+            .await;
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -156,6 +156,8 @@ pub async fn change_password(
         .auth
         .change_password(who, &client, &body.current, &body.new)
         .await?;
+    // Sockets signed in before the change go too; the client reconnects with the new token.
+    crate::realtime::disconnect_user(&state.io, who.user_id).await;
     Ok(Json(pair.into()))
 }
 
@@ -172,6 +174,7 @@ pub async fn delete_me(
     Client(client): Client,
 ) -> Result<StatusCode, ApiError> {
     state.auth.delete_account(who, &client).await?;
+    crate::realtime::disconnect_user(&state.io, who.user_id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -295,6 +295,103 @@ async fn a_non_member_can_neither_join_read_nor_send(backend: &Backend) {
     assert_eq!(texts, vec!["members only"]);
 }
 
+/// A member removed from a group stops receiving its messages at once, on the socket that
+/// had joined the room (not only after reconnecting), hears `chat:updated`, and can no
+/// longer send into it; the others carry on.
+async fn a_removed_member_stops_receiving_at_once(backend: &Backend) {
+    let app = auth_app(backend, |_| {}).await;
+    let (ann, bob, carol) = (
+        person(&app, "ann").await,
+        person(&app, "bob").await,
+        person(&app, "carol").await,
+    );
+    let chat = group(&app, &ann, &[&bob, &carol]).await;
+    let (anns, _) = connect(&app, &ann).await;
+    let (bobs, mut bob_events) = connect(&app, &bob).await;
+    let (carols, mut carol_events) = connect(&app, &carol).await;
+    for client in [&anns, &bobs, &carols] {
+        assert_eq!(join(client, &chat).await["ok"], true);
+    }
+    let removed = call(
+        &app,
+        Method::DELETE,
+        &format!("/api/v1/chats/{chat}/members/{}", bob.id),
+        Some(&ann.token),
+        None,
+    )
+    .await;
+    assert_eq!(removed.status(), 204);
+    let updated = sio::next_named(&mut bob_events, "chat:updated", WAIT)
+        .await
+        .expect("the removed member hears of it");
+    let members: Vec<&str> = updated.data["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["userId"].as_str().unwrap())
+        .collect();
+    assert!(!members.contains(&bob.id.as_str()), "{members:?}");
+    let sent = anns
+        .call(
+            "message:send",
+            &json!({ "chatId": chat, "text": "without bob" }),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent["ok"], true);
+    let got = sio::next_named(&mut carol_events, "message:new", WAIT)
+        .await
+        .unwrap();
+    assert_eq!(got.data["text"], "without bob");
+    let leaked = sio::next_named(&mut bob_events, "message:new", Duration::from_millis(500)).await;
+    assert!(leaked.is_none(), "{leaked:?}");
+    let refused = bobs
+        .call(
+            "message:send",
+            &json!({ "chatId": chat, "text": "still here?" }),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused, json!({ "ok": false, "code": "NOT_FOUND" }));
+}
+
+/// Signing out everywhere closes the user's open sockets (both tabs), and the old token no
+/// longer opens one; another user's socket stays.
+async fn signing_out_everywhere_closes_the_users_sockets(backend: &Backend) {
+    let app = auth_app(backend, |_| {}).await;
+    let (ann, bob) = (person(&app, "ann").await, person(&app, "bob").await);
+    let (_tab1, mut first) = connect(&app, &ann).await;
+    let (_tab2, mut second) = connect(&app, &ann).await;
+    let (bobs, _bob_events) = connect(&app, &bob).await;
+    let out = call(
+        &app,
+        Method::POST,
+        "/api/v1/auth/logout-all",
+        Some(&ann.token),
+        None,
+    )
+    .await;
+    assert_eq!(out.status(), 204);
+    for events in [&mut first, &mut second] {
+        // Drained to the end: the server closed the socket.
+        let closed =
+            tokio::time::timeout(WAIT, async { while events.recv().await.is_some() {} }).await;
+        assert!(closed.is_ok(), "the socket was not closed");
+    }
+    let again = sio::connect(&app.url(""), &json!({ "token": ann.token })).await;
+    assert_eq!(again.err().as_deref(), Some("UNAUTHENTICATED"));
+    let still = bobs
+        .call(
+            "chat:leave",
+            &json!({ "chatId": "00000000-0000-0000-0000-000000000000" }),
+            WAIT,
+        )
+        .await;
+    assert!(still.is_ok(), "Bob's socket is untouched");
+}
+
 /// Presence (SPEC §4) goes to the user's chat partners: online with the first socket, not
 /// again for a second tab, offline (with when last seen) only when the last socket closes;
 /// someone who shares no chat hears nothing.
@@ -407,5 +504,7 @@ on_every_backend!(
     a_reconnecting_client_catches_up_without_gaps,
     a_non_member_can_neither_join_read_nor_send,
     partners_see_presence_come_and_go,
+    a_removed_member_stops_receiving_at_once,
+    signing_out_everywhere_closes_the_users_sockets,
     offline_members_get_one_digest_mail_per_chat,
 );
