@@ -1,14 +1,15 @@
 //! Socket.IO v4 on `/socket.io` (SPEC §4), default namespace: the handshake's `auth.token` is
 //! an access token; each socket joins `user:<id>`; members join `chat:<id>` rooms; messages
-//! sent here and over REST are the same thing (persisted by `ChatService`, then broadcast).
+//! sent here and over REST are the same thing (stored by `ChatService`'s group commit, then
+//! broadcast in commit order by `spawn_broadcaster`).
 //!
-//! Event handlers are registered synchronously in the connect handler, before any await:
-//! socketioxide answers the namespace CONNECT before an async connect handler has run, so a
-//! client's first event would otherwise find no handler (DEPENDENCIES.md).
+//! Event handlers are registered in the handshake middleware: socketioxide sends the
+//! namespace CONNECT after the middleware but spawns the connect handler, so a client's first
+//! event could otherwise find no handler (DEPENDENCIES.md).
 //!
-//! Not here yet (the rest of the realtime issue): `presence` events to chat partners, Redis
-//! rooms across nodes, the offline digest mail, and the group-commit write path the
-//! throughput targets need.
+//! Many nodes: rooms and broadcasts go through socketioxide-redis's adapter over the cache's
+//! pub/sub (`cluster`); `presence` reaches chat partners on every node, counted per user in
+//! the cache.
 
 use std::sync::Arc;
 
@@ -280,7 +281,15 @@ async fn chat_join(
         Ok(ChatRef { chat_id }) => match rt.chats.audience(who.user_id, chat_id).await {
             Ok(_) => {
                 socket.join(chat_room(chat_id));
-                json!({ "ok": true })
+                // Removed between the check and the join (whose `leave` found nothing to
+                // take out)? Then out again: checked after joining, a removal is never missed.
+                match rt.chats.audience(who.user_id, chat_id).await {
+                    Ok(_) => json!({ "ok": true }),
+                    Err(e) => {
+                        socket.leave(chat_room(chat_id));
+                        refused(error_code(&e))
+                    }
+                }
             }
             Err(e) => refused(error_code(&e)),
         },

@@ -138,12 +138,14 @@ pub fn spawn_mail_worker(
 
 /// Consumes the `events` queue until `shutdown`, a batch at a time: the `message.created`
 /// events of a batch are grouped by chat and each chat's offline digest is worked out once
-/// (`ChatService::offline_digest`); the mails are queued in one transaction, then the whole
-/// batch is acknowledged at once. Other kinds have no consumer yet and are acknowledged.
+/// (`ChatService::offline_digest`, presence read once per batch) and its mails queued; the
+/// batch is then acknowledged at once, except the events of a chat whose digest failed,
+/// which are retried. Other kinds have no consumer yet and are acknowledged.
 ///
 /// Effect-once comes from the digest window the cache claims (one mail per member and chat
 /// per 15 minutes), not from processed marks: a redelivered event finds its window claimed.
-/// A crash between the claim and the queued mail loses that one mail; it never sends two.
+/// A failure between the claim and the queued mail loses that mail (at most once); it never
+/// sends two.
 pub fn spawn_events_worker(
     state: crate::state::AppState,
     shutdown: CancellationToken,
@@ -155,54 +157,67 @@ pub fn spawn_events_worker(
         256,
         shutdown,
         |state, deliveries| async move {
-            match digest_mails(&state, &deliveries).await {
-                Ok(()) => state.broker.ack_all(&deliveries).await?,
-                Err(error) => {
-                    for delivery in &deliveries {
-                        state.broker.nack(delivery, &format!("{error:#}")).await?;
-                    }
-                    return Err(error);
-                }
+            let failed = digest_mails(&state, &deliveries).await;
+            let (retry, done): (Vec<Delivery>, Vec<Delivery>) = deliveries
+                .into_iter()
+                .partition(|d| chat_of(d).is_some_and(|chat| failed.contains_key(&chat)));
+            state.broker.ack_all(&done).await?;
+            for delivery in &retry {
+                let error = chat_of(delivery)
+                    .and_then(|chat| failed.get(&chat))
+                    .map_or("digest failed", String::as_str);
+                state.broker.nack(delivery, error).await?;
             }
             Ok(())
         },
     )
 }
 
+/// The chat a `message.created` event is about.
+fn chat_of(delivery: &Delivery) -> Option<confab_core::domain::ChatId> {
+    (delivery.envelope.kind == "message.created")
+        .then(|| serde_json::from_value(delivery.envelope.payload["chatId"].clone()).ok())
+        .flatten()
+}
+
+/// Queues the digest mails of every chat in the batch; the chats whose digest failed, with
+/// why.
 async fn digest_mails(
     state: &crate::state::AppState,
     deliveries: &[Delivery],
-) -> anyhow::Result<()> {
+) -> HashMap<confab_core::domain::ChatId, String> {
     use confab_core::domain::{ChatId, UserId};
     let mut chats: HashMap<ChatId, Vec<UserId>> = HashMap::new();
     for delivery in deliveries {
-        if delivery.envelope.kind != "message.created" {
-            continue;
-        }
-        let payload = &delivery.envelope.payload;
         // A malformed event is acknowledged with the rest: there is nothing to do for it.
-        let Ok(chat) = serde_json::from_value::<ChatId>(payload["chatId"].clone()) else {
+        let Some(chat) = chat_of(delivery) else {
             continue;
         };
         let senders = chats.entry(chat).or_default();
-        if let Ok(sender) = serde_json::from_value::<UserId>(payload["senderId"].clone()) {
+        let sender = &delivery.envelope.payload["senderId"];
+        if let Ok(sender) = serde_json::from_value::<UserId>(sender.clone()) {
             senders.push(sender);
         }
     }
+    let mut failed = HashMap::new();
     if chats.is_empty() {
-        return Ok(());
+        return failed;
     }
     let online = state.chats.online_users().await;
-    let mut mails = Vec::new();
     for (chat, senders) in chats {
-        mails.extend(state.chats.offline_digest(chat, &senders, &online).await?);
-    }
-    if !mails.is_empty() {
-        let tx = state.store.begin().await?;
-        for mail in &mails {
-            tx.enqueue(mail).await?;
+        let queued = async {
+            for mail in state.chats.offline_digest(chat, &senders, &online).await? {
+                state
+                    .store
+                    .enqueue(&mail)
+                    .await
+                    .map_err(confab_core::services::chats::ChatError::from)?;
+            }
+            Ok::<(), confab_core::services::chats::ChatError>(())
+        };
+        if let Err(error) = queued.await {
+            failed.insert(chat, error.to_string());
         }
-        tx.commit().await?;
     }
-    Ok(())
+    failed
 }

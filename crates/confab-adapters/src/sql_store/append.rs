@@ -220,6 +220,11 @@ impl SqlStore {
                 .value(chats::Column::LastMessageAt, Expr::cust(newest_at))
                 .value(chats::Column::ActivityAt, Expr::cust(newest_at))
                 .and_where(Expr::col(chats::Column::Id).is_in(touched))
+                // Never backwards: on PostgreSQL a concurrent writer's newer pointer is
+                // re-checked here, while the subqueries still see this transaction's snapshot.
+                .and_where(Expr::cust(format!(
+                    "(last_message_id IS NULL OR last_message_id < {newest})"
+                )))
                 .to_owned();
             tx.execute(&update).await.map_err(store_err)?;
         }
