@@ -10,8 +10,10 @@ use confab_core::ports::store::Store;
 use confab_core::services::delivery::relay_outbox;
 use tokio_util::sync::CancellationToken;
 
-/// How many outbox rows one relay round moves.
-const RELAY_BATCH: u32 = 100;
+/// How many outbox rows one relay round moves: large, so that under load the relay writes
+/// a few big transactions rather than many small ones (each takes SQLite's one write lock
+/// that message commits wait for).
+const RELAY_BATCH: u32 = 500;
 /// How often an idle relay looks for new rows.
 const RELAY_IDLE: Duration = Duration::from_millis(200);
 
