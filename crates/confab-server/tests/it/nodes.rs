@@ -110,7 +110,12 @@ async fn two_nodes_share_rooms_and_presence_and_survive_a_redis_restart() {
         .await
         .unwrap();
     assert_eq!(joined["ok"], true);
-    let (anns, _ann_events) = connect(&a, &ann).await;
+    let (anns, mut ann_events) = connect(&a, &ann).await;
+    let joined = anns
+        .call("chat:join", &json!({ "chatId": chat }), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(joined["ok"], true);
     let presence = sio::next_named(&mut bob_events, "presence", WAIT)
         .await
         .expect("presence crosses nodes");
@@ -144,8 +149,23 @@ async fn two_nodes_share_rooms_and_presence_and_survive_a_redis_restart() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Meanwhile a send still stores (and acks): the message is not lost, only its live
     // delivery to the other node (Bob catches up with `after`).
+    let sent_at = std::time::Instant::now();
     let during = send(&anns, &chat, "while redis is down").await;
     assert_eq!(during["ok"], true, "{during}");
+    // On its own node a message is still delivered live, and promptly.
+    loop {
+        let own = sio::next_named(&mut ann_events, "message:new", WAIT)
+            .await
+            .expect("delivered on its own node while Redis is down");
+        if own.data["id"] == during["id"] {
+            break;
+        }
+    }
+    assert!(
+        sent_at.elapsed() < Duration::from_secs(2),
+        "local delivery took {:?} while Redis was down",
+        sent_at.elapsed()
+    );
     redis.restart();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut n = 0;
