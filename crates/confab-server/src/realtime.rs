@@ -165,10 +165,7 @@ async fn announce_presence(io: &Io, rt: &Realtime, user: UserId, online: bool) {
         "online": online,
         "lastSeenAt": crate::http::auth::rfc3339(confab_core::domain::now()),
     });
-    let rooms: Vec<String> = partners.into_iter().map(user_room).collect();
-    if let Err(error) = io.to(rooms).emit("presence", &body).await {
-        tracing::debug!(%error, "Presence not announced.");
-    }
+    emit_to_users(io, partners, "presence", &body).await;
 }
 
 /// The user was seen now: online for five minutes from here (SPEC §4: while a socket is
@@ -364,6 +361,22 @@ pub fn spawn_broadcaster(io: Io, chats: &ChatService) -> Option<tokio::task::Joi
 pub async fn disconnect_user(io: &Io, user: UserId) {
     if let Err(error) = io.to(user_room(user)).disconnect().await {
         tracing::warn!(%error, "Could not close a user's sockets.");
+    }
+}
+
+/// Emits `event` to the user rooms of `users` on every node, once per socket.
+pub async fn emit_to_users(
+    io: &Io,
+    users: impl IntoIterator<Item = UserId>,
+    event: &'static str,
+    body: &impl serde::Serialize,
+) {
+    let rooms: Vec<String> = users.into_iter().map(user_room).collect();
+    if rooms.is_empty() {
+        return;
+    }
+    if let Err(error) = io.to(rooms).emit(event, body).await {
+        tracing::warn!(%error, event, "Could not broadcast.");
     }
 }
 

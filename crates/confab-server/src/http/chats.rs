@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use confab_core::domain::{ChatId, ChatKind, MemberRole, Message, MessageId, Page, UserId};
 use confab_core::services::chats::{Audience, ChatError, ChatView};
 
-use crate::realtime::emit;
+use crate::realtime::{emit, emit_to_users};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -296,15 +296,7 @@ pub async fn create_chat(
     if !created {
         return Ok((StatusCode::OK, Json(body)));
     }
-    for member in members {
-        emit(
-            &state.io,
-            crate::realtime::user_room(member),
-            "chat:new",
-            &body,
-        )
-        .await;
-    }
+    emit_to_users(&state.io, members, "chat:new", &body).await;
     Ok((StatusCode::CREATED, Json(body)))
 }
 
@@ -364,15 +356,7 @@ pub async fn add_member(
         .await?;
     let members: Vec<UserId> = view.members.iter().map(|m| m.user_id).collect();
     let body = ChatBody::from(view);
-    for member in members {
-        emit(
-            &state.io,
-            crate::realtime::user_room(member),
-            "chat:updated",
-            &body,
-        )
-        .await;
-    }
+    emit_to_users(&state.io, members, "chat:updated", &body).await;
     Ok(Json(body))
 }
 
@@ -416,15 +400,8 @@ pub async fn remove_member(
         && let Ok(view) = state.chats.get(remaining, id).await
     {
         let body = ChatBody::from(view);
-        for member in before.members.iter().map(|m| m.user_id) {
-            emit(
-                &state.io,
-                crate::realtime::user_room(member),
-                "chat:updated",
-                &body,
-            )
-            .await;
-        }
+        let members = before.members.iter().map(|m| m.user_id);
+        emit_to_users(&state.io, members, "chat:updated", &body).await;
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -45,6 +45,15 @@ async fn group(app: &TestApp, admin: &Person, others: &[&Person]) -> String {
     chat["id"].as_str().unwrap().to_owned()
 }
 
+/// `GET path` with `token`, as JSON.
+async fn get_json(app: &TestApp, path: &str, token: &str) -> Value {
+    call(app, Method::GET, path, Some(token), None)
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
 /// The ids of the next `n` `message:new` events (others skipped).
 async fn receive(events: &mut UnboundedReceiver<sio::Event>, n: usize) -> Vec<String> {
     let mut ids = Vec::with_capacity(n);
@@ -129,11 +138,7 @@ async fn every_member_gets_every_message_once_while_many_send(backend: &Backend)
                 "/api/v1/chats/{chat}/messages?after=00000000-0000-0000-0000-000000000000&limit=100"
             ),
         };
-        let page: Value = call(&app, Method::GET, &path, Some(&people[3].token), None)
-            .await
-            .json()
-            .await
-            .unwrap();
+        let page: Value = get_json(&app, &path, &people[3].token).await;
         let items = page["items"].as_array().unwrap();
         if items.is_empty() {
             break;
@@ -212,17 +217,12 @@ async fn catch_up(app: &TestApp, who: &Person, chat: &str, seen: &mut Vec<String
         .last()
         .cloned()
         .unwrap_or_else(|| "00000000-0000-0000-0000-000000000000".into());
-    let page: Value = call(
+    let page: Value = get_json(
         app,
-        Method::GET,
         &format!("/api/v1/chats/{chat}/messages?after={after}&limit=200"),
-        Some(&who.token),
-        None,
+        &who.token,
     )
-    .await
-    .json()
-    .await
-    .unwrap();
+    .await;
     for item in page["items"].as_array().unwrap() {
         seen.push(item["id"].as_str().unwrap().to_owned());
     }
@@ -275,17 +275,7 @@ async fn a_non_member_can_neither_join_read_nor_send(backend: &Backend) {
     .await;
     assert_eq!(history.status(), 404);
     // Nothing of Eve's got in.
-    let page: Value = call(
-        &app,
-        Method::GET,
-        &format!("/api/v1/chats/{chat}/messages"),
-        Some(&ann.token),
-        None,
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let page = get_json(&app, &format!("/api/v1/chats/{chat}/messages"), &ann.token).await;
     let texts: Vec<&str> = page["items"]
         .as_array()
         .unwrap()
@@ -454,17 +444,8 @@ async fn offline_members_get_one_digest_mail_per_chat(backend: &Backend) {
     // Carol is online once her socket is in (presence is recorded on connect).
     assert_eq!(join(&carols, &chat).await["ok"], true);
     confab_core::testing::eventually("carol shows as online", WAIT, || async {
-        let profile: Value = call(
-            &app,
-            Method::GET,
-            &format!("/api/v1/users/{}", carol.id),
-            Some(&ann.token),
-            None,
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
+        let profile: Value =
+            get_json(&app, &format!("/api/v1/users/{}", carol.id), &ann.token).await;
         profile["online"] == true
     })
     .await;
