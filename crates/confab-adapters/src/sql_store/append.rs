@@ -61,9 +61,33 @@ impl SqlStore {
         let mut fresh = fresh.into_iter();
         let mut out = Vec::with_capacity(answers.len());
         for answer in answers {
-            if let Some(answer) = answer {
-                out.push(answer);
-                continue;
+            match answer {
+                // A duplicate of a message earlier in this batch that then lost its client id
+                // to a writer elsewhere: the message that stands is that writer's.
+                Some(Appended::Duplicate { existing, kind })
+                    if batch.iter().any(|a| a.message.id == existing.id)
+                        && !stored.contains(&existing.id) =>
+                {
+                    let standing = match (&existing.client_id, existing.sender_id) {
+                        (Some(client_id), Some(sender)) => {
+                            self.message_by_client_id(sender, client_id).await?
+                        }
+                        _ => None,
+                    };
+                    let standing = standing.ok_or_else(|| {
+                        StoreError::Other("a client id was neither stored nor taken".into())
+                    })?;
+                    out.push(Appended::Duplicate {
+                        existing: Box::new(standing),
+                        kind,
+                    });
+                    continue;
+                }
+                Some(answer) => {
+                    out.push(answer);
+                    continue;
+                }
+                None => {}
             }
             let Some((append, kind)) = fresh.next() else {
                 return Err(StoreError::Other(

@@ -532,9 +532,11 @@ async fn concurrent_batches_with_the_same_client_id_store_it_once(store: Arc<dyn
         text(chat, ann.id, "mine", Some("race")),
         text(chat, bob.id, "a", None),
     ];
+    // The second batch also repeats the client id within itself.
     let second = [
         text(chat, ann.id, "mine", Some("race")),
         text(chat, bob.id, "b", None),
+        text(chat, ann.id, "mine again", Some("race")),
     ];
     let (a, b) = tokio::join!(
         store.append_messages(first.iter().map(append).collect()),
@@ -554,6 +556,14 @@ async fn concurrent_batches_with_the_same_client_id_store_it_once(store: Arc<dyn
     };
     assert_eq!(a[1], Appended::Stored(ChatKind::Group));
     assert_eq!(b[1], Appended::Stored(ChatKind::Group));
+    // The repeat answers with the message that stands, whichever batch won.
+    assert_eq!(
+        b[2],
+        Appended::Duplicate {
+            existing: Box::new(winner.clone()),
+            kind: ChatKind::Group
+        }
+    );
     let page = store.messages(chat, Page::newest(50)).await.unwrap();
     assert_eq!(page.len(), 3, "{page:?}");
     assert_eq!(
