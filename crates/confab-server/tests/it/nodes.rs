@@ -32,25 +32,26 @@ async fn node(dir: &std::path::Path, database: &str, redis: &str) -> Node {
     }
 }
 
+/// A request's JSON answer.
+async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 struct User {
     id: String,
     token: String,
 }
 
 async fn register(http: &reqwest::Client, node: &Node, tag: &str) -> User {
-    let body: Value = http
-        .post(format!("{}/api/v1/auth/register", node.base))
-        .json(&json!({
-            "email": format!("{}@example.com", confab_core::testing::unique(tag)),
-            "password": "correct horse battery staple",
-            "name": tag,
-        }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = json_of(
+        http.post(format!("{}/api/v1/auth/register", node.base))
+            .json(&json!({
+                "email": format!("{}@example.com", confab_core::testing::unique(tag)),
+                "password": "correct horse battery staple",
+                "name": tag,
+            })),
+    )
+    .await;
     User {
         id: body["user"]["id"].as_str().unwrap().to_owned(),
         token: body["accessToken"].as_str().unwrap().to_owned(),
@@ -91,16 +92,12 @@ async fn two_nodes_share_rooms_and_presence_and_survive_a_redis_restart() {
     let http = reqwest::Client::new();
     let ann = register(&http, &a, "ann").await;
     let bob = register(&http, &b, "bob").await;
-    let chat: Value = http
-        .post(format!("{}/api/v1/chats", a.base))
-        .bearer_auth(&ann.token)
-        .json(&json!({ "memberIds": [bob.id] }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let chat: Value = json_of(
+        http.post(format!("{}/api/v1/chats", a.base))
+            .bearer_auth(&ann.token)
+            .json(&json!({ "memberIds": [bob.id] })),
+    )
+    .await;
     let chat = chat["id"].as_str().unwrap().to_owned();
 
     // Bob on node B; Ann comes online on node A: Bob hears it there.
@@ -123,15 +120,11 @@ async fn two_nodes_share_rooms_and_presence_and_survive_a_redis_restart() {
     assert_eq!(presence.data["online"], true);
     // Both nodes agree that Ann is online.
     for node in [&a, &b] {
-        let profile: Value = http
-            .get(format!("{}/api/v1/users/{}", node.base, ann.id))
-            .bearer_auth(&bob.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let profile: Value = json_of(
+            http.get(format!("{}/api/v1/users/{}", node.base, ann.id))
+                .bearer_auth(&bob.token),
+        )
+        .await;
         assert_eq!(profile["online"], true, "{}: {profile}", node.base);
     }
 
@@ -193,19 +186,15 @@ async fn two_nodes_share_rooms_and_presence_and_survive_a_redis_restart() {
         "cross-node delivery did not resume within 30 s of Redis returning"
     );
     // What Bob missed while Redis was down is in the history.
-    let page: Value = http
-        .get(format!(
+    let page: Value = json_of(
+        http.get(format!(
             "{}/api/v1/chats/{chat}/messages?after={}",
             b.base,
             got.data["id"].as_str().unwrap()
         ))
-        .bearer_auth(&bob.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .bearer_auth(&bob.token),
+    )
+    .await;
     assert_eq!(page["items"][0]["id"], during["id"]);
     drop((anns, bobs));
     db.drop().await;
