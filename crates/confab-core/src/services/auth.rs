@@ -460,6 +460,19 @@ impl AuthService {
             .await
     }
 
+    /// For [`Self::modify_user`]: the change writes one security event of `kind` and nothing
+    /// else.
+    fn audited<'a>(
+        kind: &'static str,
+        client: &'a ClientInfo,
+        details: serde_json::Value,
+    ) -> impl Fn(&User) -> (Vec<OutboxEntry>, Vec<SecurityEvent>) + 'a {
+        move |user| {
+            let event = Self::security_event(kind, Some(user.id), client, details.clone());
+            (Vec::new(), vec![event])
+        }
+    }
+
     fn security_event(
         kind: &str,
         user: Option<UserId>,
@@ -1045,15 +1058,7 @@ impl AuthService {
                 user.email_verified_at.get_or_insert(at);
                 Ok(true)
             },
-            |user| {
-                let event = Self::security_event(
-                    "password_reset",
-                    Some(user.id),
-                    client,
-                    json!({"sessionsEnded": ended}),
-                );
-                (Vec::new(), vec![event])
-            },
+            Self::audited("password_reset", client, json!({"sessionsEnded": ended})),
         )
         .await
         .map_err(|e| match e {
@@ -1186,15 +1191,7 @@ impl AuthService {
                     user.password_hash = None;
                     Ok(true)
                 },
-                |user| {
-                    let event = Self::security_event(
-                        "unverified_account_claimed",
-                        Some(user.id),
-                        client,
-                        json!({}),
-                    );
-                    (Vec::new(), vec![event])
-                },
+                Self::audited("unverified_account_claimed", client, json!({})),
             )
             .await?;
         Ok(user)
@@ -1368,15 +1365,7 @@ impl AuthService {
                 user.password_hash = Some(new_hash.clone());
                 Ok(true)
             },
-            |user| {
-                let event = Self::security_event(
-                    "password_changed",
-                    Some(user.id),
-                    client,
-                    json!({"sessionsEnded": ended}),
-                );
-                (Vec::new(), vec![event])
-            },
+            Self::audited("password_changed", client, json!({"sessionsEnded": ended})),
         )
         .await?;
         self.start_session(user.id).await
