@@ -404,7 +404,7 @@ impl Store for SqlStore {
             replica: None,
         }))
     }
-    async fn append_messages(&self, batch: Vec<Append>) -> Result<Vec<Appended>, StoreError> {
+    async fn append_messages(&self, batch: &[Append]) -> Result<Vec<Appended>, StoreError> {
         self.append(batch).await
     }
 }

@@ -19,17 +19,17 @@ use super::ops::{message_model, outbox_model, to_message, values};
 use super::{SqlStore, store_err};
 
 impl SqlStore {
-    pub(super) async fn append(&self, batch: Vec<Append>) -> Result<Vec<Appended>, StoreError> {
+    pub(super) async fn append(&self, batch: &[Append]) -> Result<Vec<Appended>, StoreError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let kinds = self.memberships(&batch).await?;
-        let mut earlier = self.earlier_client_ids(&batch).await?;
+        let kinds = self.memberships(batch).await?;
+        let mut earlier = self.earlier_client_ids(batch).await?;
 
         // Decide each input: member? a client id used before (or earlier in this batch)?
         let mut answers = Vec::with_capacity(batch.len());
         let mut fresh: Vec<(&Append, ChatKind)> = Vec::with_capacity(batch.len());
-        for append in &batch {
+        for append in batch {
             let m = &append.message;
             let Some(sender) = m.sender_id else {
                 return Err(StoreError::Other("a sent message needs a sender".into()));
@@ -68,17 +68,8 @@ impl SqlStore {
                     if batch.iter().any(|a| a.message.id == existing.id)
                         && !stored.contains(&existing.id) =>
                 {
-                    let standing = match (&existing.client_id, existing.sender_id) {
-                        (Some(client_id), Some(sender)) => {
-                            self.message_by_client_id(sender, client_id).await?
-                        }
-                        _ => None,
-                    };
-                    let standing = standing.ok_or_else(|| {
-                        StoreError::Other("a client id was neither stored nor taken".into())
-                    })?;
                     out.push(Appended::Duplicate {
-                        existing: Box::new(standing),
+                        existing: Box::new(self.standing(&existing).await?),
                         kind,
                     });
                     continue;
@@ -99,25 +90,23 @@ impl SqlStore {
                 out.push(Appended::Stored(kind));
                 continue;
             }
-            let existing = match (&m.client_id, m.sender_id) {
-                (Some(client_id), Some(sender)) => {
-                    self.message_by_client_id(sender, client_id).await?
-                }
-                _ => None,
-            };
-            match existing {
-                Some(existing) => out.push(Appended::Duplicate {
-                    existing: Box::new(existing),
-                    kind,
-                }),
-                None => {
-                    return Err(StoreError::Other(
-                        "a message was neither stored nor a duplicate".into(),
-                    ));
-                }
-            }
+            out.push(Appended::Duplicate {
+                existing: Box::new(self.standing(m).await?),
+                kind,
+            });
         }
         Ok(out)
+    }
+
+    /// The message that stands under `m`'s `(sender, client_id)` after `m` lost it to a
+    /// writer elsewhere.
+    async fn standing(&self, m: &Message) -> Result<Message, StoreError> {
+        let found = match (&m.client_id, m.sender_id) {
+            (Some(client_id), Some(sender)) => self.message_by_client_id(sender, client_id).await?,
+            _ => None,
+        };
+        found
+            .ok_or_else(|| StoreError::Other("a message was neither stored nor a duplicate".into()))
     }
 
     /// `(chat, sender) → chat kind` for every sender who is a member of the chat named: one

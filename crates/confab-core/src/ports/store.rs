@@ -342,5 +342,5 @@ pub trait Store:
     /// its outbox entry, and each chat's latest-message pointer moves to its newest. One
     /// answer per input, in order. A duplicate client id never fails the batch (see
     /// [`Appended::Duplicate`]); a batch error means nothing of it was stored.
-    async fn append_messages(&self, batch: Vec<Append>) -> Result<Vec<Appended>, StoreError>;
+    async fn append_messages(&self, batch: &[Append]) -> Result<Vec<Appended>, StoreError>;
 }

@@ -474,7 +474,7 @@ async fn a_batch_of_messages_is_appended_in_one_group_commit(store: Arc<dyn Stor
         text(direct, ann.id, "three", None),
     ];
     let answers = store
-        .append_messages(batch.iter().map(append).collect())
+        .append_messages(&batch.iter().map(append).collect::<Vec<_>>())
         .await
         .unwrap();
     assert_eq!(
@@ -520,7 +520,7 @@ async fn a_batch_of_messages_is_appended_in_one_group_commit(store: Arc<dyn Stor
         .collect();
     assert_eq!(events, expected);
     // An empty batch is no work.
-    assert_eq!(store.append_messages(Vec::new()).await.unwrap(), vec![]);
+    assert_eq!(store.append_messages(&[]).await.unwrap(), vec![]);
 }
 
 /// Two nodes' writers committing the same `(sender, client_id)` at once: one message stands,
@@ -538,9 +538,13 @@ async fn concurrent_batches_with_the_same_client_id_store_it_once(store: Arc<dyn
         text(chat, bob.id, "b", None),
         text(chat, ann.id, "mine again", Some("race")),
     ];
+    let (first_batch, second_batch): (Vec<_>, Vec<_>) = (
+        first.iter().map(append).collect(),
+        second.iter().map(append).collect(),
+    );
     let (a, b) = tokio::join!(
-        store.append_messages(first.iter().map(append).collect()),
-        store.append_messages(second.iter().map(append).collect()),
+        store.append_messages(&first_batch),
+        store.append_messages(&second_batch),
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     let winner = match (&a[0], &b[0]) {

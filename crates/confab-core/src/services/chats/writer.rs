@@ -86,13 +86,12 @@ async fn run(
             }
         }
         let (appends, replies): (Vec<Append>, Vec<Reply>) = batch.drain(..).unzip();
-        let messages: Vec<Message> = appends.iter().map(|a| a.message.clone()).collect();
-        let answers = commit(&*store, appends).await;
+        let answers = commit(&*store, &appends).await;
         last_commit = Some(tokio::time::Instant::now());
         let mut stored = Committed::new();
-        for ((reply, answer), message) in replies.into_iter().zip(answers).zip(messages) {
+        for ((reply, answer), append) in replies.into_iter().zip(answers).zip(appends) {
             if let Ok(Appended::Stored(kind)) = &answer {
-                stored.push((message, *kind));
+                stored.push((append.message, *kind));
             }
             let _ = reply.send(answer);
         }
@@ -106,9 +105,8 @@ async fn run(
 
 /// Commits a batch: one answer per message. A batch that fails for a reason other than an
 /// outage is retried one message at a time, so one bad message cannot fail the others.
-async fn commit(store: &dyn Store, appends: Vec<Append>) -> Vec<Result<Appended, StoreError>> {
+async fn commit(store: &dyn Store, appends: &[Append]) -> Vec<Result<Appended, StoreError>> {
     let n = appends.len();
-    let retry = (n > 1).then(|| appends.clone());
     match store.append_messages(appends).await {
         Ok(answers) => answers.into_iter().map(Ok).collect(),
         Err(StoreError::Unavailable(e)) => {
@@ -117,20 +115,21 @@ async fn commit(store: &dyn Store, appends: Vec<Append>) -> Vec<Result<Appended,
                 .map(|_| Err(StoreError::Unavailable(message.clone().into())))
                 .collect()
         }
-        Err(e) => match retry {
-            None => vec![Err(e)],
-            // Each sender gets its own message's answer.
-            Some(appends) => {
-                let mut answers = Vec::with_capacity(n);
-                for append in appends {
-                    let answer = store.append_messages(vec![append]).await.and_then(|mut a| {
+        Err(e) if n == 1 => vec![Err(e)],
+        // Each sender gets its own message's answer.
+        Err(_) => {
+            let mut answers = Vec::with_capacity(n);
+            for append in appends {
+                let answer = store
+                    .append_messages(std::slice::from_ref(append))
+                    .await
+                    .and_then(|mut a| {
                         a.pop()
                             .ok_or_else(|| StoreError::Other("no answer from the store".into()))
                     });
-                    answers.push(answer);
-                }
-                answers
+                answers.push(answer);
             }
-        },
+            answers
+        }
     }
 }
