@@ -275,13 +275,13 @@ async fn chat_join(
 ) {
     let answer = match data {
         Err(_) => refused("VALIDATION_ERROR"),
-        Ok(ChatRef { chat_id }) => match rt.chats.audience(who.user_id, chat_id).await {
-            Ok(_) => {
+        Ok(ChatRef { chat_id }) => match rt.chats.check_member(who.user_id, chat_id).await {
+            Ok(()) => {
                 socket.join(chat_room(chat_id));
                 // Removed between the check and the join (whose `leave` found nothing to
                 // take out)? Then out again: checked after joining, a removal is never missed.
-                match rt.chats.audience(who.user_id, chat_id).await {
-                    Ok(_) => json!({ "ok": true }),
+                match rt.chats.check_member(who.user_id, chat_id).await {
+                    Ok(()) => json!({ "ok": true }),
                     Err(e) => {
                         socket.leave(chat_room(chat_id));
                         refused(error_code(&e))

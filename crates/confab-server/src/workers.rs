@@ -160,6 +160,10 @@ pub fn spawn_events_worker(
         shutdown,
         |state, deliveries| async move {
             let failed = digest_mails(&state, &deliveries).await;
+            if failed.is_empty() {
+                state.broker.ack_all(&deliveries).await?;
+                return Ok(());
+            }
             let (retry, done): (Vec<Delivery>, Vec<Delivery>) = deliveries
                 .into_iter()
                 .partition(|d| chat_of(d).is_some_and(|chat| failed.contains_key(&chat)));

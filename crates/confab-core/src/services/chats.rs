@@ -421,6 +421,15 @@ impl ChatService {
         Ok(mails)
     }
 
+    /// `Ok` for a member of the chat, `NotFound` for anyone else: one lookup (a membership
+    /// implies the chat).
+    pub async fn check_member(&self, who: UserId, chat: ChatId) -> Result<(), ChatError> {
+        match self.store.member(chat, who).await? {
+            Some(_) => Ok(()),
+            None => Err(ChatError::NotFound),
+        }
+    }
+
     /// The chat's kind and members, for a member (`NotFound` for anyone else).
     pub async fn audience(&self, who: UserId, chat: ChatId) -> Result<Audience, ChatError> {
         let (chat, _) = self.membership(who, chat).await?;
