@@ -9,7 +9,12 @@
 //! cargo build --release -p confab-server --example realtime_load --bin confab
 //! target/release/examples/realtime_load [--clients 200 --rooms 20 --rates 1000,2000,5000]
 //!     [--seconds 10] [--ramp] [--binary target/release/confab] [--server-threads N]
-//!     [--server-env KEY=VALUE ...] [--server-cpus 0|all]
+//!     [--server-env KEY=VALUE ...] [--server-cpus 0|all] [--uploads N]
+//!
+//! `--uploads N` keeps N clients uploading a 12 MP photo (JPEG, ~4 MB) as image messages into a
+//! chat of their own, one after another, for the whole run: the delivery figures then show
+//! what image processing costs the chat, and each line adds the uploads' p50/p99 (upload →
+//! stored with its thumbnail → 201).
 //!
 //! `--ramp` raises the rate until delivery p99 exceeds 50 ms or deliveries fall behind, and
 //! reports the highest rate that held.
@@ -25,6 +30,8 @@
 
 #[path = "sio.rs"]
 mod sio;
+#[path = "upload.rs"]
+mod upload;
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -46,6 +53,8 @@ struct Args {
     server_env: Vec<(String, String)>,
     /// The CPUs the server is pinned to (`taskset -c`); `all`: not pinned.
     server_cpus: String,
+    /// Clients uploading 12 MP photos throughout.
+    uploads: usize,
 }
 
 fn args() -> Args {
@@ -59,6 +68,7 @@ fn args() -> Args {
         server_threads: None,
         server_env: Vec::new(),
         server_cpus: "0".into(),
+        uploads: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -77,6 +87,7 @@ fn args() -> Args {
             "--ramp" => a.ramp = true,
             "--server-threads" => a.server_threads = Some(value()),
             "--server-cpus" => a.server_cpus = value(),
+            "--uploads" => a.uploads = value().parse().expect("--uploads N"),
             "--server-env" => {
                 let pair = value();
                 let (k, v) = pair.split_once('=').expect("--server-env KEY=VALUE");
@@ -198,6 +209,9 @@ async fn main() {
         args.rooms,
         rss_mib(pid)
     );
+    if args.uploads > 0 {
+        start_uploads(&http, &base, args.uploads).await;
+    }
     let members = Arc::new(members);
     let mut rates = args.rates.clone();
     if args.ramp {
@@ -214,7 +228,7 @@ async fn main() {
         let r = run(&members, &clock, &seq, rate, args.seconds, pid, args.rooms).await;
         let held = r.delivery_p99 <= Duration::from_millis(50) && r.delivered_ratio > 0.99;
         println!(
-            "clients {} rooms {} target {rate} msg/s: sent {:.0}/s, delivered {:.0}/s ({:.1} %), ack p50 {:.2} ms p99 {:.2} ms, delivery p50 {:.2} ms p99 {:.2} ms, server CPU {:.1} µs/delivery, RSS {:.1} MiB",
+            "clients {} rooms {} target {rate} msg/s: sent {:.0}/s, delivered {:.0}/s ({:.1} %), ack p50 {:.2} ms p99 {:.2} ms, delivery p50 {:.2} ms p99 {:.2} ms, server CPU {:.1} µs/delivery, RSS {:.1} MiB{}",
             args.clients,
             args.rooms,
             r.sent_per_sec,
@@ -226,6 +240,7 @@ async fn main() {
             ms(r.delivery_p99),
             r.cpu_us_per_delivery,
             rss_mib(pid),
+            r.uploads,
         );
         if args.ramp {
             if !held {
@@ -353,6 +368,79 @@ struct Report {
     delivery_p50: Duration,
     delivery_p99: Duration,
     cpu_us_per_delivery: f64,
+    /// `, uploads …` when uploads ran, else empty.
+    uploads: String,
+}
+
+/// Upload round trips of the current run, in µs; and refused uploads.
+static UPLOADS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+static UPLOAD_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// Starts `n` uploaders, each sending a 12 MP photo into its own chat, one after another.
+async fn start_uploads(http: &reqwest::Client, base: &str, n: usize) {
+    let photo = Arc::new(upload::photo_jpeg(4000, 3000));
+    eprintln!(
+        "{n} uploader(s), each sending a 4000 × 3000 JPEG of {:.1} MiB in a loop",
+        photo.len() as f64 / 1024.0 / 1024.0
+    );
+    for i in 0..n {
+        let mut people = Vec::new();
+        for who in ["uploader", "viewer"] {
+            let r: Value = http
+                .post(format!("{base}/api/v1/auth/register"))
+                .json(&json!({"email": format!("{who}{i}@example.com"), "password": "load test password", "name": who}))
+                .send()
+                .await
+                .expect("register")
+                .json()
+                .await
+                .expect("register body");
+            people.push((
+                r["user"]["id"].as_str().expect("user id").to_owned(),
+                r["accessToken"].as_str().expect("token").to_owned(),
+            ));
+        }
+        let chat: Value = http
+            .post(format!("{base}/api/v1/chats"))
+            .bearer_auth(&people[0].1)
+            .json(&json!({"memberIds": [people[1].0]}))
+            .send()
+            .await
+            .expect("create chat")
+            .json()
+            .await
+            .expect("chat body");
+        let url = format!(
+            "{base}/api/v1/chats/{}/messages/image",
+            chat["id"].as_str().expect("chat id")
+        );
+        let (http, photo, token) = (http.clone(), photo.clone(), people[0].1.clone());
+        tokio::spawn(async move {
+            loop {
+                let (content_type, body) =
+                    upload::form(Some(("photo.jpg", "image/jpeg", &photo)), &[]);
+                let at = Instant::now();
+                let status = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("content-type", content_type)
+                    .body(body)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .ok();
+                if status == Some(201) {
+                    UPLOADS
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(u32::try_from(at.elapsed().as_micros()).unwrap_or(u32::MAX));
+                } else {
+                    UPLOAD_ERRORS.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+    }
 }
 
 async fn run(
@@ -369,6 +457,11 @@ async fn run(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clear();
+    UPLOADS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clear();
+    UPLOAD_ERRORS.store(0, Ordering::Relaxed);
     let acks = Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
@@ -433,8 +526,14 @@ async fn run(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
+    let mut uploads = std::mem::take(
+        &mut *UPLOADS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
     deliveries.sort_unstable();
     acks.sort_unstable();
+    uploads.sort_unstable();
     let q = |v: &[u32], p: f64| match v {
         [] => Duration::MAX,
         v => Duration::from_micros(u64::from(v[((v.len() as f64 - 1.0) * p).round() as usize])),
@@ -448,5 +547,13 @@ async fn run(
         delivery_p50: q(&deliveries, 0.5),
         delivery_p99: q(&deliveries, 0.99),
         cpu_us_per_delivery: cpu * 1e6 / deliveries.len().max(1) as f64,
+        uploads: match (uploads.len(), UPLOAD_ERRORS.load(Ordering::Relaxed)) {
+            (0, 0) => String::new(),
+            (done, refused) => format!(
+                ", uploads {done} done ({refused} refused), upload p50 {:.0} ms p99 {:.0} ms",
+                ms(q(&uploads, 0.5)),
+                ms(q(&uploads, 0.99))
+            ),
+        },
     }
 }

@@ -78,6 +78,7 @@ pub struct Config {
     pub chat: ChatConfig,
     pub queue: QueueConfig,
     pub media: MediaConfig,
+    pub uploads: UploadsConfig,
     pub mail: MailConfig,
     pub ai: AiConfig,
     pub telemetry: TelemetryConfig,
@@ -460,6 +461,107 @@ impl Default for ChatConfig {
     }
 }
 
+/// `[uploads]`: what an uploaded image may be, and how media URLs work (SPEC §3 "Media",
+/// §11).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UploadsConfig {
+    /// The largest upload, in bytes (413 beyond it).
+    pub max_bytes: usize,
+    /// The most pixels an image may declare (a decompression bomb is refused from its header).
+    pub max_pixels: u64,
+    /// How long a media URL handed out works.
+    pub url_ttl_secs: u64,
+    /// Images processed at once on a node (each takes a core while it decodes); 0: half the
+    /// cores (at least one), so the rest keep delivering messages.
+    pub concurrent: usize,
+    /// The longest one image may take to decode, re-encode and thumbnail.
+    pub process_timeout_secs: u64,
+}
+
+impl Default for UploadsConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 10 * 1024 * 1024,
+            max_pixels: 40_000_000,
+            url_ttl_secs: 3600,
+            concurrent: 0,
+            process_timeout_secs: 20,
+        }
+    }
+}
+
+impl UploadsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let checks: [(&'static str, u64, u64, u64, &'static str); 5] = [
+            (
+                "uploads.max_bytes",
+                self.max_bytes as u64,
+                1024,
+                1 << 30,
+                "a number of bytes between 1024 and 1 GiB",
+            ),
+            (
+                "uploads.max_pixels",
+                self.max_pixels,
+                1,
+                1_000_000_000,
+                "a number of pixels between 1 and 1000000000",
+            ),
+            // Presigned S3 URLs live at most 7 days.
+            (
+                "uploads.url_ttl_secs",
+                self.url_ttl_secs,
+                60,
+                7 * 24 * 3600,
+                "a number of seconds between 60 and 604800",
+            ),
+            (
+                "uploads.concurrent",
+                self.concurrent as u64,
+                0,
+                256,
+                "a number between 0 (half the cores) and 256",
+            ),
+            (
+                "uploads.process_timeout_secs",
+                self.process_timeout_secs,
+                1,
+                600,
+                "a number of seconds between 1 and 600",
+            ),
+        ];
+        for (setting, value, low, high, wanted) in checks {
+            if !(low..=high).contains(&value) {
+                return Err(ConfigError::invalid(
+                    setting,
+                    format!("{value} is outside {low}..={high}"),
+                    wanted,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The media service's settings.
+    pub fn settings(&self) -> confab_core::services::media::MediaSettings {
+        confab_core::services::media::MediaSettings {
+            limits: confab_core::services::media::ImageLimits {
+                max_bytes: self.max_bytes,
+                max_pixels: self.max_pixels,
+                ..Default::default()
+            },
+            url_ttl: std::time::Duration::from_secs(self.url_ttl_secs),
+            url_base: "/api/v1/media".into(),
+            concurrent: match self.concurrent {
+                0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+                n => n,
+            },
+            process_timeout: std::time::Duration::from_secs(self.process_timeout_secs),
+        }
+    }
+}
+
 /// `[rate_limit]`: how limits behave (the limits themselves belong to each feature).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -764,6 +866,7 @@ impl Config {
                 "a number of milliseconds between 0 and 100",
             ));
         }
+        self.uploads.validate()?;
         self.auth.validate()?;
         self.validate_backends()
     }

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod chats;
 pub mod error;
 pub mod extract;
+pub mod media;
 pub mod middleware;
 pub mod ops;
 pub mod users;
@@ -76,6 +77,19 @@ impl utoipa::Modify for BodyErrors {
                 "The body lacks a field or has one of the wrong type.",
             ),
         ];
+        // axum's catch-all `{*key}` is an ordinary `{key}` to OpenAPI.
+        let wildcards: Vec<String> = openapi
+            .paths
+            .paths
+            .keys()
+            .filter(|path| path.contains("{*"))
+            .cloned()
+            .collect();
+        for path in wildcards {
+            if let Some(item) = openapi.paths.paths.remove(&path) {
+                openapi.paths.paths.insert(path.replace("{*", "{"), item);
+            }
+        }
         for item in openapi.paths.paths.values_mut() {
             let operations = [item.post.as_mut(), item.put.as_mut(), item.patch.as_mut()];
             for operation in operations.into_iter().flatten() {
@@ -128,7 +142,8 @@ impl utoipa::Modify for BearerAuth {
 /// router cannot disagree.
 /// Every role serves the probes and metrics; resource routers join under /api/v1 for the
 /// `all` and `api` roles as they land.
-fn documented_routes(role: Role) -> OpenApiRouter<AppState> {
+/// `upload_limit`: the largest media upload (`uploads.max_bytes`).
+fn documented_routes(role: Role, upload_limit: usize) -> OpenApiRouter<AppState> {
     let ops = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(ops::live))
         .routes(routes!(ops::ready))
@@ -161,11 +176,23 @@ fn documented_routes(role: Role) -> OpenApiRouter<AppState> {
         .routes(routes!(chats::list_messages, chats::send_message))
         .routes(routes!(chats::edit_message, chats::delete_message))
         .routes(routes!(chats::mark_read))
+        .routes(routes!(media::get_media))
+        .merge(
+            // Their own body limit: a file, not a JSON body.
+            OpenApiRouter::new()
+                .routes(routes!(media::send_image))
+                .routes(routes!(media::put_avatar))
+                .layer(DefaultBodyLimit::max(
+                    upload_limit.saturating_add(media::MULTIPART_OVERHEAD),
+                )),
+        )
 }
 
 /// The OpenAPI document of the full API.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    let mut openapi = documented_routes(Role::All).into_openapi();
+    let mut openapi =
+        documented_routes(Role::All, crate::config::UploadsConfig::default().max_bytes)
+            .into_openapi();
     utoipa::Modify::modify(&BodyErrors, &mut openapi);
     openapi
 }
@@ -184,7 +211,8 @@ pub fn router(
         request_timeout: Duration::from_secs(config.request_timeout_secs),
         hsts: !config.environment.is_development(),
     });
-    let (mut router, mut openapi) = documented_routes(role).split_for_parts();
+    let (mut router, mut openapi) =
+        documented_routes(role, state.config.uploads.max_bytes).split_for_parts();
     utoipa::Modify::modify(&BodyErrors, &mut openapi);
     if matches!(role, Role::All | Role::Api) {
         router = router.merge(SwaggerUi::new(DOCS_PATH).url(OPENAPI_PATH, openapi));

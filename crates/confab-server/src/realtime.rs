@@ -17,6 +17,7 @@ use confab_core::domain::{ChatId, MessageId, UserId};
 use confab_core::ports::cache::{Cache, keys};
 use confab_core::services::auth::{AuthService, Principal};
 use confab_core::services::chats::{ChatError, ChatService};
+use confab_core::services::media::MediaService;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use socketioxide::extract::{AckSender, Extension, State, TryData};
@@ -338,17 +339,23 @@ async fn message_send(
 
 /// Emits `message:new` for every newly stored message (however it was sent) to its chat
 /// room, sender included, in commit order: one task, so every member sees one order.
-pub fn spawn_broadcaster(io: Io, chats: &ChatService) -> Option<tokio::task::JoinHandle<()>> {
+/// An image message carries its signed URLs (the same for every member: all may see it).
+pub fn spawn_broadcaster(
+    io: Io,
+    chats: &ChatService,
+    media: Arc<MediaService>,
+) -> Option<tokio::task::JoinHandle<()>> {
     let mut committed = chats.subscribe_committed()?;
     Some(tokio::spawn(async move {
         while let Some(batch) = committed.recv().await {
             for (message, kind) in batch {
                 let room = chat_room(message.chat_id);
+                let image = media.image_urls(&message).await;
                 emit(
                     &io,
                     room,
                     "message:new",
-                    &MessageBody::new_message(message, kind),
+                    &MessageBody::new_message(message, kind, image),
                 )
                 .await;
             }

@@ -114,19 +114,25 @@ impl Application {
             .with_context(|| format!("while binding {listen} (server.listen)"))?;
         let ports = Ports::build(&config).await?;
         let depths = ports.metered_broker.clone();
+        let secret = config
+            .auth
+            .jwt_secret
+            .as_ref()
+            .context("auth.jwt_secret is resolved before the application is built")?
+            .expose()
+            .as_bytes();
         let auth = Arc::new(confab_core::services::auth::AuthService::new(
             ports.store.clone(),
             ports.cache.clone(),
             config.auth.settings(),
             config.auth.passwords()?,
             config.auth.access_tokens()?,
-            config
-                .auth
-                .jwt_secret
-                .as_ref()
-                .context("auth.jwt_secret is resolved before the application is built")?
-                .expose()
-                .as_bytes(),
+            secret,
+        ));
+        let media = Arc::new(confab_core::services::media::MediaService::new(
+            ports.blobs.clone(),
+            secret,
+            config.uploads.settings(),
         ));
         let chats = Arc::new(confab_core::services::chats::ChatService::new(
             ports.store.clone(),
@@ -141,10 +147,11 @@ impl Application {
         })
         .await?;
         // Lives as long as the chat service's writer.
-        crate::realtime::spawn_broadcaster(io.clone(), &chats);
+        crate::realtime::spawn_broadcaster(io.clone(), &chats, media.clone());
         let state = AppState {
             auth,
             chats,
+            media,
             io,
             components: Arc::new(
                 overrides

@@ -28,6 +28,8 @@ pub struct AppState {
     pub auth: Arc<confab_core::services::auth::AuthService>,
     /// Chats between people.
     pub chats: Arc<confab_core::services::chats::ChatService>,
+    /// Image uploads, media URLs and serving.
+    pub media: Arc<confab_core::services::media::MediaService>,
     /// Socket.IO: emits to rooms from anywhere (a message sent over REST is broadcast too).
     pub io: crate::realtime::Io,
     pub metrics: PrometheusHandle,

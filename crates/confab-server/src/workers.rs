@@ -142,7 +142,8 @@ pub fn spawn_mail_worker(
 /// events of a batch are grouped by chat and each chat's offline digest is worked out once
 /// (`ChatService::offline_digest`, presence read once per batch) and its mails queued; the
 /// batch is then acknowledged at once, except the events of a chat whose digest failed,
-/// which are retried. Other kinds have no consumer yet and are acknowledged.
+/// which are retried. `media.deleted` and `user.deleted` delete the objects they name
+/// (`delete_media`). Other kinds have no consumer yet and are acknowledged.
 ///
 /// Effect-once comes from the digest window the cache claims (one mail per member and chat
 /// per 15 minutes), not from processed marks: a redelivered event finds its window claimed.
@@ -159,14 +160,17 @@ pub fn spawn_events_worker(
         256,
         shutdown,
         |state, deliveries| async move {
+            let (deliveries, mut deleted) = delete_media(&state, deliveries).await?;
             let failed = digest_mails(&state, &deliveries).await;
             if failed.is_empty() {
-                state.broker.ack_all(&deliveries).await?;
+                deleted.extend(deliveries);
+                state.broker.ack_all(&deleted).await?;
                 return Ok(());
             }
-            let (retry, done): (Vec<Delivery>, Vec<Delivery>) = deliveries
+            let (retry, mut done): (Vec<Delivery>, Vec<Delivery>) = deliveries
                 .into_iter()
                 .partition(|d| chat_of(d).is_some_and(|chat| failed.contains_key(&chat)));
+            done.extend(deleted);
             state.broker.ack_all(&done).await?;
             for delivery in &retry {
                 let error = chat_of(delivery)
@@ -177,6 +181,30 @@ pub fn spawn_events_worker(
             Ok(())
         },
     )
+}
+
+/// Deletes the objects of the batch's `media.deleted` / `user.deleted` events (a missing one
+/// is fine, so a redelivery is harmless); an event whose objects could not all be deleted is
+/// nacked (retried with backoff). Returns the other deliveries, and the handled ones to ack.
+async fn delete_media(
+    state: &crate::state::AppState,
+    deliveries: Vec<Delivery>,
+) -> anyhow::Result<(Vec<Delivery>, Vec<Delivery>)> {
+    use confab_core::services::media::keys_to_delete;
+    let mut rest = Vec::with_capacity(deliveries.len());
+    let mut deleted = Vec::new();
+    for delivery in deliveries {
+        let keys = keys_to_delete(&delivery.envelope.kind, &delivery.envelope.payload);
+        if keys.is_empty() {
+            rest.push(delivery);
+            continue;
+        }
+        match state.media.delete(&keys).await {
+            Ok(()) => deleted.push(delivery),
+            Err(error) => state.broker.nack(&delivery, &error.to_string()).await?,
+        }
+    }
+    Ok((rest, deleted))
 }
 
 /// The chat a `message.created` event is about.

@@ -1324,6 +1324,39 @@ impl AuthService {
         Ok(user)
     }
 
+    /// `PUT /users/me/avatar`: the account's avatar becomes the stored image `key`; the old
+    /// one's objects are deleted by the `events` worker (`media.deleted`, committed with the
+    /// change).
+    pub async fn set_avatar(&self, who: Principal, key: &str) -> Result<User, AuthError> {
+        let replaced = std::sync::Mutex::new(None);
+        let (user, _) = self
+            .modify_user(
+                who.user_id,
+                |user| {
+                    *replaced
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        user.avatar_key.replace(key.to_owned());
+                    Ok(true)
+                },
+                |_| {
+                    let old = replaced
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone();
+                    let keys = crate::services::media::avatar_keys(old.as_deref());
+                    let events = if keys.is_empty() {
+                        Vec::new()
+                    } else {
+                        vec![crate::services::media::deleted_event(&keys)]
+                    };
+                    (events, Vec::new())
+                },
+            )
+            .await?;
+        Ok(user)
+    }
+
     /// `PUT /users/me/password`: needs the current password (unless the account has none);
     /// ends every sign-in and starts a new one for the caller.
     pub async fn change_password(

@@ -74,6 +74,17 @@ pub struct Audience {
     pub members: Vec<Member>,
 }
 
+/// A message about to be stored: what differs between text and image messages.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    /// Chosen by the caller (an image's objects are keyed by it).
+    pub id: MessageId,
+    pub kind: MessageKind,
+    /// The text, or an image's caption.
+    pub text: Option<String>,
+    pub image: Option<serde_json::Value>,
+}
+
 /// A sent message: `created` is false for a retry answered with the message stored before.
 #[derive(Debug, Clone)]
 pub struct Sent {
@@ -477,14 +488,61 @@ impl ChatService {
             }
             return Err(limited);
         }
+        self.append_draft(
+            who,
+            chat,
+            Draft {
+                id: MessageId::new(),
+                kind: MessageKind::Text,
+                text: Some(text),
+                image: None,
+            },
+            client_id,
+        )
+        .await
+    }
+
+    /// Before an upload is processed: `NotFound` for a non-member, the stored message for a
+    /// retry of one (nothing to process again), `RateLimited` when the sender's rate is used
+    /// up; `None`: go ahead.
+    pub async fn admit_upload(
+        &self,
+        who: UserId,
+        chat: ChatId,
+        client_id: Option<&str>,
+    ) -> Result<Option<Sent>, ChatError> {
+        let (found, _) = self.membership(who, chat).await?;
+        if let Some(client_id) = client_id
+            && let Some(existing) = self.store.message_by_client_id(who, client_id).await?
+        {
+            return Ok(Some(Sent {
+                message: same_chat(existing, chat)?,
+                created: false,
+                kind: found.kind,
+            }));
+        }
+        self.limit_messages(who).await?;
+        Ok(None)
+    }
+
+    /// Stores a message (once per `client_id`), moves the chat's latest-message pointer and
+    /// queues `message.created`, in one transaction shared with the other messages sent
+    /// meanwhile (group commit, [`MessageWriter`]).
+    pub async fn append_draft(
+        &self,
+        who: UserId,
+        chat: ChatId,
+        draft: Draft,
+        client_id: Option<String>,
+    ) -> Result<Sent, ChatError> {
         let message = Message {
-            id: MessageId::new(),
+            id: draft.id,
             chat_id: chat,
             sender_id: Some(who),
-            kind: MessageKind::Text,
-            text: Some(text),
+            kind: draft.kind,
+            text: draft.text,
             client_id,
-            image: None,
+            image: draft.image,
             created_at: now(),
             edited_at: None,
             deleted_at: None,
@@ -562,6 +620,8 @@ impl ChatService {
     }
 
     /// `DELETE /chats/{id}/messages/{messageId}`: the sender deletes it; a tombstone stays.
+    /// An image's objects are deleted by the `events` worker (`media.deleted`, queued in the
+    /// same transaction).
     pub async fn delete(
         &self,
         who: UserId,
@@ -569,9 +629,20 @@ impl ChatService {
         message: MessageId,
     ) -> Result<Message, ChatError> {
         let mut message = self.own_message(who, chat, message).await?;
+        let objects = crate::services::media::StoredImage::from_message(&message);
         message.text = None;
+        message.image = None;
         message.deleted_at = Some(now());
-        self.store.update_message(&message).await?;
+        match objects {
+            None => self.store.update_message(&message).await?,
+            Some(objects) => {
+                let tx = self.store.begin().await?;
+                tx.update_message(&message).await?;
+                tx.enqueue(&crate::services::media::deleted_event(&objects.keys()))
+                    .await?;
+                tx.commit().await?;
+            }
+        }
         Ok(message)
     }
 

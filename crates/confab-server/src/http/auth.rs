@@ -6,6 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use confab_core::domain::User;
 use confab_core::services::auth::{Account, Session, TokenPair};
+use confab_core::services::media::MediaService;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -25,27 +26,22 @@ pub struct UserBody {
     pub created_at: String,
 }
 
-impl From<&Account> for UserBody {
-    fn from(account: &Account) -> Self {
+impl UserBody {
+    /// The account, its avatar URL signed.
+    pub async fn new(account: &Account, media: &MediaService) -> Self {
         Self {
             id: account.id.to_string(),
             email: account.email.clone(),
             name: account.name.clone(),
             email_verified: account.email_verified,
-            avatar_url: avatar_url(account.avatar_key.as_deref()),
+            avatar_url: media.avatar_url(account.avatar_key.as_deref()).await,
             created_at: rfc3339(account.created_at),
         }
     }
-}
 
-impl From<&User> for UserBody {
-    fn from(user: &User) -> Self {
-        Self::from(&Account::from(user))
+    pub async fn of_user(user: &User, media: &MediaService) -> Self {
+        Self::new(&Account::from(user), media).await
     }
-}
-
-pub fn avatar_url(key: Option<&str>) -> Option<String> {
-    key.map(|key| format!("/media/{key}"))
 }
 
 pub fn rfc3339(at: confab_core::domain::Timestamp) -> String {
@@ -82,10 +78,10 @@ pub struct SessionBody {
     pub expires_in: u64,
 }
 
-impl From<Session> for SessionBody {
-    fn from(session: Session) -> Self {
+impl SessionBody {
+    pub async fn new(session: Session, media: &MediaService) -> Self {
         Self {
-            user: UserBody::from(&session.user),
+            user: UserBody::of_user(&session.user, media).await,
             access_token: session.tokens.access_token,
             refresh_token: session.tokens.refresh_token,
             expires_in: session.tokens.expires_in,
@@ -172,7 +168,10 @@ pub async fn register(
         .auth
         .register(&client, &body.email, &body.password, &body.name)
         .await?;
-    Ok((StatusCode::CREATED, Json(session.into())))
+    Ok((
+        StatusCode::CREATED,
+        Json(SessionBody::new(session, &state.media).await),
+    ))
 }
 
 /// Signs in with email and password. Five failures within 15 minutes lock the account.
@@ -193,7 +192,7 @@ pub async fn login(
         .auth
         .login(&client, &body.email, &body.password)
         .await?;
-    Ok(Json(session.into()))
+    Ok(Json(SessionBody::new(session, &state.media).await))
 }
 
 /// Exchanges a refresh token for a new pair; the old one is dead (reusing it later ends the
@@ -260,7 +259,7 @@ pub async fn verify_email(
     ApiJson(body): ApiJson<TokenRequest>,
 ) -> Result<Json<UserBody>, ApiError> {
     let user = state.auth.verify_email(&client, &body.token).await?;
-    Ok(Json(UserBody::from(&user)))
+    Ok(Json(UserBody::of_user(&user, &state.media).await))
 }
 
 /// Mails a new verification link (nothing when already verified).
@@ -349,7 +348,7 @@ pub async fn verify_otp(
         .auth
         .verify_otp(&client, &body.email, &body.code)
         .await?;
-    Ok(Json(session.into()))
+    Ok(Json(SessionBody::new(session, &state.media).await))
 }
 
 /// The public keys that verify access tokens, when they are signed with a key pair

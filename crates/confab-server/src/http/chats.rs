@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use confab_core::domain::{ChatId, ChatKind, MemberRole, Message, MessageId, Page, UserId};
 use confab_core::services::chats::{Audience, ChatError, ChatView};
+use confab_core::services::media::{ImageUrls, MediaService};
 
 use crate::realtime::{emit, emit_to_users};
 use serde::{Deserialize, Serialize};
@@ -63,6 +64,9 @@ pub struct MessageBody {
     pub created_at: String,
     pub edited_at: Option<String>,
     pub deleted_at: Option<String>,
+    /// An image message's picture: signed URLs that work for a while (SPEC §3 "Media").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageBody>,
     /// The other members who have read up to this message.
     pub seen_by: Vec<SeenBody>,
     /// Direct chats: whether the other member has seen it, and when.
@@ -70,6 +74,41 @@ pub struct MessageBody {
     pub seen: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seen_at: Option<String>,
+}
+
+/// An image message's picture.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageBody {
+    /// The image, re-encoded; usable in an `<img>` until it expires.
+    pub url: String,
+    /// At most 256 pixels on its longer side.
+    pub thumbnail_url: String,
+    pub width: u32,
+    pub height: u32,
+    pub content_type: String,
+}
+
+impl From<ImageUrls> for ImageBody {
+    fn from(urls: ImageUrls) -> Self {
+        Self {
+            url: urls.url,
+            thumbnail_url: urls.thumbnail_url,
+            width: urls.width,
+            height: urls.height,
+            content_type: urls.content_type,
+        }
+    }
+}
+
+/// A message as `audience` sees it, its image URLs signed.
+pub async fn message_body(
+    media: &MediaService,
+    message: Message,
+    audience: &Audience,
+) -> MessageBody {
+    let image = media.image_urls(&message).await;
+    MessageBody::new(message, audience, image)
 }
 
 pub fn kind_name(kind: confab_core::domain::MessageKind) -> &'static str {
@@ -84,17 +123,18 @@ pub fn kind_name(kind: confab_core::domain::MessageKind) -> &'static str {
 
 impl MessageBody {
     /// A message just stored: nobody has read it yet.
-    pub fn new_message(message: Message, kind: ChatKind) -> Self {
+    pub fn new_message(message: Message, kind: ChatKind, image: Option<ImageUrls>) -> Self {
         Self::new(
             message,
             &Audience {
                 kind,
                 members: Vec::new(),
             },
+            image,
         )
     }
 
-    pub fn new(message: Message, audience: &Audience) -> Self {
+    pub fn new(message: Message, audience: &Audience, image: Option<ImageUrls>) -> Self {
         let seen_by: Vec<SeenBody> = audience
             .members
             .iter()
@@ -126,6 +166,7 @@ impl MessageBody {
             created_at: rfc3339(message.created_at),
             edited_at: message.edited_at.map(rfc3339),
             deleted_at: message.deleted_at.map(rfc3339),
+            image: image.map(ImageBody::from),
             seen_by,
             seen,
             seen_at,
@@ -435,13 +476,11 @@ pub async fn list_messages(
     let next_cursor = page
         .next_cursor(&messages, |m| m.id)
         .map(|id| id.to_string());
-    Ok(Json(MessagePage {
-        items: messages
-            .into_iter()
-            .map(|m| MessageBody::new(m, &audience))
-            .collect(),
-        next_cursor,
-    }))
+    let mut items = Vec::with_capacity(messages.len());
+    for message in messages {
+        items.push(message_body(&state.media, message, &audience).await);
+    }
+    Ok(Json(MessagePage { items, next_cursor }))
 }
 
 /// Sends a text message; a retry with the same `clientId` returns the stored one (200).
@@ -472,11 +511,11 @@ pub async fn send_message(
         let audience = state.chats.audience(who.user_id, id).await?;
         return Ok((
             StatusCode::OK,
-            Json(MessageBody::new(sent.message, &audience)),
+            Json(message_body(&state.media, sent.message, &audience).await),
         ));
     }
     // Stored: the broadcaster (`realtime::spawn_broadcaster`) shows it to every member online.
-    let body = MessageBody::new_message(sent.message, sent.kind);
+    let body = MessageBody::new_message(sent.message, sent.kind, None);
     Ok((StatusCode::CREATED, Json(body)))
 }
 
@@ -507,7 +546,7 @@ pub async fn edit_message(
         .edit(who.user_id, id, message, &body.text)
         .await?;
     let audience = state.chats.audience(who.user_id, id).await?;
-    let body = MessageBody::new(message, &audience);
+    let body = message_body(&state.media, message, &audience).await;
     emit(
         &state.io,
         crate::realtime::chat_room(id),
@@ -538,7 +577,7 @@ pub async fn delete_message(
 ) -> Result<Json<MessageBody>, ApiError> {
     let message = state.chats.delete(who.user_id, id, message).await?;
     let audience = state.chats.audience(who.user_id, id).await?;
-    let body = MessageBody::new(message, &audience);
+    let body = message_body(&state.media, message, &audience).await;
     emit(
         &state.io,
         crate::realtime::chat_room(id),

@@ -118,21 +118,25 @@ impl FromRequestParts<crate::state::AppState> for Authenticated {
         parts: &mut Parts,
         state: &crate::state::AppState,
     ) -> Result<Self, Self::Rejection> {
-        let token = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| {
-                value
-                    .strip_prefix("Bearer ")
-                    .or_else(|| value.strip_prefix("bearer "))
-            })
-            .map(str::trim)
+        let token = bearer_token(&parts.headers)
             .ok_or(confab_core::services::auth::AuthError::Unauthenticated)?;
         let principal = state.auth.authenticate(token).await?;
         tracing::Span::current().record("userId", tracing::field::display(principal.user_id));
         Ok(Self(principal))
     }
+}
+
+/// The token of `Authorization: Bearer <token>`, if the request has one.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| {
+            value
+                .strip_prefix("Bearer ")
+                .or_else(|| value.strip_prefix("bearer "))
+        })
+        .map(str::trim)
 }
 
 /// Who is calling, for rate limits and the audit trail: the client address (the TCP peer, or

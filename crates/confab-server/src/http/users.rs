@@ -12,7 +12,9 @@ use confab_core::services::auth::PublicProfile;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::auth::{TokensBody, UserBody, avatar_url, rfc3339};
+use confab_core::services::media::MediaService;
+
+use super::auth::{TokensBody, UserBody, rfc3339};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Authenticated, Client};
 use crate::state::AppState;
@@ -27,11 +29,11 @@ pub struct ProfileBody {
     pub last_seen_at: Option<String>,
 }
 
-impl From<PublicProfile> for ProfileBody {
-    fn from(p: PublicProfile) -> Self {
+impl ProfileBody {
+    pub async fn new(p: PublicProfile, media: &MediaService) -> Self {
         Self {
             id: p.user.id.to_string(),
-            avatar_url: avatar_url(p.user.avatar_key.as_deref()),
+            avatar_url: media.avatar_url(p.user.avatar_key.as_deref()).await,
             name: p.user.name,
             online: p.online,
             last_seen_at: p.user.last_seen_at.map(rfc3339),
@@ -115,7 +117,7 @@ pub async fn me(
     Authenticated(who): Authenticated,
 ) -> Result<Json<UserBody>, ApiError> {
     let account = state.auth.me(who).await?;
-    Ok(Json(UserBody::from(&account)))
+    Ok(Json(UserBody::new(&account, &state.media).await))
 }
 
 /// Changes the caller's name.
@@ -133,7 +135,7 @@ pub async fn update_me(
     ApiJson(body): ApiJson<UpdateMeRequest>,
 ) -> Result<Json<UserBody>, ApiError> {
     let user = state.auth.rename(who, &body.name).await?;
-    Ok(Json(UserBody::from(&user)))
+    Ok(Json(UserBody::of_user(&user, &state.media).await))
 }
 
 /// Changes the password: every sign-in ends and a new pair is returned for this client.
@@ -229,7 +231,8 @@ pub async fn profile(
     Authenticated(_): Authenticated,
     ApiPath(id): ApiPath<UserId>,
 ) -> Result<Json<ProfileBody>, ApiError> {
-    Ok(Json(state.auth.profile(id).await?.into()))
+    let profile = state.auth.profile(id).await?;
+    Ok(Json(ProfileBody::new(profile, &state.media).await))
 }
 
 /// Users by name prefix or exact email (never by email prefix).
@@ -250,8 +253,12 @@ pub async fn search(
         .unwrap_or(Page::<UserId>::DEFAULT_LIMIT)
         .clamp(1, Page::<UserId>::MAX_LIMIT);
     let found = state.auth.search(&query.q, limit).await?;
+    let mut items = Vec::with_capacity(found.len());
+    for profile in found {
+        items.push(ProfileBody::new(profile, &state.media).await);
+    }
     Ok(Json(ProfilePage {
-        items: found.into_iter().map(ProfileBody::from).collect(),
+        items,
         next_cursor: None,
     }))
 }

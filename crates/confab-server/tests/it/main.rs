@@ -14,6 +14,7 @@ mod http;
 mod live;
 mod logs;
 mod mail;
+mod media;
 mod nodes;
 mod realtime;
 mod store;
@@ -21,3 +22,7 @@ mod store;
 /// The Rust Socket.IO client the load tool uses too.
 #[path = "../../../../bench/sio.rs"]
 mod sio;
+
+/// Multipart forms and photos, as the load tool uploads them.
+#[path = "../../../../bench/upload.rs"]
+mod upload;

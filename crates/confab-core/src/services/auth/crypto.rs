@@ -202,6 +202,11 @@ impl Keyed {
         hex(self.mac(&["one-time-code", email, code]).as_ref())
     }
 
+    /// The signature of a media URL: `key` may be fetched until `expires` (Unix seconds).
+    pub fn media_signature(&self, key: &str, expires: i64) -> String {
+        URL_SAFE_NO_PAD.encode(self.mac(&["media-url", key, &expires.to_string()]))
+    }
+
     /// A short, stable, non-reversible label for `value` (rate-limit keys by email, so no
     /// address sits in the cache).
     pub fn label(&self, value: &str) -> String {

@@ -1,0 +1,297 @@
+//! Uploaded images, judged by their content and re-encoded (SPEC §11): the magic bytes decide
+//! the format (never a name or a declared type); the header's pixel count is checked before
+//! anything is decoded (decompression bombs); decoding is bounded in memory; what is stored is
+//! a fresh encoding of the pixels, so metadata (EXIF, GPS, comments, colour profiles) does not
+//! survive, with the EXIF orientation applied first. Pure CPU work: callers run it on the
+//! blocking pool.
+
+use std::io::Cursor;
+
+use image::codecs::jpeg::JpegEncoder;
+use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+use image::codecs::webp::WebPEncoder;
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
+
+use super::MediaError;
+
+/// The formats we accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Jpeg,
+    Png,
+    WebP,
+    Gif,
+}
+
+impl Format {
+    /// The format the first bytes announce, if it is one we accept.
+    pub fn sniff(bytes: &[u8]) -> Option<Self> {
+        match bytes {
+            [0xFF, 0xD8, 0xFF, ..] => Some(Self::Jpeg),
+            [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, ..] => Some(Self::Png),
+            [
+                b'R',
+                b'I',
+                b'F',
+                b'F',
+                _,
+                _,
+                _,
+                _,
+                b'W',
+                b'E',
+                b'B',
+                b'P',
+                ..,
+            ] => Some(Self::WebP),
+            [b'G', b'I', b'F', b'8', b'7' | b'9', b'a', ..] => Some(Self::Gif),
+            _ => None,
+        }
+    }
+
+    /// The format of one of our keys, by its extension.
+    pub fn of_key(key: &str) -> Option<Self> {
+        match key.rsplit_once('.')?.1 {
+            "jpg" => Some(Self::Jpeg),
+            "png" => Some(Self::Png),
+            "webp" => Some(Self::WebP),
+            "gif" => Some(Self::Gif),
+            _ => None,
+        }
+    }
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Jpeg => "jpg",
+            Self::Png => "png",
+            Self::WebP => "webp",
+            Self::Gif => "gif",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Jpeg => "image/jpeg",
+            Self::Png => "image/png",
+            Self::WebP => "image/webp",
+            Self::Gif => "image/gif",
+        }
+    }
+
+    fn image_format(self) -> ImageFormat {
+        match self {
+            Self::Jpeg => ImageFormat::Jpeg,
+            Self::Png => ImageFormat::Png,
+            Self::WebP => ImageFormat::WebP,
+            Self::Gif => ImageFormat::Gif,
+        }
+    }
+
+    /// What an upload of this format is stored as: the same format, except a GIF, whose first
+    /// frame is kept as a PNG (no animation; lossless).
+    fn stored_as(self) -> Self {
+        match self {
+            Self::Gif => Self::Png,
+            other => other,
+        }
+    }
+}
+
+/// What an upload may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// The largest upload, in bytes (SPEC §11: 10 MiB by default).
+    pub max_bytes: usize,
+    /// The most pixels (width × height) an image may declare (40 MP by default).
+    pub max_pixels: u64,
+    /// The longer side of a thumbnail, in pixels.
+    pub thumbnail_px: u32,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 10 * 1024 * 1024,
+            max_pixels: 40_000_000,
+            thumbnail_px: 256,
+        }
+    }
+}
+
+/// One encoded image.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub bytes: Vec<u8>,
+    pub format: Format,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// An upload, re-encoded, and its thumbnail.
+#[derive(Debug, Clone)]
+pub struct Processed {
+    pub image: Encoded,
+    pub thumbnail: Encoded,
+}
+
+fn corrupt(error: &image::ImageError) -> MediaError {
+    match error {
+        image::ImageError::Limits(_) => MediaError::TooManyPixels,
+        other => MediaError::Corrupt(other.to_string()),
+    }
+}
+
+/// Checks, decodes and re-encodes an upload, and makes its thumbnail.
+pub fn process(bytes: &[u8], limits: &ImageLimits) -> Result<Processed, MediaError> {
+    let format = Format::sniff(bytes).ok_or(MediaError::Unsupported)?;
+    if bytes.len() > limits.max_bytes {
+        return Err(MediaError::TooLarge {
+            max: limits.max_bytes,
+        });
+    }
+    let reader = || {
+        let mut reader = ImageReader::new(Cursor::new(bytes));
+        reader.set_format(format.image_format());
+        reader
+    };
+    // The header alone: a bomb is refused before a single pixel is decoded.
+    let (width, height) = reader().into_dimensions().map_err(|e| corrupt(&e))?;
+    if u64::from(width) * u64::from(height) > limits.max_pixels {
+        return Err(MediaError::TooManyPixels);
+    }
+    let mut reader = reader();
+    let mut bounds = Limits::default();
+    // What the header said, for every frame; and at most 8 bytes (RGBA, 16 bits) per
+    // allowed pixel, whatever the decoder allocates.
+    bounds.max_image_width = Some(width);
+    bounds.max_image_height = Some(height);
+    bounds.max_alloc = Some(limits.max_pixels.saturating_mul(8).max(64 << 20));
+    reader.limits(bounds);
+    let mut decoder = reader.into_decoder().map_err(|e| corrupt(&e))?;
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let mut pixels = DynamicImage::from_decoder(decoder).map_err(|e| corrupt(&e))?;
+    pixels.apply_orientation(orientation);
+
+    let stored_as = format.stored_as();
+    let thumbnail =
+        if pixels.width() <= limits.thumbnail_px && pixels.height() <= limits.thumbnail_px {
+            pixels.clone()
+        } else {
+            pixels.thumbnail(limits.thumbnail_px, limits.thumbnail_px)
+        };
+    Ok(Processed {
+        image: encode(&pixels, stored_as)?,
+        thumbnail: encode(&thumbnail, stored_as)?,
+    })
+}
+
+fn encode(pixels: &DynamicImage, format: Format) -> Result<Encoded, MediaError> {
+    let mut bytes = Vec::new();
+    let encoded = match format {
+        Format::Jpeg => {
+            let rgb = DynamicImage::ImageRgb8(pixels.to_rgb8());
+            rgb.write_with_encoder(JpegEncoder::new_with_quality(&mut bytes, 85))
+        }
+        Format::WebP => {
+            let normal = if pixels.color().has_alpha() {
+                DynamicImage::ImageRgba8(pixels.to_rgba8())
+            } else {
+                DynamicImage::ImageRgb8(pixels.to_rgb8())
+            };
+            normal.write_with_encoder(WebPEncoder::new_lossless(&mut bytes))
+        }
+        Format::Png | Format::Gif => pixels.write_with_encoder(PngEncoder::new_with_quality(
+            &mut bytes,
+            CompressionType::Fast,
+            FilterType::Adaptive,
+        )),
+    };
+    encoded.map_err(|e| MediaError::Corrupt(format!("cannot encode the image: {e}")))?;
+    Ok(Encoded {
+        bytes,
+        format: if format == Format::Gif {
+            Format::Png
+        } else {
+            format
+        },
+        width: pixels.width(),
+        height: pixels.height(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(format: ImageFormat, width: u32, height: u32) -> Vec<u8> {
+        let pixels = DynamicImage::ImageRgb8(image::RgbImage::from_fn(width, height, |x, y| {
+            image::Rgb([x.to_le_bytes()[0], y.to_le_bytes()[0], 128])
+        }));
+        let mut out = Cursor::new(Vec::new());
+        pixels.write_to(&mut out, format).expect("encodes");
+        out.into_inner()
+    }
+
+    #[test]
+    fn the_content_decides_the_format() {
+        for (format, expect) in [
+            (ImageFormat::Jpeg, Format::Jpeg),
+            (ImageFormat::Png, Format::Png),
+            (ImageFormat::WebP, Format::WebP),
+            (ImageFormat::Gif, Format::Gif),
+        ] {
+            let bytes = sample(format, 40, 30);
+            assert_eq!(Format::sniff(&bytes), Some(expect));
+            let done = process(&bytes, &ImageLimits::default()).expect("accepted");
+            assert_eq!((done.image.width, done.image.height), (40, 30));
+            assert_eq!(Format::sniff(&done.image.bytes), Some(done.image.format));
+            assert_eq!(done.image.format, expect.stored_as());
+        }
+        assert!(matches!(
+            process(b"GIF87 is not quite it", &ImageLimits::default()),
+            Err(MediaError::Unsupported)
+        ));
+        assert!(matches!(
+            process(b"%PDF-1.7", &ImageLimits::default()),
+            Err(MediaError::Unsupported)
+        ));
+    }
+
+    #[test]
+    fn thumbnails_fit_the_box_and_keep_the_aspect() {
+        let bytes = sample(ImageFormat::Png, 1000, 500);
+        let done = process(&bytes, &ImageLimits::default()).expect("accepted");
+        assert_eq!((done.thumbnail.width, done.thumbnail.height), (256, 128));
+        let small =
+            process(&sample(ImageFormat::Png, 10, 20), &ImageLimits::default()).expect("accepted");
+        assert_eq!((small.thumbnail.width, small.thumbnail.height), (10, 20));
+    }
+
+    #[test]
+    fn limits_are_checked_before_decoding() {
+        let bytes = sample(ImageFormat::Png, 300, 300);
+        let limits = ImageLimits {
+            max_pixels: 300 * 299,
+            ..ImageLimits::default()
+        };
+        assert!(matches!(
+            process(&bytes, &limits),
+            Err(MediaError::TooManyPixels)
+        ));
+        let limits = ImageLimits {
+            max_bytes: bytes.len() - 1,
+            ..ImageLimits::default()
+        };
+        assert!(matches!(
+            process(&bytes, &limits),
+            Err(MediaError::TooLarge { .. })
+        ));
+        // Truncated: accepted by its magic, refused by the decoder, without a panic.
+        let cut = &sample(ImageFormat::Jpeg, 64, 64)[..200];
+        assert!(matches!(
+            process(cut, &ImageLimits::default()),
+            Err(MediaError::Corrupt(_))
+        ));
+    }
+}

@@ -1,0 +1,341 @@
+//! Media (SPEC §3 "Media", §11): image messages, avatars, and serving objects to those allowed
+//! to see them. Uploads are multipart, read a chunk at a time against the limit (never
+//! buffered past it), and processed by `MediaService` off the async workers.
+
+// utoipa's expansion of `params(SomeQuery)` qualifies paths the lint calls unnecessary.
+#![allow(unused_qualifications)]
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::multipart::{MultipartError, MultipartRejection};
+use axum::extract::{Multipart, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use confab_core::domain::ChatId;
+use confab_core::error::ErrorCode;
+use confab_core::ports::blob::{BlobError, BlobKey};
+use confab_core::services::media::{MediaError, Owner};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::chats::{MessageBody, message_body};
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiPath, ApiQuery, Authenticated, bearer_token};
+use crate::state::AppState;
+
+/// Room for the multipart framing and the text fields around a file of the largest size.
+pub const MULTIPART_OVERHEAD: usize = 64 * 1024;
+
+impl From<MediaError> for ApiError {
+    fn from(err: MediaError) -> Self {
+        let message = err.to_string();
+        match err {
+            MediaError::Unsupported => Self::new(ErrorCode::UnsupportedMediaType, message),
+            MediaError::TooLarge { .. } | MediaError::TooManyPixels | MediaError::TimedOut => {
+                Self::new(ErrorCode::PayloadTooLarge, message)
+            }
+            MediaError::Corrupt(_) => {
+                Self::validation(message).with_details(serde_json::json!({ "field": "file" }))
+            }
+            MediaError::Blob(BlobError::Unavailable(source)) => {
+                Self::new(ErrorCode::Unavailable, "Media storage is unavailable.")
+                    .with_source(source)
+                    .with_retry_after(5)
+            }
+            MediaError::Blob(other) => Self::internal(other),
+            MediaError::Chat(e) => e.into(),
+        }
+    }
+}
+
+/// The multipart form of an image upload.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // Documents the form; the handler reads it field by field.
+pub struct ImageForm {
+    /// JPEG, PNG, WebP or GIF, judged by its content; at most `uploads.max_bytes`.
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+    /// Image messages only: up to 10,000 characters.
+    caption: Option<String>,
+    /// Image messages only: a retry with the same one returns the same message.
+    #[schema(rename = "clientId")]
+    client_id: Option<String>,
+}
+
+/// What an upload carried.
+#[derive(Debug, Default)]
+struct Upload {
+    file: Option<Vec<u8>>,
+    caption: Option<String>,
+    client_id: Option<String>,
+}
+
+fn multipart_error(error: &MultipartError) -> ApiError {
+    if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        too_large()
+    } else {
+        ApiError::validation(format!(
+            "The multipart body is malformed: {}",
+            error.body_text()
+        ))
+    }
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(ErrorCode::PayloadTooLarge, "The file is too large.")
+}
+
+fn not_multipart(rejection: &MultipartRejection) -> ApiError {
+    ApiError::new(
+        ErrorCode::UnsupportedMediaType,
+        "Send the image as multipart/form-data with a `file` field.",
+    )
+    .with_source(rejection.body_text())
+}
+
+/// Reads the form: the file a chunk at a time, refused as soon as it passes `max_bytes`.
+async fn read_upload(mut form: Multipart, max_bytes: usize) -> Result<Upload, ApiError> {
+    const MAX_TEXT: usize = 48 * 1024;
+    let mut upload = Upload::default();
+    while let Some(mut field) = form.next_field().await.map_err(|e| multipart_error(&e))? {
+        let name = field.name().unwrap_or_default().to_owned();
+        match name.as_str() {
+            "file" => {
+                if upload.file.is_some() {
+                    return Err(ApiError::validation("Send one file.")
+                        .with_details(serde_json::json!({ "field": "file" })));
+                }
+                let mut bytes = Vec::new();
+                while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(&e))? {
+                    if bytes.len() + chunk.len() > max_bytes {
+                        return Err(too_large());
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                upload.file = Some(bytes);
+            }
+            "caption" | "clientId" => {
+                let mut text = Vec::new();
+                while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(&e))? {
+                    if text.len() + chunk.len() > MAX_TEXT {
+                        return Err(ApiError::validation(format!("{name} is too long."))
+                            .with_details(serde_json::json!({ "field": name })));
+                    }
+                    text.extend_from_slice(&chunk);
+                }
+                let text = String::from_utf8(text).map_err(|_| {
+                    ApiError::validation(format!("{name} is not UTF-8."))
+                        .with_details(serde_json::json!({ "field": name }))
+                })?;
+                if name == "caption" {
+                    upload.caption = Some(text);
+                } else {
+                    upload.client_id = Some(text);
+                }
+            }
+            // Unknown fields are skipped (the next call discards the rest of this one).
+            _ => {}
+        }
+    }
+    Ok(upload)
+}
+
+fn no_file() -> ApiError {
+    ApiError::validation("The form has no `file` field.")
+        .with_details(serde_json::json!({ "field": "file" }))
+}
+
+/// Sends an image (with an optional caption); a retry with the same `clientId` returns the
+/// stored message (200). The image is re-encoded (metadata stripped) and a thumbnail made.
+#[utoipa::path(post, path = "/api/v1/chats/{id}/messages/image", tag = "chats",
+    security(("bearerAuth" = [])),
+    params(("id" = String, Path, description = "A chat id")),
+    request_body(content = ImageForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "Already stored under this clientId.", body = MessageBody),
+        (status = 201, description = "Stored.", body = MessageBody),
+        (status = 400, description = "No file, a caption too long, a bad clientId, or an image that cannot be read.", body = ErrorBody),
+        (status = 401, description = "No valid access token.", body = ErrorBody),
+        (status = 404, description = "No such chat, or not a member.", body = ErrorBody),
+        (status = 413, description = "Larger than the limit, or more pixels than allowed.", body = ErrorBody),
+        (status = 415, description = "Not a JPEG, PNG, WebP or GIF (whatever its name says).", body = ErrorBody),
+        (status = 429, description = "Too many messages.", body = ErrorBody),
+    ))]
+pub async fn send_image(
+    State(state): State<AppState>,
+    Authenticated(who): Authenticated,
+    ApiPath(id): ApiPath<ChatId>,
+    form: Result<Multipart, MultipartRejection>,
+) -> Result<(StatusCode, Json<MessageBody>), ApiError> {
+    // A non-member's upload is not even read.
+    state.chats.check_member(who.user_id, id).await?;
+    let form = form.map_err(|e| not_multipart(&e))?;
+    let mut upload = read_upload(form, state.media.limits().max_bytes).await?;
+    let file = upload.file.take().ok_or_else(no_file)?;
+    let sent = state
+        .media
+        .send_image(
+            &state.chats,
+            who.user_id,
+            id,
+            file,
+            upload.caption.as_deref(),
+            upload.client_id.as_deref(),
+        )
+        .await?;
+    if !sent.created {
+        let audience = state.chats.audience(who.user_id, id).await?;
+        let body = message_body(&state.media, sent.message, &audience).await;
+        return Ok((StatusCode::OK, Json(body)));
+    }
+    // Stored: the broadcaster shows it to every member online.
+    let image = state.media.image_urls(&sent.message).await;
+    let body = MessageBody::new_message(sent.message, sent.kind, image);
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AvatarBody {
+    /// Signed; works for a while (fetch the profile again for a fresh one).
+    pub avatar_url: String,
+}
+
+/// Sets the caller's avatar (the previous one is deleted).
+#[utoipa::path(put, path = "/api/v1/users/me/avatar", tag = "users",
+    security(("bearerAuth" = [])),
+    request_body(content = ImageForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "The new avatar.", body = AvatarBody),
+        (status = 400, description = "No file, or an image that cannot be read.", body = ErrorBody),
+        (status = 401, description = "No valid access token.", body = ErrorBody),
+        (status = 413, description = "Larger than the limit, or more pixels than allowed.", body = ErrorBody),
+        (status = 415, description = "Not a JPEG, PNG, WebP or GIF.", body = ErrorBody),
+    ))]
+pub async fn put_avatar(
+    State(state): State<AppState>,
+    Authenticated(who): Authenticated,
+    form: Result<Multipart, MultipartRejection>,
+) -> Result<Json<AvatarBody>, ApiError> {
+    let form = form.map_err(|e| not_multipart(&e))?;
+    let mut upload = read_upload(form, state.media.limits().max_bytes).await?;
+    let file = upload.file.take().ok_or_else(no_file)?;
+    let stored = state.media.store_avatar(who.user_id, file).await?;
+    if let Err(error) = state.auth.set_avatar(who, &stored.key).await {
+        if let Err(error) = state.media.delete(&stored.keys()).await {
+            tracing::warn!(%error, "Cannot delete an unused avatar.");
+        }
+        return Err(error.into());
+    }
+    Ok(Json(AvatarBody {
+        avatar_url: state.media.url(&stored.key).await?,
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct MediaQuery {
+    /// With `sig`: when the URL stops working (Unix seconds).
+    pub exp: Option<i64>,
+    /// The URL's signature.
+    pub sig: Option<String>,
+    /// At most 256: the thumbnail.
+    pub w: Option<u32>,
+}
+
+/// A media object, for a valid signed URL or the access token of a user allowed to see it
+/// (chat members for a chat's images; anyone signed in for avatars). Anything else is a 404.
+#[utoipa::path(get, path = "/api/v1/media/{*key}", tag = "media",
+    params(("key" = String, Path, description = "The object's key, as in a media URL"), MediaQuery),
+    responses(
+        (status = 200, description = "The bytes, with ETag and Cache-Control."),
+        (status = 304, description = "Not modified (If-None-Match)."),
+        (status = 404, description = "No such object, a bad or expired signature, or not allowed.", body = ErrorBody),
+    ))]
+pub async fn get_media(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiQuery(query): ApiQuery<MediaQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = BlobKey::parse(&key).map_err(|_| ApiError::not_found())?;
+    let owner = Owner::of(&key).ok_or_else(ApiError::not_found)?;
+    let signed = match (query.exp, query.sig.as_deref()) {
+        (Some(exp), Some(sig)) => state.media.verify(&key, exp, sig).then_some(exp),
+        _ => None,
+    };
+    if signed.is_none() && !token_allows(&state, &headers, owner).await {
+        return Err(ApiError::not_found());
+    }
+    let thumbnail = query.w.is_some_and(|w| w <= 256);
+    let object = state
+        .media
+        .open(&key, thumbnail)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    let etag = format!(
+        "\"{}\"",
+        object
+            .meta
+            .etag
+            .clone()
+            .unwrap_or_else(|| format!(
+                "{}-{}",
+                object.meta.size,
+                object.meta.last_modified.timestamp_micros()
+            ))
+            .replace('"', "")
+    );
+    // A key's bytes never change (a new picture gets a new key): a signed URL may be cached
+    // until it expires; a token's answer is checked again each time.
+    let cache_control = match signed {
+        Some(exp) => {
+            let left = (exp - confab_core::domain::now().timestamp()).max(0);
+            format!("private, max-age={left}, immutable")
+        }
+        None => "private, no-cache".to_owned(),
+    };
+    let mut response = if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|tag| tag.trim() == etag || tag.trim() == "*")
+        }) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        let mut ok = Body::from(object.bytes).into_response();
+        ok.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(object.content_type),
+        );
+        ok
+    };
+    let out = response.headers_mut();
+    for (name, value) in [
+        (header::ETAG, etag),
+        (header::CACHE_CONTROL, cache_control),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; sandbox".to_owned(),
+        ),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            out.insert(name, value);
+        }
+    }
+    Ok(response)
+}
+
+/// Whether the request's access token is a user's who may see objects of `owner`.
+async fn token_allows(state: &AppState, headers: &HeaderMap, owner: Owner) -> bool {
+    let Some(token) = bearer_token(headers) else {
+        return false;
+    };
+    let Ok(who) = state.auth.authenticate(token).await else {
+        return false;
+    };
+    match owner {
+        Owner::Avatar => true,
+        Owner::Chat(chat) => state.chats.check_member(who.user_id, chat).await.is_ok(),
+    }
+}
