@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use confab_core::ports::blob::{BlobError, BlobKey, BlobMeta, BlobStore};
+use confab_core::ports::blob::{BlobError, BlobKey, BlobMeta, BlobStore, BlobStream};
 use confab_core::ports::health::{ComponentHealth, HealthCheck, HealthStatus};
 use futures_util::TryStreamExt;
 use object_store::path::Path;
@@ -97,6 +97,16 @@ impl BlobStore for ObjectBlobStore {
         let info = meta(&got.meta)?;
         let bytes = got.bytes().await.map_err(blob_err)?;
         Ok(Some((bytes.to_vec(), info)))
+    }
+
+    async fn get_stream(&self, key: &BlobKey) -> Result<Option<(BlobStream, BlobMeta)>, BlobError> {
+        let got = match self.store.get(&path(key)).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(blob_err(e)),
+        };
+        let info = meta(&got.meta)?;
+        Ok(Some((Box::pin(got.into_stream().map_err(blob_err)), info)))
     }
 
     async fn head(&self, key: &BlobKey) -> Result<Option<BlobMeta>, BlobError> {

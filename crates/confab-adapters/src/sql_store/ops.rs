@@ -593,6 +593,7 @@ where
     async fn update_message(&self, m: &Message) -> Result<(), StoreError> {
         let updated = messages::Entity::update_many()
             .col_expr(messages::Column::Text, Expr::value(m.text.clone()))
+            .col_expr(messages::Column::Image, Expr::value(m.image.clone()))
             .col_expr(messages::Column::EditedAt, Expr::value(m.edited_at))
             .col_expr(messages::Column::DeletedAt, Expr::value(m.deleted_at))
             .filter(messages::Column::Id.eq(m.id.0))

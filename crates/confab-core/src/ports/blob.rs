@@ -7,7 +7,8 @@
 //!   and `-` (no empty, `.` or `..` segment, no leading `/`): never a path a user supplied, so
 //!   nothing can escape the store's root.
 //! - `put` replaces the whole object atomically: a reader sees the old bytes or the new ones,
-//!   never part of either. `get`/`head` of a missing key is `None`; `delete` says whether the
+//!   never part of either. `get_stream` gives the same bytes as `get`, in chunks, without
+//!   holding the whole object. `get`/`get_stream`/`head` of a missing key is `None`; `delete` says whether the
 //!   key existed. `list` returns the objects under a prefix, by key.
 //! - `presigned_get` is a time-limited URL a browser can fetch directly, where the backend
 //!   has such URLs (S3); `None` elsewhere (the server then signs its own media URLs).
@@ -65,6 +66,10 @@ pub struct BlobMeta {
     pub last_modified: Timestamp,
 }
 
+/// An object's bytes, a chunk at a time.
+pub type BlobStream =
+    std::pin::Pin<Box<dyn futures_core::Stream<Item = Result<bytes::Bytes, BlobError>> + Send>>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
     #[error("not a valid object key: {0:?}")]
@@ -79,6 +84,8 @@ pub enum BlobError {
 pub trait BlobStore: HealthCheck {
     async fn put(&self, key: &BlobKey, bytes: Vec<u8>) -> Result<BlobMeta, BlobError>;
     async fn get(&self, key: &BlobKey) -> Result<Option<(Vec<u8>, BlobMeta)>, BlobError>;
+    /// The object's bytes as a stream (serving media without holding it in memory).
+    async fn get_stream(&self, key: &BlobKey) -> Result<Option<(BlobStream, BlobMeta)>, BlobError>;
     async fn head(&self, key: &BlobKey) -> Result<Option<BlobMeta>, BlobError>;
     async fn delete(&self, key: &BlobKey) -> Result<bool, BlobError>;
     /// Objects whose key starts with `prefix` (whole segments), ordered by key.

@@ -139,7 +139,8 @@ pub trait MessageStore: Send + Sync {
         chat: ChatId,
         page: Page<MessageId>,
     ) -> Result<Vec<Message>, StoreError>;
-    /// Writes `text`, `edited_at`, `deleted_at` (a tombstone keeps the row, without text).
+    /// Writes `text`, `image`, `edited_at`, `deleted_at` (a tombstone keeps the row, without
+    /// text or image).
     async fn update_message(&self, message: &Message) -> Result<(), StoreError>;
     /// Messages after `after` (or all) not sent by `user`: the unread count.
     async fn count_messages_after(

@@ -21,7 +21,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 use crate::domain::{ChatId, EventId, Message, MessageId, MessageKind, OutboxEntry, UserId, now};
-use crate::ports::blob::{BlobError, BlobKey, BlobMeta, BlobStore};
+use crate::ports::blob::{BlobError, BlobKey, BlobMeta, BlobStore, BlobStream};
 use crate::ports::broker::queues;
 use crate::services::auth::crypto::Keyed;
 use crate::services::chats::{ChatError, ChatService, Draft, Sent};
@@ -41,9 +41,10 @@ pub enum MediaError {
     TooLarge { max: usize },
     #[error("The image has more pixels than allowed.")]
     TooManyPixels,
-    #[error("The image cannot be read: {0}")]
-    Corrupt(String),
-    #[error("The image took too long to process.")]
+    #[error("The image cannot be read.")]
+    Corrupt,
+    /// Processing took longer than allowed (the server is busy, or the image is unusual).
+    #[error("The image took too long to process; try again later.")]
     TimedOut,
     #[error("media storage failed")]
     Blob(#[from] BlobError),
@@ -128,10 +129,9 @@ pub struct MediaSettings {
     pub process_timeout: Duration,
 }
 
-/// A verified request for an object.
-#[derive(Debug, Clone)]
+/// An object to serve: its bytes as a stream.
 pub struct Object {
-    pub bytes: Vec<u8>,
+    pub bytes: BlobStream,
     pub meta: BlobMeta,
     pub content_type: &'static str,
 }
@@ -140,8 +140,14 @@ pub struct MediaService {
     blobs: Arc<dyn BlobStore>,
     keyed: Keyed,
     settings: MediaSettings,
+    /// Images being decoded.
     permits: Arc<Semaphore>,
+    /// Uploads being received or processed: each may hold up to `max_bytes` in memory.
+    in_flight: Arc<Semaphore>,
 }
+
+/// Uploads a node holds at once, per image it may decode at once.
+const IN_FLIGHT_PER_PERMIT: usize = 8;
 
 /// Our URLs expire on a 5-minute grid, so the same object listed twice in a while has the
 /// same URL (a browser's cache keeps working).
@@ -154,12 +160,22 @@ impl MediaService {
             blobs,
             keyed: Keyed::new(secret),
             permits: Arc::new(Semaphore::new(settings.concurrent.max(1))),
+            in_flight: Arc::new(Semaphore::new(
+                settings.concurrent.max(1) * IN_FLIGHT_PER_PERMIT,
+            )),
             settings,
         }
     }
 
     pub fn limits(&self) -> &ImageLimits {
         &self.settings.limits
+    }
+
+    /// Room for one more upload (hold it while reading and processing the upload), or
+    /// `None` when the node holds as many as it will: memory stays bounded however many
+    /// clients upload at once; the caller answers "busy, retry".
+    pub fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.in_flight.clone().try_acquire_owned().ok()
     }
 
     /// Processes an upload on the blocking pool (a permit at a time, within the deadline) and
@@ -176,14 +192,17 @@ impl MediaService {
             .await
             .map_err(|_| MediaError::TimedOut)?;
         let limits = self.settings.limits;
+        let deadline = std::time::Instant::now() + self.settings.process_timeout;
         let work = tokio::task::spawn_blocking(move || {
-            let done = image::process(&upload, &limits);
+            let done = image::process(&upload, &limits, Some(deadline));
             drop(permit);
             done
         });
+        // A decoder cannot be interrupted: past the deadline the answer goes at once, and the
+        // work stops at its next stage (holding its permit until then).
         let processed = match tokio::time::timeout(self.settings.process_timeout, work).await {
             Ok(Ok(done)) => done?,
-            Ok(Err(_)) => return Err(MediaError::Corrupt("the decoder failed".into())),
+            Ok(Err(_)) => return Err(MediaError::Corrupt),
             Err(_) => return Err(MediaError::TimedOut),
         };
         let ext = processed.image.format.extension();
@@ -199,7 +218,10 @@ impl MediaService {
         };
         // The thumbnail first: an image without its thumbnail is never visible.
         self.blobs.put(&thumb, processed.thumbnail.bytes).await?;
-        self.blobs.put(&key, processed.image.bytes).await?;
+        if let Err(error) = self.blobs.put(&key, processed.image.bytes).await {
+            let _ = self.blobs.delete(&thumb).await;
+            return Err(error.into());
+        }
         Ok(stored)
     }
 
@@ -256,8 +278,11 @@ impl MediaService {
             && crate::services::auth::crypto::same(&self.signature(key.as_str(), expires), sig)
     }
 
-    /// The URLs of a message's image, if it has one.
+    /// The URLs of a message's image, if it has one (a tombstone has none).
     pub async fn image_urls(&self, message: &Message) -> Option<ImageUrls> {
+        if message.deleted_at.is_some() {
+            return None;
+        }
         let stored = StoredImage::from_message(message)?;
         let (url, thumbnail_url) = match (
             self.url(&stored.key).await,
@@ -289,24 +314,44 @@ impl MediaService {
         }
     }
 
-    /// The object (or its thumbnail), once the caller is known to be allowed.
-    pub async fn open(&self, key: &BlobKey, thumbnail: bool) -> Result<Option<Object>, MediaError> {
+    /// The key to serve for `key` (its thumbnail's with `thumbnail`), and its content type;
+    /// `None` for a key that is not an image of ours.
+    fn variant(key: &BlobKey, thumbnail: bool) -> Option<(BlobKey, &'static str)> {
         let key = if thumbnail {
-            match thumbnail_key(key) {
-                Some(thumb) => thumb,
-                None => return Ok(None),
-            }
+            thumbnail_key(key)?
         } else {
             key.clone()
         };
-        let Some(content_type) = Format::of_key(key.as_str()).map(Format::content_type) else {
+        let content_type = Format::of_key(key.as_str())?.content_type();
+        Some((key, content_type))
+    }
+
+    /// What is stored for the object (or its thumbnail): enough to answer a conditional GET.
+    pub async fn head(
+        &self,
+        key: &BlobKey,
+        thumbnail: bool,
+    ) -> Result<Option<BlobMeta>, MediaError> {
+        let Some((key, _)) = Self::variant(key, thumbnail) else {
             return Ok(None);
         };
-        Ok(self.blobs.get(&key).await?.map(|(bytes, meta)| Object {
-            bytes,
-            meta,
-            content_type,
-        }))
+        Ok(self.blobs.head(&key).await?)
+    }
+
+    /// The object (or its thumbnail) as a stream, once the caller is known to be allowed.
+    pub async fn open(&self, key: &BlobKey, thumbnail: bool) -> Result<Option<Object>, MediaError> {
+        let Some((key, content_type)) = Self::variant(key, thumbnail) else {
+            return Ok(None);
+        };
+        Ok(self
+            .blobs
+            .get_stream(&key)
+            .await?
+            .map(|(bytes, meta)| Object {
+                bytes,
+                meta,
+                content_type,
+            }))
     }
 
     /// `POST /chats/{id}/messages/image`: a member's image (with an optional caption) becomes

@@ -25,6 +25,7 @@ where
         missing_objects_are_none_and_delete_says_whether_it_existed,
         list_returns_exactly_the_prefix_by_key,
         a_large_object_round_trips,
+        a_large_object_streams_in_chunks,
         health_is_ok_with_a_kind,
     );
 }
@@ -109,6 +110,29 @@ async fn list_returns_exactly_the_prefix_by_key(store: Arc<dyn BlobStore>, root:
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+async fn a_large_object_streams_in_chunks(store: Arc<dyn BlobStore>, root: &str) {
+    use futures_util::TryStreamExt;
+    let k = key(&format!("{root}/streamed.bin"));
+    let bytes: Vec<u8> = (0..3 * 1024 * 1024).map(|i: u32| (i % 253) as u8).collect();
+    let put = store.put(&k, bytes.clone()).await.unwrap();
+    let (stream, meta) = store.get_stream(&k).await.unwrap().expect("stored");
+    assert_eq!(meta.size, bytes.len() as u64);
+    assert_eq!(meta.etag, put.etag);
+    let chunks: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
+    assert!(
+        chunks.len() > 1,
+        "a 3 MiB object comes in more than one chunk"
+    );
+    assert_eq!(chunks.concat(), bytes);
+    assert!(
+        store
+            .get_stream(&key(&format!("{root}/nothing-here.bin")))
+            .await
+            .unwrap()
+            .is_none()
     );
 }
 

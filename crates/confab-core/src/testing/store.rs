@@ -649,16 +649,20 @@ async fn edits_and_tombstones_are_written(store: Arc<dyn Store>) {
     let ann = user(&*store).await;
     let chat = group(&*store, ann.id, &[]).await;
     let mut m = text(chat, ann.id, "typo", Some("e1"));
+    m.kind = MessageKind::Image;
+    m.image = Some(serde_json::json!({"key": "chats/x/y/image.png", "width": 3}));
     store.insert_message(&m).await.unwrap();
+    assert_eq!(store.message_by_id(m.id).await.unwrap(), Some(m.clone()));
     m.text = Some("fixed".into());
     m.edited_at = Some(now());
     store.update_message(&m).await.unwrap();
     assert_eq!(store.message_by_id(m.id).await.unwrap(), Some(m.clone()));
     m.text = None;
+    m.image = None;
     m.deleted_at = Some(now());
     store.update_message(&m).await.unwrap();
     let tomb = store.message_by_id(m.id).await.unwrap().unwrap();
-    assert!(tomb.deleted_at.is_some() && tomb.text.is_none());
+    assert!(tomb.deleted_at.is_some() && tomb.text.is_none() && tomb.image.is_none());
 }
 
 async fn read_positions_only_move_forward_and_count_unread(store: Arc<dyn Store>) {

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use confab_core::domain::ChatId;
 use confab_core::error::ErrorCode;
-use confab_core::ports::blob::{BlobError, BlobKey};
+use confab_core::ports::blob::{BlobError, BlobKey, BlobMeta};
 use confab_core::services::media::{MediaError, Owner};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -31,10 +31,11 @@ impl From<MediaError> for ApiError {
         let message = err.to_string();
         match err {
             MediaError::Unsupported => Self::new(ErrorCode::UnsupportedMediaType, message),
-            MediaError::TooLarge { .. } | MediaError::TooManyPixels | MediaError::TimedOut => {
+            MediaError::TooLarge { .. } | MediaError::TooManyPixels => {
                 Self::new(ErrorCode::PayloadTooLarge, message)
             }
-            MediaError::Corrupt(_) => {
+            MediaError::TimedOut => Self::new(ErrorCode::Unavailable, message).with_retry_after(5),
+            MediaError::Corrupt => {
                 Self::validation(message).with_details(serde_json::json!({ "field": "file" }))
             }
             MediaError::Blob(BlobError::Unavailable(source)) => {
@@ -140,6 +141,15 @@ async fn read_upload(mut form: Multipart, max_bytes: usize) -> Result<Upload, Ap
     Ok(upload)
 }
 
+/// The node holds as many uploads as it will at once.
+fn busy() -> ApiError {
+    ApiError::new(
+        ErrorCode::Unavailable,
+        "Too many uploads in progress; try again in a moment.",
+    )
+    .with_retry_after(1)
+}
+
 fn no_file() -> ApiError {
     ApiError::validation("The form has no `file` field.")
         .with_details(serde_json::json!({ "field": "file" }))
@@ -169,20 +179,27 @@ pub async fn send_image(
 ) -> Result<(StatusCode, Json<MessageBody>), ApiError> {
     // A non-member's upload is not even read.
     state.chats.check_member(who.user_id, id).await?;
+    let _room = state.media.admit().ok_or_else(busy)?;
     let form = form.map_err(|e| not_multipart(&e))?;
     let mut upload = read_upload(form, state.media.limits().max_bytes).await?;
     let file = upload.file.take().ok_or_else(no_file)?;
-    let sent = state
-        .media
-        .send_image(
-            &state.chats,
-            who.user_id,
-            id,
-            file,
-            upload.caption.as_deref(),
-            upload.client_id.as_deref(),
-        )
-        .await?;
+    // Its own task: a client that goes away (or the request timeout) cannot stop it between
+    // storing the objects and the message that refers to them.
+    let (media, chats) = (state.media.clone(), state.chats.clone());
+    let sent = tokio::spawn(async move {
+        media
+            .send_image(
+                &chats,
+                who.user_id,
+                id,
+                file,
+                upload.caption.as_deref(),
+                upload.client_id.as_deref(),
+            )
+            .await
+    })
+    .await
+    .map_err(ApiError::internal)??;
     if !sent.created {
         let audience = state.chats.audience(who.user_id, id).await?;
         let body = message_body(&state.media, sent.message, &audience).await;
@@ -217,29 +234,40 @@ pub async fn put_avatar(
     Authenticated(who): Authenticated,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<AvatarBody>, ApiError> {
+    let _room = state.media.admit().ok_or_else(busy)?;
     let form = form.map_err(|e| not_multipart(&e))?;
     let mut upload = read_upload(form, state.media.limits().max_bytes).await?;
     let file = upload.file.take().ok_or_else(no_file)?;
-    let stored = state.media.store_avatar(who.user_id, file).await?;
-    if let Err(error) = state.auth.set_avatar(who, &stored.key).await {
-        if let Err(error) = state.media.delete(&stored.keys()).await {
-            tracing::warn!(%error, "Cannot delete an unused avatar.");
+    // Its own task, like an image message: never cut between the objects and the account.
+    let (media, auth) = (state.media.clone(), state.auth.clone());
+    let stored = tokio::spawn(async move {
+        let stored = media.store_avatar(who.user_id, file).await?;
+        if let Err(error) = auth.set_avatar(who, &stored.key).await {
+            if let Err(error) = media.delete(&stored.keys()).await {
+                tracing::warn!(%error, "Cannot delete an unused avatar.");
+            }
+            return Err(ApiError::from(error));
         }
-        return Err(error.into());
-    }
+        Ok::<_, ApiError>(stored)
+    })
+    .await
+    .map_err(ApiError::internal)??;
     Ok(Json(AvatarBody {
         avatar_url: state.media.url(&stored.key).await?,
     }))
 }
 
+/// Read leniently: a value that does not parse is as good as a wrong signature (404).
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct MediaQuery {
     /// With `sig`: when the URL stops working (Unix seconds).
-    pub exp: Option<i64>,
+    #[param(value_type = Option<i64>)]
+    pub exp: Option<String>,
     /// The URL's signature.
     pub sig: Option<String>,
     /// At most 256: the thumbnail.
-    pub w: Option<u32>,
+    #[param(value_type = Option<u32>)]
+    pub w: Option<String>,
 }
 
 /// A media object, for a valid signed URL or the access token of a user allowed to see it
@@ -253,38 +281,28 @@ pub struct MediaQuery {
     ))]
 pub async fn get_media(
     State(state): State<AppState>,
-    Path(key): Path<String>,
+    key: Result<Path<String>, axum::extract::rejection::PathRejection>,
     ApiQuery(query): ApiQuery<MediaQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let Ok(Path(key)) = key else {
+        return Err(ApiError::not_found());
+    };
     let key = BlobKey::parse(&key).map_err(|_| ApiError::not_found())?;
     let owner = Owner::of(&key).ok_or_else(ApiError::not_found)?;
-    let signed = match (query.exp, query.sig.as_deref()) {
+    let expires = query.exp.as_deref().and_then(|e| e.parse::<i64>().ok());
+    let signed = match (expires, query.sig.as_deref()) {
         (Some(exp), Some(sig)) => state.media.verify(&key, exp, sig).then_some(exp),
         _ => None,
     };
     if signed.is_none() && !token_allows(&state, &headers, owner).await {
         return Err(ApiError::not_found());
     }
-    let thumbnail = query.w.is_some_and(|w| w <= 256);
-    let object = state
-        .media
-        .open(&key, thumbnail)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
-    let etag = format!(
-        "\"{}\"",
-        object
-            .meta
-            .etag
-            .clone()
-            .unwrap_or_else(|| format!(
-                "{}-{}",
-                object.meta.size,
-                object.meta.last_modified.timestamp_micros()
-            ))
-            .replace('"', "")
-    );
+    let thumbnail = query
+        .w
+        .as_deref()
+        .and_then(|w| w.parse::<u32>().ok())
+        .is_some_and(|w| w <= 256);
     // A key's bytes never change (a new picture gets a new key): a signed URL may be cached
     // until it expires; a token's answer is checked again each time.
     let cache_control = match signed {
@@ -294,36 +312,80 @@ pub async fn get_media(
         }
         None => "private, no-cache".to_owned(),
     };
-    let mut response = if headers
+    let if_none_match = headers
         .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|tag| tag.trim() == etag || tag.trim() == "*")
-        }) {
-        StatusCode::NOT_MODIFIED.into_response()
-    } else {
-        let mut ok = Body::from(object.bytes).into_response();
-        ok.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(object.content_type),
-        );
-        ok
-    };
-    let out = response.headers_mut();
-    for (name, value) in [
-        (header::ETAG, etag),
-        (header::CACHE_CONTROL, cache_control),
-        (
-            header::CONTENT_SECURITY_POLICY,
-            "default-src 'none'; sandbox".to_owned(),
-        ),
-    ] {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            out.insert(name, value);
+        .and_then(|v| v.to_str().ok());
+    let mut response = if let Some(tags) = if_none_match {
+        // A conditional GET looks at the metadata only.
+        let meta = state
+            .media
+            .head(&key, thumbnail)
+            .await?
+            .ok_or_else(ApiError::not_found)?;
+        let etag = etag_of(&meta);
+        if tags
+            .split(',')
+            .any(|tag| tag.trim() == etag || tag.trim() == "*")
+        {
+            with_headers(
+                StatusCode::NOT_MODIFIED.into_response(),
+                &etag,
+                &cache_control,
+            )
+        } else {
+            serve(&state, &key, thumbnail, &cache_control).await?
         }
-    }
+    } else {
+        serve(&state, &key, thumbnail, &cache_control).await?
+    };
+    response.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; sandbox"),
+    );
     Ok(response)
+}
+
+/// The object's bytes, streamed, with its type, length and ETag.
+async fn serve(
+    state: &AppState,
+    key: &BlobKey,
+    thumbnail: bool,
+    cache_control: &str,
+) -> Result<Response, ApiError> {
+    let object = state
+        .media
+        .open(key, thumbnail)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    let etag = etag_of(&object.meta);
+    let mut ok = Body::from_stream(object.bytes).into_response();
+    let out = ok.headers_mut();
+    out.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(object.content_type),
+    );
+    out.insert(header::CONTENT_LENGTH, HeaderValue::from(object.meta.size));
+    Ok(with_headers(ok, &etag, cache_control))
+}
+
+/// A strong ETag from the store's (or from size and time when it has none).
+fn etag_of(meta: &BlobMeta) -> String {
+    let tag = meta
+        .etag
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", meta.size, meta.last_modified.timestamp_micros()));
+    format!("\"{}\"", tag.replace('"', ""))
+}
+
+fn with_headers(mut response: Response, etag: &str, cache_control: &str) -> Response {
+    let out = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(etag) {
+        out.insert(header::ETAG, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(cache_control) {
+        out.insert(header::CACHE_CONTROL, value);
+    }
+    response
 }
 
 /// Whether the request's access token is a user's who may see objects of `owner`.

@@ -238,7 +238,7 @@ async fn each_format_round_trips_and_members_see_it_live(storage: &Storage) {
             ImageFormat::WebP,
             "sticker.webp",
             "application/octet-stream",
-            "image/webp",
+            "image/jpeg",
         ),
         (ImageFormat::Gif, "funny.gif", "image/gif", "image/png"),
     ];
@@ -278,6 +278,22 @@ async fn each_format_round_trips_and_members_see_it_live(storage: &Storage) {
         let live_url = live.data["image"]["thumbnailUrl"].as_str().unwrap();
         assert_eq!(fetch(&app, live_url, None).await.status(), 200);
     }
+    // A phone photo beyond the JSON body limit (1 MiB), within the upload limit.
+    let photo = crate::upload::photo_jpeg(2400, 1800);
+    assert!(photo.len() > 1024 * 1024, "{}", photo.len());
+    let (status, message) = send_image(
+        &app,
+        &ann,
+        &chat,
+        ("IMG_0001.JPG", "image/jpeg", &photo),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 201, "{message}");
+    assert_eq!(message["image"]["width"], 2400);
+    let live = sio::next_named(&mut events, "message:new", WAIT).await;
+    assert_eq!(live.expect("the photo too").data["id"], message["id"]);
+
     // The history carries them too, newest first.
     let (status, page) = {
         let response = call(
@@ -295,13 +311,13 @@ async fn each_format_round_trips_and_members_see_it_live(storage: &Storage) {
     };
     assert_eq!(status, 200);
     let items = page["items"].as_array().unwrap();
-    assert_eq!(items.len(), 4);
+    assert_eq!(items.len(), 5);
     assert!(
         items.iter().all(|m| m["image"]["url"].is_string()),
         "{page}"
     );
-    // Four images, each with its thumbnail.
-    assert_eq!(objects(&app, &format!("chats/{chat}")).await.len(), 8);
+    // Five images, each with its thumbnail.
+    assert_eq!(objects(&app, &format!("chats/{chat}")).await.len(), 10);
 }
 
 async fn uploads_are_judged_by_content_and_limits_hold(storage: &Storage) {
@@ -547,7 +563,9 @@ async fn media_urls_work_only_for_those_allowed(storage: &Storage) {
         .media
         .signed_url(&key, chrono::Utc::now().timestamp() - 1);
     let far = ours.replace("exp=", "exp=9");
-    for bad in [&tampered, &other_key, &past, &far] {
+    let garbled = ours.replace("exp=", "exp=x");
+    let huge = ours.replace("exp=", "exp=99999999999999999999");
+    for bad in [&tampered, &other_key, &past, &far, &garbled, &huge] {
         let response = fetch(&app, bad, None).await;
         assert_eq!(response.status(), 404, "{bad}");
         let body: Value = response.json().await.unwrap();
@@ -563,6 +581,20 @@ async fn media_urls_work_only_for_those_allowed(storage: &Storage) {
     for token in [Some(eve.token.as_str()), Some("not-a-token"), None] {
         assert_eq!(fetch(&app, &plain, token).await.status(), 404);
     }
+    // A `w` that is not a number is no thumbnail.
+    let odd = fetch(&app, &format!("{plain}?w=wide"), Some(&bob.token)).await;
+    assert_eq!(odd.bytes().await.unwrap(), original);
+    // A member removed from the chat is no longer let in by token.
+    let removed = call(
+        &app,
+        Method::DELETE,
+        &format!("/api/v1/chats/{chat}/members/{}", bob.id),
+        Some(&ann.token),
+        None,
+    )
+    .await;
+    assert_eq!(removed.status(), 204);
+    assert_eq!(fetch(&app, &plain, Some(&bob.token)).await.status(), 404);
     // Keys that are not ours, or do not exist.
     for path in [
         "/api/v1/media/secrets/x.png".to_owned(),
@@ -611,6 +643,30 @@ async fn a_retried_upload_is_one_message_and_deletion_removes_the_objects(storag
     .await;
     let url = message["image"]["url"].as_str().unwrap();
     assert_eq!(fetch(&app, url, Some(&ann.token)).await.status(), 404);
+    // The history shows the tombstone, with nothing of the picture.
+    let page: Value = call(
+        &app,
+        Method::GET,
+        &format!("/api/v1/chats/{chat}/messages"),
+        Some(&bob.token),
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let tomb = &page["items"][0];
+    assert_eq!(tomb["id"], message["id"]);
+    assert!(
+        tomb.get("image").is_none() && tomb["text"].is_null(),
+        "{tomb}"
+    );
+    // And a retry of the deleted upload gets the tombstone, not a new image.
+    let (status, retried) =
+        send_image(&app, &ann, &chat, ("a.jpg", "image/jpeg", &jpeg), &fields).await;
+    assert_eq!(status, 200, "{retried}");
+    assert!(retried.get("image").is_none(), "{retried}");
+    assert!(objects(&app, &prefix).await.is_empty());
 }
 
 async fn avatars_are_shown_to_everyone_signed_in_and_go_with_the_account(storage: &Storage) {

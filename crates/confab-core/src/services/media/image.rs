@@ -6,10 +6,10 @@
 //! blocking pool.
 
 use std::io::Cursor;
+use std::time::Instant;
 
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::{CompressionType, FilterType, PngEncoder};
-use image::codecs::webp::WebPEncoder;
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 
@@ -88,12 +88,15 @@ impl Format {
         }
     }
 
-    /// What an upload of this format is stored as: the same format, except a GIF, whose first
-    /// frame is kept as a PNG (no animation; lossless).
-    fn stored_as(self) -> Self {
+    /// What an upload of this format is stored as: a JPEG as a JPEG, a PNG as a PNG; a GIF's
+    /// first frame as a PNG (no animation; lossless); a WebP as a JPEG, or as a PNG when it
+    /// has transparency (no lossy WebP encoder: lossless WebP of a photo is many times its
+    /// upload).
+    fn stored_as(self, has_alpha: bool) -> Self {
         match self {
-            Self::Gif => Self::Png,
-            other => other,
+            Self::Jpeg => Self::Jpeg,
+            Self::WebP if !has_alpha => Self::Jpeg,
+            Self::Png | Self::Gif | Self::WebP => Self::Png,
         }
     }
 }
@@ -138,12 +141,26 @@ pub struct Processed {
 fn corrupt(error: &image::ImageError) -> MediaError {
     match error {
         image::ImageError::Limits(_) => MediaError::TooManyPixels,
-        other => MediaError::Corrupt(other.to_string()),
+        other => {
+            // The decoder's words stay in the log; the client gets one sentence.
+            tracing::info!(error = %other, "An upload could not be decoded.");
+            MediaError::Corrupt
+        }
     }
 }
 
-/// Checks, decodes and re-encodes an upload, and makes its thumbnail.
-pub fn process(bytes: &[u8], limits: &ImageLimits) -> Result<Processed, MediaError> {
+/// Checks, decodes and re-encodes an upload, and makes its thumbnail. `deadline`: checked
+/// between the stages (a decoder cannot be interrupted, but nothing more is started after
+/// it); past it, `TimedOut`.
+pub fn process(
+    bytes: &[u8],
+    limits: &ImageLimits,
+    deadline: Option<Instant>,
+) -> Result<Processed, MediaError> {
+    let in_time = || match deadline {
+        Some(at) if Instant::now() > at => Err(MediaError::TimedOut),
+        _ => Ok(()),
+    };
     let format = Format::sniff(bytes).ok_or(MediaError::Unsupported)?;
     if bytes.len() > limits.max_bytes {
         return Err(MediaError::TooLarge {
@@ -171,50 +188,47 @@ pub fn process(bytes: &[u8], limits: &ImageLimits) -> Result<Processed, MediaErr
     let mut decoder = reader.into_decoder().map_err(|e| corrupt(&e))?;
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let mut pixels = DynamicImage::from_decoder(decoder).map_err(|e| corrupt(&e))?;
+    in_time()?;
     pixels.apply_orientation(orientation);
 
-    let stored_as = format.stored_as();
+    let stored_as = format.stored_as(pixels.color().has_alpha());
     let thumbnail =
         if pixels.width() <= limits.thumbnail_px && pixels.height() <= limits.thumbnail_px {
             pixels.clone()
         } else {
             pixels.thumbnail(limits.thumbnail_px, limits.thumbnail_px)
         };
+    in_time()?;
+    let image = encode(&pixels, stored_as)?;
+    // What we store stays within reach of what was uploaded.
+    if image.bytes.len() > limits.max_bytes.saturating_mul(4) {
+        return Err(MediaError::TooLarge {
+            max: limits.max_bytes,
+        });
+    }
+    in_time()?;
     Ok(Processed {
-        image: encode(&pixels, stored_as)?,
+        image,
         thumbnail: encode(&thumbnail, stored_as)?,
     })
 }
 
 fn encode(pixels: &DynamicImage, format: Format) -> Result<Encoded, MediaError> {
     let mut bytes = Vec::new();
-    let encoded = match format {
-        Format::Jpeg => {
-            let rgb = DynamicImage::ImageRgb8(pixels.to_rgb8());
-            rgb.write_with_encoder(JpegEncoder::new_with_quality(&mut bytes, 85))
-        }
-        Format::WebP => {
-            let normal = if pixels.color().has_alpha() {
-                DynamicImage::ImageRgba8(pixels.to_rgba8())
-            } else {
-                DynamicImage::ImageRgb8(pixels.to_rgb8())
-            };
-            normal.write_with_encoder(WebPEncoder::new_lossless(&mut bytes))
-        }
-        Format::Png | Format::Gif => pixels.write_with_encoder(PngEncoder::new_with_quality(
+    let encoded = if format == Format::Jpeg {
+        let rgb = DynamicImage::ImageRgb8(pixels.to_rgb8());
+        rgb.write_with_encoder(JpegEncoder::new_with_quality(&mut bytes, 85))
+    } else {
+        pixels.write_with_encoder(PngEncoder::new_with_quality(
             &mut bytes,
             CompressionType::Fast,
             FilterType::Adaptive,
-        )),
+        ))
     };
-    encoded.map_err(|e| MediaError::Corrupt(format!("cannot encode the image: {e}")))?;
+    encoded.map_err(|e| corrupt(&e))?;
     Ok(Encoded {
         bytes,
-        format: if format == Format::Gif {
-            Format::Png
-        } else {
-            format
-        },
+        format,
         width: pixels.width(),
         height: pixels.height(),
     })
@@ -243,17 +257,17 @@ mod tests {
         ] {
             let bytes = sample(format, 40, 30);
             assert_eq!(Format::sniff(&bytes), Some(expect));
-            let done = process(&bytes, &ImageLimits::default()).expect("accepted");
+            let done = process(&bytes, &ImageLimits::default(), None).expect("accepted");
             assert_eq!((done.image.width, done.image.height), (40, 30));
             assert_eq!(Format::sniff(&done.image.bytes), Some(done.image.format));
-            assert_eq!(done.image.format, expect.stored_as());
+            assert_eq!(done.image.format, expect.stored_as(false));
         }
         assert!(matches!(
-            process(b"GIF87 is not quite it", &ImageLimits::default()),
+            process(b"GIF87 is not quite it", &ImageLimits::default(), None),
             Err(MediaError::Unsupported)
         ));
         assert!(matches!(
-            process(b"%PDF-1.7", &ImageLimits::default()),
+            process(b"%PDF-1.7", &ImageLimits::default(), None),
             Err(MediaError::Unsupported)
         ));
     }
@@ -261,11 +275,25 @@ mod tests {
     #[test]
     fn thumbnails_fit_the_box_and_keep_the_aspect() {
         let bytes = sample(ImageFormat::Png, 1000, 500);
-        let done = process(&bytes, &ImageLimits::default()).expect("accepted");
+        let done = process(&bytes, &ImageLimits::default(), None).expect("accepted");
         assert_eq!((done.thumbnail.width, done.thumbnail.height), (256, 128));
-        let small =
-            process(&sample(ImageFormat::Png, 10, 20), &ImageLimits::default()).expect("accepted");
+        let small = process(
+            &sample(ImageFormat::Png, 10, 20),
+            &ImageLimits::default(),
+            None,
+        )
+        .expect("accepted");
         assert_eq!((small.thumbnail.width, small.thumbnail.height), (10, 20));
+    }
+
+    #[test]
+    fn nothing_more_is_started_past_the_deadline() {
+        let bytes = sample(ImageFormat::Png, 64, 64);
+        let past = Instant::now().checked_sub(std::time::Duration::from_secs(1));
+        assert!(matches!(
+            process(&bytes, &ImageLimits::default(), past),
+            Err(MediaError::TimedOut)
+        ));
     }
 
     #[test]
@@ -276,7 +304,7 @@ mod tests {
             ..ImageLimits::default()
         };
         assert!(matches!(
-            process(&bytes, &limits),
+            process(&bytes, &limits, None),
             Err(MediaError::TooManyPixels)
         ));
         let limits = ImageLimits {
@@ -284,14 +312,14 @@ mod tests {
             ..ImageLimits::default()
         };
         assert!(matches!(
-            process(&bytes, &limits),
+            process(&bytes, &limits, None),
             Err(MediaError::TooLarge { .. })
         ));
         // Truncated: accepted by its magic, refused by the decoder, without a panic.
         let cut = &sample(ImageFormat::Jpeg, 64, 64)[..200];
         assert!(matches!(
-            process(cut, &ImageLimits::default()),
-            Err(MediaError::Corrupt(_))
+            process(cut, &ImageLimits::default(), None),
+            Err(MediaError::Corrupt)
         ));
     }
 }
