@@ -20,6 +20,8 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
+use self::workers::ImageWorkers;
+
 use crate::domain::{ChatId, EventId, Message, MessageId, MessageKind, OutboxEntry, UserId, now};
 use crate::ports::blob::{BlobError, BlobKey, BlobMeta, BlobStore, BlobStream};
 use crate::ports::broker::queues;
@@ -27,6 +29,7 @@ use crate::services::auth::crypto::Keyed;
 use crate::services::chats::{ChatError, ChatService, Draft, Sent};
 
 pub mod image;
+mod workers;
 
 pub use image::{Format, ImageLimits, Processed};
 
@@ -140,8 +143,8 @@ pub struct MediaService {
     blobs: Arc<dyn BlobStore>,
     keyed: Keyed,
     settings: MediaSettings,
-    /// Images being decoded.
-    permits: Arc<Semaphore>,
+    /// The threads that decode and encode images.
+    workers: ImageWorkers,
     /// Uploads being received or processed: each may hold up to `max_bytes` in memory.
     in_flight: Arc<Semaphore>,
 }
@@ -159,7 +162,10 @@ impl MediaService {
         Self {
             blobs,
             keyed: Keyed::new(secret),
-            permits: Arc::new(Semaphore::new(settings.concurrent.max(1))),
+            workers: ImageWorkers::start(
+                settings.concurrent,
+                settings.concurrent.max(1) * IN_FLIGHT_PER_PERMIT,
+            ),
             in_flight: Arc::new(Semaphore::new(
                 settings.concurrent.max(1) * IN_FLIGHT_PER_PERMIT,
             )),
@@ -178,31 +184,22 @@ impl MediaService {
         self.in_flight.clone().try_acquire_owned().ok()
     }
 
-    /// Processes an upload on the blocking pool (a permit at a time, within the deadline) and
-    /// stores the image and its thumbnail under `dir`.
+    /// Processes an upload on an image worker (within the deadline) and stores the image and
+    /// its thumbnail under `dir`.
     pub async fn store_image(&self, dir: &str, upload: Vec<u8>) -> Result<StoredImage, MediaError> {
-        // Cheap refusals before waiting for a permit.
+        // Cheap refusals before waiting for a worker.
         if Format::sniff(&upload).is_none() {
             return Err(MediaError::Unsupported);
         }
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| MediaError::TimedOut)?;
         let limits = self.settings.limits;
         let deadline = std::time::Instant::now() + self.settings.process_timeout;
-        let work = tokio::task::spawn_blocking(move || {
-            let done = image::process(&upload, &limits, Some(deadline));
-            drop(permit);
-            done
-        });
+        let work = self
+            .workers
+            .run(move || image::process(&upload, &limits, Some(deadline)));
         // A decoder cannot be interrupted: past the deadline the answer goes at once, and the
-        // work stops at its next stage (holding its permit until then).
+        // work stops at its next stage (a job still waiting for a worker does not start).
         let processed = match tokio::time::timeout(self.settings.process_timeout, work).await {
-            Ok(Ok(done)) => done?,
-            Ok(Err(_)) => return Err(MediaError::Corrupt),
+            Ok(done) => done??,
             Err(_) => return Err(MediaError::TimedOut),
         };
         let ext = processed.image.format.extension();
