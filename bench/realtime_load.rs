@@ -264,29 +264,30 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Registers `email`: its user id and access token.
+async fn register(http: &reqwest::Client, base: &str, email: String) -> (String, String) {
+    let r: Value = http
+        .post(format!("{base}/api/v1/auth/register"))
+        .json(&json!({"email": email, "password": "load test password", "name": "Load"}))
+        .send()
+        .await
+        .expect("register")
+        .json()
+        .await
+        .expect("register body");
+    (
+        r["user"]["id"].as_str().expect("user id").to_owned(),
+        r["accessToken"].as_str().expect("token").to_owned(),
+    )
+}
+
 async fn setup(http: &reqwest::Client, base: &str, args: &Args, pid: u32) -> (Vec<Member>, f64) {
     // Users, a few at a time.
     let mut tokens: Vec<(String, String)> = Vec::with_capacity(args.clients);
     for chunk in (0..args.clients).collect::<Vec<_>>().chunks(16) {
-        let batch = chunk.iter().map(|i| {
-            let http = http.clone();
-            let url = format!("{base}/api/v1/auth/register");
-            async move {
-                let r: Value = http
-                    .post(url)
-                    .json(&json!({"email": format!("load{i}@example.com"), "password": "load test password", "name": format!("Load {i}")}))
-                    .send()
-                    .await
-                    .expect("register")
-                    .json()
-                    .await
-                    .expect("register body");
-                (
-                    r["user"]["id"].as_str().expect("user id").to_owned(),
-                    r["accessToken"].as_str().expect("token").to_owned(),
-                )
-            }
-        });
+        let batch = chunk
+            .iter()
+            .map(|i| register(http, base, format!("load{i}@example.com")));
         tokens.extend(futures_util::future::join_all(batch).await);
     }
     // Rooms: client i belongs to room i % rooms; its first member creates it.
@@ -386,19 +387,7 @@ async fn start_uploads(http: &reqwest::Client, base: &str, n: usize) {
     for i in 0..n {
         let mut people = Vec::new();
         for who in ["uploader", "viewer"] {
-            let r: Value = http
-                .post(format!("{base}/api/v1/auth/register"))
-                .json(&json!({"email": format!("{who}{i}@example.com"), "password": "load test password", "name": who}))
-                .send()
-                .await
-                .expect("register")
-                .json()
-                .await
-                .expect("register body");
-            people.push((
-                r["user"]["id"].as_str().expect("user id").to_owned(),
-                r["accessToken"].as_str().expect("token").to_owned(),
-            ));
+            people.push(register(http, base, format!("{who}{i}@example.com")).await);
         }
         let chat: Value = http
             .post(format!("{base}/api/v1/chats"))

@@ -109,7 +109,7 @@ async fn read_upload(mut form: Multipart, max_bytes: usize) -> Result<Upload, Ap
                 let mut bytes = Vec::new();
                 while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(&e))? {
                     if bytes.len() + chunk.len() > max_bytes {
-                        return Err(too_large());
+                        return Err(discard_rest(form).await);
                     }
                     bytes.extend_from_slice(&chunk);
                 }
@@ -141,6 +141,30 @@ async fn read_upload(mut form: Multipart, max_bytes: usize) -> Result<Upload, Ap
     Ok(upload)
 }
 
+/// Takes room for an upload (held until the caller drops it), then reads the form: the
+/// upload's fields and its file.
+async fn receive(
+    state: &AppState,
+    headers: &HeaderMap,
+    form: Result<Multipart, MultipartRejection>,
+) -> Result<(tokio::sync::OwnedSemaphorePermit, Upload, Vec<u8>), ApiError> {
+    let max_bytes = state.media.limits().max_bytes;
+    // A declared length beyond the limit is refused from the headers: a client waiting with
+    // `Expect: 100-continue` never sends the body.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > (max_bytes + MULTIPART_OVERHEAD) as u64) {
+        return Err(too_large());
+    }
+    let room = state.media.admit().ok_or_else(busy)?;
+    let form = form.map_err(|e| not_multipart(&e))?;
+    let mut upload = read_upload(form, max_bytes).await?;
+    let file = upload.file.take().ok_or_else(no_file)?;
+    Ok((room, upload, file))
+}
+
 /// The node holds as many uploads as it will at once.
 fn busy() -> ApiError {
     ApiError::new(
@@ -148,6 +172,16 @@ fn busy() -> ApiError {
         "Too many uploads in progress; try again in a moment.",
     )
     .with_retry_after(1)
+}
+
+/// A file past the limit: the rest of the body (at most the multipart allowance, which the
+/// body limit holds) is read and dropped before the 413 goes out. Closing a connection with
+/// the body unread resets it, and a client still sending could lose the answer.
+async fn discard_rest(mut form: Multipart) -> ApiError {
+    while let Ok(Some(mut field)) = form.next_field().await {
+        while let Ok(Some(_)) = field.chunk().await {}
+    }
+    too_large()
 }
 
 fn no_file() -> ApiError {
@@ -175,14 +209,12 @@ pub async fn send_image(
     State(state): State<AppState>,
     Authenticated(who): Authenticated,
     ApiPath(id): ApiPath<ChatId>,
+    headers: HeaderMap,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<(StatusCode, Json<MessageBody>), ApiError> {
     // A non-member's upload is not even read.
     state.chats.check_member(who.user_id, id).await?;
-    let _room = state.media.admit().ok_or_else(busy)?;
-    let form = form.map_err(|e| not_multipart(&e))?;
-    let mut upload = read_upload(form, state.media.limits().max_bytes).await?;
-    let file = upload.file.take().ok_or_else(no_file)?;
+    let (_room, upload, file) = receive(&state, &headers, form).await?;
     // Its own task: a client that goes away (or the request timeout) cannot stop it between
     // storing the objects and the message that refers to them.
     let (media, chats) = (state.media.clone(), state.chats.clone());
@@ -232,12 +264,10 @@ pub struct AvatarBody {
 pub async fn put_avatar(
     State(state): State<AppState>,
     Authenticated(who): Authenticated,
+    headers: HeaderMap,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<AvatarBody>, ApiError> {
-    let _room = state.media.admit().ok_or_else(busy)?;
-    let form = form.map_err(|e| not_multipart(&e))?;
-    let mut upload = read_upload(form, state.media.limits().max_bytes).await?;
-    let file = upload.file.take().ok_or_else(no_file)?;
+    let (_room, _, file) = receive(&state, &headers, form).await?;
     // Its own task, like an image message: never cut between the objects and the account.
     let (media, auth) = (state.media.clone(), state.auth.clone());
     let stored = tokio::spawn(async move {

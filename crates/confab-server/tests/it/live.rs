@@ -29,7 +29,8 @@ async fn join(client: &sio::Client, chat: &str) -> Value {
         .unwrap()
 }
 
-async fn group(app: &TestApp, admin: &Person, others: &[&Person]) -> String {
+/// A group chat of `admin` and `others`; its id.
+pub async fn group(app: &TestApp, admin: &Person, others: &[&Person]) -> String {
     let ids: Vec<&str> = others.iter().map(|p| p.id.as_str()).collect();
     let chat: Value = call(
         app,
