@@ -43,6 +43,17 @@ fn blob_err(error: object_store::Error) -> BlobError {
     }
 }
 
+/// The media type a key's extension names, for the extensions we store.
+fn content_type(key: &BlobKey) -> Option<&'static str> {
+    match key.as_str().rsplit_once('.')?.1 {
+        "jpg" | "jpeg" => Some("image/jpeg"),
+        "png" => Some("image/png"),
+        "webp" => Some("image/webp"),
+        "gif" => Some("image/gif"),
+        _ => None,
+    }
+}
+
 fn path(key: &BlobKey) -> Path {
     // A BlobKey is already made of safe segments.
     Path::from(key.as_str())
@@ -79,8 +90,18 @@ impl HealthCheck for ObjectBlobStore {
 #[async_trait]
 impl BlobStore for ObjectBlobStore {
     async fn put(&self, key: &BlobKey, bytes: Vec<u8>) -> Result<BlobMeta, BlobError> {
+        // Where URLs are presigned, the object carries its type, for the browser that fetches
+        // it there (local disk keeps no attributes; the server names the type when it serves).
+        let mut options = object_store::PutOptions::default();
+        if self.signer.is_some()
+            && let Some(content_type) = content_type(key)
+        {
+            options
+                .attributes
+                .insert(object_store::Attribute::ContentType, content_type.into());
+        }
         self.store
-            .put(&path(key), PutPayload::from(bytes))
+            .put_opts(&path(key), PutPayload::from(bytes), options)
             .await
             .map_err(blob_err)?;
         // The store's own view (size, ETag) of what it now holds.

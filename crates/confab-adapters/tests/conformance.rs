@@ -381,6 +381,7 @@ async fn s3_passes_the_blob_suite_and_presigns_urls_a_browser_can_fetch() {
     assert!(url.contains("X-Amz-Signature="), "{url}");
     let fetched = reqwest::get(&url).await.unwrap();
     assert_eq!(fetched.status(), 200);
+    assert_eq!(fetched.headers()["content-type"], "image/jpeg");
     assert_eq!(fetched.bytes().await.unwrap().as_ref(), b"jpeg bytes");
 }
 

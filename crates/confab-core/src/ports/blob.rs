@@ -11,7 +11,8 @@
 //!   holding the whole object. `get`/`get_stream`/`head` of a missing key is `None`; `delete` says whether the
 //!   key existed. `list` returns the objects under a prefix, by key.
 //! - `presigned_get` is a time-limited URL a browser can fetch directly, where the backend
-//!   has such URLs (S3); `None` elsewhere (the server then signs its own media URLs).
+//!   has such URLs (S3), serving the media type the key's extension names (`.jpg`, `.png`,
+//!   `.webp`, `.gif`); `None` elsewhere (the server then signs its own media URLs).
 
 use std::time::Duration;
 

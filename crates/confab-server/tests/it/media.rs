@@ -250,6 +250,8 @@ async fn each_format_round_trips_and_members_see_it_live(storage: &Storage) {
 
         let full = fetch(&app, image["url"].as_str().unwrap(), None).await;
         assert_eq!(full.status(), 200, "{format:?} {}", image["url"]);
+        // Ours names the type; S3 serves the type the object was stored with.
+        assert_eq!(full.headers()["content-type"], stored);
         let full = decoded(&full.bytes().await.unwrap());
         assert_eq!((full.width(), full.height()), (640, 480));
         let thumb = fetch(&app, image["thumbnailUrl"].as_str().unwrap(), None).await;
