@@ -190,16 +190,20 @@ async fn delete_media(
     state: &crate::state::AppState,
     deliveries: Vec<Delivery>,
 ) -> anyhow::Result<(Vec<Delivery>, Vec<Delivery>)> {
-    use confab_core::services::media::keys_to_delete;
+    use confab_core::services::media::deletes_media;
     let mut rest = Vec::with_capacity(deliveries.len());
     let mut deleted = Vec::new();
     for delivery in deliveries {
-        let keys = keys_to_delete(&delivery.envelope.kind, &delivery.envelope.payload);
-        if keys.is_empty() {
+        let envelope = &delivery.envelope;
+        if !deletes_media(&envelope.kind) {
             rest.push(delivery);
             continue;
         }
-        match state.media.delete(&keys).await {
+        match state
+            .media
+            .on_event(&envelope.kind, &envelope.payload)
+            .await
+        {
             Ok(()) => deleted.push(delivery),
             Err(error) => state.broker.nack(&delivery, &error.to_string()).await?,
         }

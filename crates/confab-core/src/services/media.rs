@@ -396,6 +396,47 @@ impl MediaService {
         }
     }
 
+    /// The `events` worker's part: `media.deleted` deletes the keys it names; `user.deleted`
+    /// every avatar the account has under `avatars/{user}/` (also one set while the account
+    /// was being deleted). Deleting what is gone is fine, so a redelivery is harmless.
+    pub async fn on_event(
+        &self,
+        kind: &str,
+        payload: &serde_json::Value,
+    ) -> Result<(), MediaError> {
+        match kind {
+            MEDIA_DELETED => {
+                let keys: Vec<String> = payload["keys"]
+                    .as_array()
+                    .map(|keys| {
+                        keys.iter()
+                            .filter_map(|k| k.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                self.delete(&keys).await
+            }
+            "user.deleted" => {
+                let Some(user) = payload["userId"]
+                    .as_str()
+                    .and_then(|id| id.parse::<uuid::Uuid>().ok())
+                else {
+                    return Ok(());
+                };
+                let prefix = BlobKey::parse(&format!("avatars/{user}"))?;
+                let keys: Vec<String> = self
+                    .blobs
+                    .list(&prefix)
+                    .await?
+                    .into_iter()
+                    .map(|meta| meta.key.to_string())
+                    .collect();
+                self.delete(&keys).await
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Stores a new avatar for `who` (under a fresh key: old URLs never show the new picture,
     /// and caches need no invalidation); returns its key for the account.
     pub async fn store_avatar(
@@ -420,21 +461,9 @@ pub fn deleted_event(keys: &[String]) -> OutboxEntry {
     }
 }
 
-/// The objects an event asks to delete: `media.deleted` names them; `user.deleted` names the
-/// account's avatar (its thumbnail goes with it).
-pub fn keys_to_delete(kind: &str, payload: &serde_json::Value) -> Vec<String> {
-    match kind {
-        MEDIA_DELETED => payload["keys"]
-            .as_array()
-            .map(|keys| {
-                keys.iter()
-                    .filter_map(|k| k.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default(),
-        "user.deleted" => avatar_keys(payload["avatarKey"].as_str()),
-        _ => Vec::new(),
-    }
+/// Whether an event of `kind` asks for objects to be deleted (`on_event` does it).
+pub fn deletes_media(kind: &str) -> bool {
+    matches!(kind, MEDIA_DELETED | "user.deleted")
 }
 
 /// An avatar's key and its thumbnail's.
