@@ -597,6 +597,8 @@ where
             .col_expr(messages::Column::EditedAt, Expr::value(m.edited_at))
             .col_expr(messages::Column::DeletedAt, Expr::value(m.deleted_at))
             .filter(messages::Column::Id.eq(m.id.0))
+            // A tombstone is final: an edit that raced the delete changes nothing.
+            .filter(messages::Column::DeletedAt.is_null())
             .exec(&self.conn)
             .await
             .map_err(store_err)?;

@@ -140,7 +140,7 @@ pub trait MessageStore: Send + Sync {
         page: Page<MessageId>,
     ) -> Result<Vec<Message>, StoreError>;
     /// Writes `text`, `image`, `edited_at`, `deleted_at` (a tombstone keeps the row, without
-    /// text or image).
+    /// text or image). A tombstone is final: updating a deleted message is `NotFound`.
     async fn update_message(&self, message: &Message) -> Result<(), StoreError>;
     /// Messages after `after` (or all) not sent by `user`: the unread count.
     async fn count_messages_after(

@@ -663,6 +663,15 @@ async fn edits_and_tombstones_are_written(store: Arc<dyn Store>) {
     store.update_message(&m).await.unwrap();
     let tomb = store.message_by_id(m.id).await.unwrap().unwrap();
     assert!(tomb.deleted_at.is_some() && tomb.text.is_none() && tomb.image.is_none());
+    // An edit that read the message before the delete cannot bring it back.
+    let mut stale = m.clone();
+    stale.text = Some("back from the dead".into());
+    stale.deleted_at = None;
+    assert!(matches!(
+        store.update_message(&stale).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.message_by_id(m.id).await.unwrap(), Some(tomb));
 }
 
 async fn read_positions_only_move_forward_and_count_unread(store: Arc<dyn Store>) {
