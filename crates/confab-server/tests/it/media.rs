@@ -168,6 +168,14 @@ async fn put_avatar(app: &TestApp, who: &Person, file: (&str, &str, &[u8])) -> (
     upload(app, who, Method::PUT, "/api/v1/users/me/avatar", body).await
 }
 
+/// The chat's messages as `who` lists them (newest first).
+async fn history(app: &TestApp, who: &Person, chat: &str) -> Value {
+    let path = format!("/api/v1/chats/{chat}/messages");
+    let response = call(app, Method::GET, &path, Some(&who.token), None).await;
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
 /// GETs a media URL as handed out (ours are relative to the API, S3's absolute).
 async fn fetch(app: &TestApp, url: &str, token: Option<&str>) -> reqwest::Response {
     let absolute = if url.starts_with('/') {
@@ -285,21 +293,7 @@ async fn each_format_round_trips_and_members_see_it_live(storage: &Storage) {
     assert_eq!(live.expect("the photo too").data["id"], message["id"]);
 
     // The history carries them too, newest first.
-    let (status, page) = {
-        let response = call(
-            &app,
-            Method::GET,
-            &format!("/api/v1/chats/{chat}/messages"),
-            Some(&bob.token),
-            None,
-        )
-        .await;
-        (
-            response.status().as_u16(),
-            response.json::<Value>().await.unwrap(),
-        )
-    };
-    assert_eq!(status, 200);
+    let page = history(&app, &bob, &chat).await;
     let items = page["items"].as_array().unwrap();
     assert_eq!(items.len(), 5);
     assert!(
@@ -391,18 +385,7 @@ async fn uploads_are_judged_by_content_and_limits_hold(storage: &Storage) {
 
     // Nothing of all that was stored.
     assert!(objects(&app, &format!("chats/{chat}")).await.is_empty());
-    let (status, page) = {
-        let r = call(
-            &app,
-            Method::GET,
-            &format!("/api/v1/chats/{chat}/messages"),
-            Some(&ann.token),
-            None,
-        )
-        .await;
-        (r.status().as_u16(), r.json::<Value>().await.unwrap())
-    };
-    assert_eq!(status, 200);
+    let page = history(&app, &ann, &chat).await;
     assert_eq!(page["items"].as_array().unwrap().len(), 0, "{page}");
 }
 
@@ -657,17 +640,7 @@ async fn a_retried_upload_is_one_message_and_deletion_removes_the_objects(storag
     let url = message["image"]["url"].as_str().unwrap();
     assert_eq!(fetch(&app, url, Some(&ann.token)).await.status(), 404);
     // The history shows the tombstone, with nothing of the picture.
-    let page: Value = call(
-        &app,
-        Method::GET,
-        &format!("/api/v1/chats/{chat}/messages"),
-        Some(&bob.token),
-        None,
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let page = history(&app, &bob, &chat).await;
     let tomb = page["items"]
         .as_array()
         .unwrap()
