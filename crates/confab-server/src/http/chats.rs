@@ -395,10 +395,30 @@ pub async fn add_member(
         .chats
         .add_member(who.user_id, id, body.user_id)
         .await?;
-    let members: Vec<UserId> = view.members.iter().map(|m| m.user_id).collect();
+    let others: Vec<UserId> = view
+        .members
+        .iter()
+        .map(|m| m.user_id)
+        .filter(|m| *m != who.user_id)
+        .collect();
     let body = ChatBody::from(view);
-    emit_to_users(&state.io, members, "chat:updated", &body).await;
+    emit_to_users(&state.io, [who.user_id], "chat:updated", &body).await;
+    announce_views(&state, id, others).await;
     Ok(Json(body))
+}
+
+/// `chat:updated` to each of `users`, with the chat as that user sees it (the unread count
+/// is each member's own). A query per member: member changes are rare.
+async fn announce_views(state: &AppState, chat: ChatId, users: impl IntoIterator<Item = UserId>) {
+    for user in users {
+        match state.chats.get(user, chat).await {
+            Ok(view) => {
+                let body = ChatBody::from(view);
+                emit_to_users(&state.io, [user], "chat:updated", &body).await;
+            }
+            Err(error) => tracing::debug!(%error, "No chat view to announce."),
+        }
+    }
 }
 
 /// Removes a member (group admins) or leaves (oneself).
@@ -431,19 +451,23 @@ pub async fn remove_member(
     {
         tracing::warn!(%error, "Could not take a removed member's sockets out of the room.");
     }
-    // Everyone who was in it, the removed member included, sees the new member list.
-    let remaining = before
+    // Everyone who was in it sees the new member list: the members each their own view; the
+    // removed member the list they are no longer on (nothing unread for them there).
+    let remaining: Vec<UserId> = before
         .members
         .iter()
         .map(|m| m.user_id)
-        .find(|m| *m != user);
-    if let Some(remaining) = remaining
-        && let Ok(view) = state.chats.get(remaining, id).await
+        .filter(|m| *m != user)
+        .collect();
+    if let Some(first) = remaining.first()
+        && let Ok(view) = state.chats.get(*first, id).await
     {
-        let body = ChatBody::from(view);
-        let members = before.members.iter().map(|m| m.user_id);
-        emit_to_users(&state.io, members, "chat:updated", &body).await;
+        let mut body = ChatBody::from(view);
+        body.unread_count = 0;
+        body.latest_message = None;
+        emit_to_users(&state.io, [user], "chat:updated", &body).await;
     }
+    announce_views(&state, id, remaining).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

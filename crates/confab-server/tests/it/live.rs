@@ -291,18 +291,40 @@ async fn a_non_member_can_neither_join_read_nor_send(backend: &Backend) {
 /// longer send into it; the others carry on.
 async fn a_removed_member_stops_receiving_at_once(backend: &Backend) {
     let app = auth_app(backend, |_| {}).await;
-    let (ann, bob, carol) = (
+    let (ann, bob, carol, dave) = (
         person(&app, "ann").await,
         person(&app, "bob").await,
         person(&app, "carol").await,
+        person(&app, "dave").await,
     );
-    let chat = group(&app, &ann, &[&bob, &carol]).await;
+    let chat = group(&app, &ann, &[&bob, &carol, &dave]).await;
     let (anns, _) = connect(&app, &ann).await;
     let (bobs, mut bob_events) = connect(&app, &bob).await;
     let (carols, mut carol_events) = connect(&app, &carol).await;
+    let (_daves, mut dave_events) = connect(&app, &dave).await;
     for client in [&anns, &bobs, &carols] {
         assert_eq!(join(client, &chat).await["ok"], true);
     }
+    // Two messages; carol reads them, dave does not.
+    let mut last = Value::Null;
+    for text in ["one", "two"] {
+        let path = format!("/api/v1/chats/{chat}/messages");
+        let body = json!({ "text": text });
+        last = call(&app, Method::POST, &path, Some(&ann.token), Some(body))
+            .await
+            .json()
+            .await
+            .unwrap();
+    }
+    let read = call(
+        &app,
+        Method::POST,
+        &format!("/api/v1/chats/{chat}/read"),
+        Some(&carol.token),
+        Some(json!({ "messageId": last["id"] })),
+    )
+    .await;
+    assert_eq!(read.status(), 204);
     let removed = call(
         &app,
         Method::DELETE,
@@ -322,6 +344,14 @@ async fn a_removed_member_stops_receiving_at_once(backend: &Backend) {
         .map(|m| m["userId"].as_str().unwrap())
         .collect();
     assert!(!members.contains(&bob.id.as_str()), "{members:?}");
+    assert!(updated.data["latestMessage"].is_null(), "{}", updated.data);
+    // Each remaining member sees the change with their own unread count.
+    for (events, unread) in [(&mut carol_events, 0), (&mut dave_events, 2)] {
+        let seen = sio::next_named(events, "chat:updated", WAIT)
+            .await
+            .expect("members hear of it");
+        assert_eq!(seen.data["unreadCount"], unread, "{}", seen.data);
+    }
     let sent = anns
         .call(
             "message:send",
