@@ -477,6 +477,8 @@ pub struct UploadsConfig {
     pub concurrent: usize,
     /// The longest one image may take to decode, re-encode and thumbnail.
     pub process_timeout_secs: u64,
+    /// Uploads a user may make per minute, image messages and avatars together (429 beyond).
+    pub per_user_per_minute: u32,
 }
 
 impl Default for UploadsConfig {
@@ -487,13 +489,21 @@ impl Default for UploadsConfig {
             url_ttl_secs: 3600,
             concurrent: 0,
             process_timeout_secs: 20,
+            per_user_per_minute: 30,
         }
     }
 }
 
 impl UploadsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        let checks: [(&'static str, u64, u64, u64, &'static str); 5] = [
+        let checks: [(&'static str, u64, u64, u64, &'static str); 6] = [
+            (
+                "uploads.per_user_per_minute",
+                u64::from(self.per_user_per_minute),
+                1,
+                10_000,
+                "a number of uploads per minute between 1 and 10000",
+            ),
             (
                 "uploads.max_bytes",
                 self.max_bytes as u64,
@@ -558,6 +568,7 @@ impl UploadsConfig {
                 n => n,
             },
             process_timeout: std::time::Duration::from_secs(self.process_timeout_secs),
+            uploads_per_minute: self.per_user_per_minute,
         }
     }
 }

@@ -131,6 +131,7 @@ impl Application {
         ));
         let media = Arc::new(confab_core::services::media::MediaService::new(
             ports.blobs.clone(),
+            ports.cache.clone(),
             secret,
             config.uploads.settings(),
         ));

@@ -25,6 +25,7 @@ use self::workers::ImageWorkers;
 use crate::domain::{ChatId, EventId, Message, MessageId, MessageKind, OutboxEntry, UserId, now};
 use crate::ports::blob::{BlobError, BlobKey, BlobMeta, BlobStore, BlobStream};
 use crate::ports::broker::queues;
+use crate::ports::cache::{Cache, RateLimit, keys};
 use crate::services::auth::crypto::Keyed;
 use crate::services::chats::{ChatError, ChatService, Draft, Sent};
 
@@ -49,6 +50,9 @@ pub enum MediaError {
     /// Processing took longer than allowed (the server is busy, or the image is unusual).
     #[error("The image took too long to process; try again later.")]
     TimedOut,
+    /// The user's uploads per minute are used up.
+    #[error("Too many uploads; try again later.")]
+    RateLimited { retry_after: Duration },
     #[error("media storage failed")]
     Blob(#[from] BlobError),
     #[error(transparent)]
@@ -130,6 +134,8 @@ pub struct MediaSettings {
     pub concurrent: usize,
     /// The longest one image may take to decode and encode.
     pub process_timeout: Duration,
+    /// Uploads (image messages and avatars together) a user may make per minute.
+    pub uploads_per_minute: u32,
 }
 
 /// An object to serve: its bytes as a stream.
@@ -141,6 +147,8 @@ pub struct Object {
 
 pub struct MediaService {
     blobs: Arc<dyn BlobStore>,
+    /// Per-user upload limits.
+    cache: Arc<dyn Cache>,
     keyed: Keyed,
     settings: MediaSettings,
     /// The threads that decode and encode images.
@@ -158,9 +166,15 @@ const EXPIRY_GRID_SECS: i64 = 300;
 
 impl MediaService {
     /// `secret`: the server secret (`auth.jwt_secret`), which every node shares.
-    pub fn new(blobs: Arc<dyn BlobStore>, secret: &[u8], settings: MediaSettings) -> Self {
+    pub fn new(
+        blobs: Arc<dyn BlobStore>,
+        cache: Arc<dyn Cache>,
+        secret: &[u8],
+        settings: MediaSettings,
+    ) -> Self {
         Self {
             blobs,
+            cache,
             keyed: Keyed::new(secret),
             workers: ImageWorkers::start(
                 settings.concurrent,
@@ -175,6 +189,19 @@ impl MediaService {
 
     pub fn limits(&self) -> &ImageLimits {
         &self.settings.limits
+    }
+
+    /// Counts an upload of `who` against `uploads_per_minute` (GCRA: all at once, then evenly
+    /// refilled); a cache outage is the fail-soft wrapper's call.
+    pub async fn limit_uploads(&self, who: UserId) -> Result<(), MediaError> {
+        let key = keys::rate(&format!("user:{who}"), "upload");
+        let rate = RateLimit::per_minute(self.settings.uploads_per_minute);
+        match self.cache.rate_limit(&key, rate).await {
+            Ok(decision) if !decision.allowed => Err(MediaError::RateLimited {
+                retry_after: decision.retry_after,
+            }),
+            Ok(_) | Err(_) => Ok(()),
+        }
     }
 
     /// Room for one more upload (hold it while reading and processing the upload), or

@@ -35,6 +35,8 @@ impl From<MediaError> for ApiError {
                 Self::new(ErrorCode::PayloadTooLarge, message)
             }
             MediaError::TimedOut => Self::new(ErrorCode::Unavailable, message).with_retry_after(5),
+            MediaError::RateLimited { retry_after } => Self::new(ErrorCode::RateLimited, message)
+                .with_retry_after(retry_after.as_secs().max(1)),
             MediaError::Corrupt => {
                 Self::validation(message).with_details(serde_json::json!({ "field": "file" }))
             }
@@ -145,6 +147,7 @@ async fn read_upload(mut form: Multipart, max_bytes: usize) -> Result<Upload, Ap
 /// upload's fields and its file.
 async fn receive(
     state: &AppState,
+    who: confab_core::domain::UserId,
     headers: &HeaderMap,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<(tokio::sync::OwnedSemaphorePermit, Upload, Vec<u8>), ApiError> {
@@ -158,6 +161,7 @@ async fn receive(
     if declared.is_some_and(|n| n > (max_bytes + MULTIPART_OVERHEAD) as u64) {
         return Err(too_large());
     }
+    state.media.limit_uploads(who).await?;
     let room = state.media.admit().ok_or_else(busy)?;
     let form = form.map_err(|e| not_multipart(&e))?;
     let mut upload = read_upload(form, max_bytes).await?;
@@ -203,7 +207,8 @@ fn no_file() -> ApiError {
         (status = 404, description = "No such chat, or not a member.", body = ErrorBody),
         (status = 413, description = "Larger than the limit, or more pixels than allowed.", body = ErrorBody),
         (status = 415, description = "Not a JPEG, PNG, WebP or GIF (whatever its name says).", body = ErrorBody),
-        (status = 429, description = "Too many messages.", body = ErrorBody),
+        (status = 429, description = "Too many messages, or too many uploads.", body = ErrorBody),
+        (status = 503, description = "Too many uploads in progress, or processing took too long; retry.", body = ErrorBody),
     ))]
 pub async fn send_image(
     State(state): State<AppState>,
@@ -214,7 +219,7 @@ pub async fn send_image(
 ) -> Result<(StatusCode, Json<MessageBody>), ApiError> {
     // A non-member's upload is not even read.
     state.chats.check_member(who.user_id, id).await?;
-    let (_room, upload, file) = receive(&state, &headers, form).await?;
+    let (_room, upload, file) = receive(&state, who.user_id, &headers, form).await?;
     // Its own task: a client that goes away (or the request timeout) cannot stop it between
     // storing the objects and the message that refers to them.
     let (media, chats) = (state.media.clone(), state.chats.clone());
@@ -260,6 +265,8 @@ pub struct AvatarBody {
         (status = 401, description = "No valid access token.", body = ErrorBody),
         (status = 413, description = "Larger than the limit, or more pixels than allowed.", body = ErrorBody),
         (status = 415, description = "Not a JPEG, PNG, WebP or GIF.", body = ErrorBody),
+        (status = 429, description = "Too many uploads.", body = ErrorBody),
+        (status = 503, description = "Too many uploads in progress, or processing took too long; retry.", body = ErrorBody),
     ))]
 pub async fn put_avatar(
     State(state): State<AppState>,
@@ -267,7 +274,7 @@ pub async fn put_avatar(
     headers: HeaderMap,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<AvatarBody>, ApiError> {
-    let (_room, _, file) = receive(&state, &headers, form).await?;
+    let (_room, _, file) = receive(&state, who.user_id, &headers, form).await?;
     // Its own task, like an image message: never cut between the objects and the account.
     let (media, auth) = (state.media.clone(), state.auth.clone());
     let stored = tokio::spawn(async move {

@@ -734,6 +734,38 @@ async fn avatars_are_shown_to_everyone_signed_in_and_go_with_the_account(storage
     .await;
 }
 
+async fn each_user_has_an_upload_rate(storage: &Storage) {
+    let app = storage.app(|c| c.uploads.per_user_per_minute = 2).await;
+    let (ann, bob) = (person(&app, "ann").await, person(&app, "bob").await);
+    let png = picture(ImageFormat::Png, 32, 32);
+    for _ in 0..2 {
+        let (status, body) = put_avatar(&app, &ann, ("me.png", "image/png", &png)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let chat = group(&app, &ann, &[&bob]).await;
+    let (content_type, body) = form(Some(("a.png", "image/png", &png)), &[]);
+    let response = app
+        .client
+        .post(app.url(&format!("/api/v1/chats/{chat}/messages/image")))
+        .bearer_auth(&ann.token)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        429,
+        "image messages and avatars count together"
+    );
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "RATE_LIMITED");
+    // Another user is not held up.
+    let (status, _) = put_avatar(&app, &bob, ("me.png", "image/png", &png)).await;
+    assert_eq!(status, 200);
+}
+
 macro_rules! on_every_store {
     ($($case:ident),* $(,)?) => {
         mod local_disk {
@@ -767,4 +799,5 @@ on_every_store!(
     media_urls_work_only_for_those_allowed,
     a_retried_upload_is_one_message_and_deletion_removes_the_objects,
     avatars_are_shown_to_everyone_signed_in_and_go_with_the_account,
+    each_user_has_an_upload_rate,
 );
