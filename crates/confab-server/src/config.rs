@@ -287,6 +287,8 @@ impl AuthConfig {
             },
             per_ip: RateLimit::per_minute(self.rate_limit_per_ip_per_minute),
             per_email: RateLimit::per_minute(self.rate_limit_per_email_per_minute),
+            // `[chat].presence_window_secs`, set by the application.
+            online_for: Duration::from_mins(5),
         }
     }
 
@@ -450,6 +452,9 @@ pub struct ChatConfig {
     /// While messages flow, how long the group commit lets a batch gather more after its
     /// first, in milliseconds (0: never wait). Trades a little latency for fewer commits.
     pub group_commit_wait_ms: u64,
+    /// How long a user stays online after their last activity or last socket (SPEC §4: 5
+    /// minutes); partners hear `presence` offline when it has passed.
+    pub presence_window_secs: u64,
 }
 
 impl Default for ChatConfig {
@@ -457,6 +462,7 @@ impl Default for ChatConfig {
         Self {
             messages_per_second: 20,
             group_commit_wait_ms: 0,
+            presence_window_secs: 300,
         }
     }
 }
@@ -875,6 +881,13 @@ impl Config {
                 "chat.group_commit_wait_ms",
                 format!("{} is above 100", self.chat.group_commit_wait_ms),
                 "a number of milliseconds between 0 and 100",
+            ));
+        }
+        if !(1..=86_400).contains(&self.chat.presence_window_secs) {
+            return Err(ConfigError::invalid(
+                "chat.presence_window_secs",
+                format!("{} is outside 1..=86400", self.chat.presence_window_secs),
+                "a number of seconds between 1 and 86400",
             ));
         }
         self.uploads.validate()?;

@@ -73,6 +73,14 @@ impl Realtime {
     }
 }
 
+impl Realtime {
+    /// The user's open sockets across all nodes; `None` when the cache cannot tell.
+    async fn open_sockets(&self, user: UserId) -> Option<i64> {
+        let key = format!("presence:sockets:{user}");
+        self.cache.incr(&key, 0, OPEN_SOCKETS_TTL).await.ok()
+    }
+}
+
 /// Marks the socket that took its user from no open socket to one.
 #[derive(Clone, Copy)]
 struct FirstSocket;
@@ -147,12 +155,18 @@ async fn on_connect(
     touch(&*rt.cache, who.user_id).await;
     // The user's first socket: their partners see them come online.
     if socket.extensions.get::<FirstSocket>().is_some() {
-        announce_presence(&io, &rt, who.user_id, true).await;
+        announce_presence(&io, &rt, who.user_id, true, confab_core::domain::now()).await;
     }
 }
 
 /// Emits `presence` to the user rooms of everyone who shares a chat with `user` (SPEC §4).
-async fn announce_presence(io: &Io, rt: &Realtime, user: UserId, online: bool) {
+async fn announce_presence(
+    io: &Io,
+    rt: &Realtime,
+    user: UserId,
+    online: bool,
+    last_seen: confab_core::domain::Timestamp,
+) {
     let partners = match rt.chats.partners(user).await {
         Ok(partners) if !partners.is_empty() => partners,
         Ok(_) => return,
@@ -164,7 +178,7 @@ async fn announce_presence(io: &Io, rt: &Realtime, user: UserId, online: bool) {
     let body = json!({
         "userId": user,
         "online": online,
-        "lastSeenAt": crate::http::auth::rfc3339(confab_core::domain::now()),
+        "lastSeenAt": crate::http::auth::rfc3339(last_seen),
     });
     emit_to_users(io, partners, "presence", &body).await;
 }
@@ -183,12 +197,33 @@ async fn touch(cache: &dyn Cache, user: UserId) {
 
 async fn on_disconnect(io: Io, Extension(who): Extension<Principal>, State(rt): State<Realtime>) {
     let last = rt.count(who.user_id, false).await;
-    // Last seen now; the 5-minute window of SPEC §4 runs from here.
+    // Last seen now; the window of SPEC §4 (5 minutes) runs from here.
+    let closed_at = confab_core::domain::now();
     touch(&*rt.cache, who.user_id).await;
-    // The user's last socket closed: partners see them go (with when they were last seen).
     if last {
-        announce_presence(&io, &rt, who.user_id, false).await;
+        tokio::spawn(announce_gone(io, rt, who.user_id, closed_at));
     }
+}
+
+/// The user's last socket closed at `closed_at`: they stay online for the window (SPEC §4),
+/// then partners see them go, unless a socket opened meanwhile (on any node) or they were
+/// active since (that later activity ends with its own announcement). A node that stops
+/// within the window does not announce it.
+async fn announce_gone(
+    io: Io,
+    rt: Realtime,
+    user: UserId,
+    closed_at: confab_core::domain::Timestamp,
+) {
+    tokio::time::sleep(rt.chats.online_for()).await;
+    if rt.open_sockets(user).await.is_some_and(|open| open > 0) {
+        return;
+    }
+    let after = closed_at + chrono::Duration::milliseconds(1);
+    if rt.chats.online_since(after).await.contains(&user) {
+        return;
+    }
+    announce_presence(&io, &rt, user, false, closed_at).await;
 }
 
 /// Keeps the users of this node's sockets present (every minute, well within the 5-minute

@@ -124,7 +124,10 @@ impl Application {
         let auth = Arc::new(confab_core::services::auth::AuthService::new(
             ports.store.clone(),
             ports.cache.clone(),
-            config.auth.settings(),
+            confab_core::services::auth::AuthSettings {
+                online_for: Duration::from_secs(config.chat.presence_window_secs),
+                ..config.auth.settings()
+            },
             config.auth.passwords()?,
             config.auth.access_tokens()?,
             secret,
@@ -140,6 +143,7 @@ impl Application {
             ports.cache.clone(),
             confab_core::ports::cache::RateLimit::per_second(config.chat.messages_per_second),
             Duration::from_millis(config.chat.group_commit_wait_ms),
+            Duration::from_secs(config.chat.presence_window_secs),
         ));
         let (socket_io, io) = crate::realtime::build(crate::realtime::Realtime {
             auth: auth.clone(),

@@ -51,6 +51,8 @@ pub struct AuthSettings {
     pub lockout: LockoutPolicy,
     pub per_ip: RateLimit,
     pub per_email: RateLimit,
+    /// How long a user stays online after their last activity (SPEC §4: 5 minutes).
+    pub online_for: Duration,
 }
 
 impl Default for AuthSettings {
@@ -72,6 +74,7 @@ impl Default for AuthSettings {
             },
             per_ip: RateLimit::per_minute(5),
             per_email: RateLimit::per_minute(5),
+            online_for: Duration::from_mins(5),
         }
     }
 }
@@ -202,9 +205,6 @@ fn nothing_more(_: &User) -> (Vec<OutboxEntry>, Vec<SecurityEvent>) {
 fn revoked_before_key(user: UserId) -> String {
     format!("auth:sessions-ended:{user}")
 }
-
-/// How long a user counts as online after their last activity (SPEC §4).
-const ONLINE_FOR: Duration = Duration::from_mins(5);
 
 pub struct AuthService {
     store: Arc<dyn Store>,
@@ -1436,7 +1436,7 @@ impl AuthService {
     }
 
     async fn online_since(&self) -> std::collections::HashSet<String> {
-        let since = now() - span(ONLINE_FOR);
+        let since = now() - span(self.settings.online_for);
         self.cache
             .presence_since(keys::ONLINE_USERS, since.timestamp_millis())
             .await

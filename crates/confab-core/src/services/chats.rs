@@ -101,6 +101,8 @@ pub struct ChatService {
     /// Messages a user may send (over REST and Socket.IO together), GCRA: all at once, then
     /// evenly refilled.
     message_rate: RateLimit,
+    /// How long a user stays online after their last activity (SPEC §4: 5 minutes).
+    online_for: std::time::Duration,
 }
 
 fn invalid(field: &'static str, message: &'static str) -> ChatError {
@@ -134,19 +136,27 @@ pub fn check_client_id(client_id: &str) -> Result<String, ChatError> {
 }
 
 impl ChatService {
-    /// `commit_wait`: see [`MessageWriter::start`].
+    /// `commit_wait`: see [`MessageWriter::start`]. `online_for`: how long a user stays
+    /// online after their last activity.
     pub fn new(
         store: Arc<dyn Store>,
         cache: Arc<dyn Cache>,
         message_rate: RateLimit,
         commit_wait: std::time::Duration,
+        online_for: std::time::Duration,
     ) -> Self {
         Self {
             writer: MessageWriter::start(store.clone(), commit_wait),
             store,
             cache,
             message_rate,
+            online_for,
         }
+    }
+
+    /// How long a user stays online after their last activity.
+    pub fn online_for(&self) -> std::time::Duration {
+        self.online_for
     }
 
     /// Every newly stored message, in commit order (for the one broadcaster; `None` after the
@@ -354,7 +364,12 @@ impl ChatService {
     /// Users online now (SPEC §4: a socket open, or active in the last 5 minutes); empty
     /// when the cache cannot tell.
     pub async fn online_users(&self) -> HashSet<UserId> {
-        let since = now() - chrono::Duration::minutes(5);
+        self.online_since(now() - chrono::Duration::from_std(self.online_for).unwrap_or_default())
+            .await
+    }
+
+    /// Users active at or after `since`.
+    pub async fn online_since(&self, since: crate::domain::Timestamp) -> HashSet<UserId> {
         self.cache
             .presence_since(keys::ONLINE_USERS, since.timestamp_millis())
             .await

@@ -416,8 +416,10 @@ async fn signing_out_everywhere_closes_the_users_sockets(backend: &Backend) {
 /// Presence (SPEC §4) goes to the user's chat partners: online with the first socket, not
 /// again for a second tab, offline (with when last seen) only when the last socket closes;
 /// someone who shares no chat hears nothing.
+/// SPEC §4: online while a socket is open, or active within the window (5 minutes; 2 s
+/// here): partners hear a user go only once the window has passed with no socket open.
 async fn partners_see_presence_come_and_go(backend: &Backend) {
-    let app = auth_app(backend, |_| {}).await;
+    let app = auth_app(backend, |c| c.chat.presence_window_secs = 2).await;
     let (ann, bob, eve) = (
         person(&app, "ann").await,
         person(&app, "bob").await,
@@ -438,12 +440,42 @@ async fn partners_see_presence_come_and_go(backend: &Backend) {
     let quiet = sio::next_named(&mut bob_events, "presence", Duration::from_millis(400)).await;
     assert!(quiet.is_none(), "a second tab changes nothing: {quiet:?}");
     second.close();
+    let early = sio::next_named(&mut bob_events, "presence", Duration::from_millis(1200)).await;
+    assert!(early.is_none(), "still online within the window: {early:?}");
     let offline = sio::next_named(&mut bob_events, "presence", WAIT)
         .await
         .unwrap();
     assert_eq!(offline.data["userId"], ann.id.as_str());
     assert_eq!(offline.data["online"], false);
     assert!(offline.data["lastSeenAt"].is_string());
+    let profile = get_json(&app, &format!("/api/v1/users/{}", ann.id), &bob.token).await;
+    assert_eq!(profile["online"], false, "{profile}");
+
+    // Back, and away for less than the window: partners see her come, but not go.
+    let (third, _) = connect(&app, &ann).await;
+    let back = sio::next_named(&mut bob_events, "presence", WAIT)
+        .await
+        .unwrap();
+    assert_eq!(back.data["online"], true);
+    third.close();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (fourth, _) = connect(&app, &ann).await;
+    // Longer than the window after the gap: no offline (a repeated online is harmless).
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Some(event) = sio::next_named(
+        &mut bob_events,
+        "presence",
+        until - tokio::time::Instant::now(),
+    )
+    .await
+    {
+        assert_eq!(event.data["online"], true, "no offline for a short gap");
+    }
+    fourth.close();
+    let gone = sio::next_named(&mut bob_events, "presence", WAIT)
+        .await
+        .unwrap();
+    assert_eq!(gone.data["online"], false);
     let leaked = sio::next_named(&mut eve_events, "presence", Duration::from_millis(200)).await;
     assert!(leaked.is_none(), "{leaked:?}");
 }
