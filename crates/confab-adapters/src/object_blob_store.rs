@@ -43,17 +43,6 @@ fn blob_err(error: object_store::Error) -> BlobError {
     }
 }
 
-/// The media type a key's extension names, for the extensions we store.
-fn content_type(key: &BlobKey) -> Option<&'static str> {
-    match key.as_str().rsplit_once('.')?.1 {
-        "jpg" | "jpeg" => Some("image/jpeg"),
-        "png" => Some("image/png"),
-        "webp" => Some("image/webp"),
-        "gif" => Some("image/gif"),
-        _ => None,
-    }
-}
-
 fn path(key: &BlobKey) -> Path {
     // A BlobKey is already made of safe segments.
     Path::from(key.as_str())
@@ -94,7 +83,7 @@ impl BlobStore for ObjectBlobStore {
         // it there (local disk keeps no attributes; the server names the type when it serves).
         let mut options = object_store::PutOptions::default();
         if self.signer.is_some()
-            && let Some(content_type) = content_type(key)
+            && let Some(content_type) = key.media_type()
         {
             options
                 .attributes

@@ -4,3 +4,4 @@ pub mod auth;
 pub mod chats;
 pub mod delivery;
 pub mod media;
+pub mod presence;

@@ -287,8 +287,6 @@ impl AuthConfig {
             },
             per_ip: RateLimit::per_minute(self.rate_limit_per_ip_per_minute),
             per_email: RateLimit::per_minute(self.rate_limit_per_email_per_minute),
-            // `[chat].presence_window_secs`, set by the application.
-            online_for: Duration::from_mins(5),
         }
     }
 

@@ -215,12 +215,13 @@ async fn announce_gone(
     user: UserId,
     closed_at: confab_core::domain::Timestamp,
 ) {
-    tokio::time::sleep(rt.chats.online_for()).await;
+    let presence = rt.chats.presence();
+    tokio::time::sleep(presence.window()).await;
     if rt.open_sockets(user).await.is_some_and(|open| open > 0) {
         return;
     }
     let after = closed_at + chrono::Duration::milliseconds(1);
-    if rt.chats.online_since(after).await.contains(&user) {
+    if presence.active_since(after).await.contains(&user) {
         return;
     }
     announce_presence(&io, &rt, user, false, closed_at).await;

@@ -121,16 +121,18 @@ impl Application {
             .context("auth.jwt_secret is resolved before the application is built")?
             .expose()
             .as_bytes();
+        let presence = confab_core::services::presence::Presence::new(
+            ports.cache.clone(),
+            Duration::from_secs(config.chat.presence_window_secs),
+        );
         let auth = Arc::new(confab_core::services::auth::AuthService::new(
             ports.store.clone(),
             ports.cache.clone(),
-            confab_core::services::auth::AuthSettings {
-                online_for: Duration::from_secs(config.chat.presence_window_secs),
-                ..config.auth.settings()
-            },
+            config.auth.settings(),
             config.auth.passwords()?,
             config.auth.access_tokens()?,
             secret,
+            presence.clone(),
         ));
         let media = Arc::new(confab_core::services::media::MediaService::new(
             ports.blobs.clone(),
@@ -143,7 +145,7 @@ impl Application {
             ports.cache.clone(),
             confab_core::ports::cache::RateLimit::per_second(config.chat.messages_per_second),
             Duration::from_millis(config.chat.group_commit_wait_ms),
-            Duration::from_secs(config.chat.presence_window_secs),
+            presence,
         ));
         let (socket_io, io) = crate::realtime::build(crate::realtime::Realtime {
             auth: auth.clone(),

@@ -241,7 +241,7 @@ async fn digest_mails(
     if chats.is_empty() {
         return failed;
     }
-    let online = state.chats.online_users().await;
+    let online = state.chats.presence().online().await;
     for (chat, senders) in chats {
         let queued = async {
             for mail in state.chats.offline_digest(chat, &senders, &online).await? {

@@ -50,6 +50,17 @@ impl BlobKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The media type the key's extension names, for the image extensions we store.
+    pub fn media_type(&self) -> Option<&'static str> {
+        match self.0.rsplit_once('.')?.1 {
+            "jpg" | "jpeg" => Some("image/jpeg"),
+            "png" => Some("image/png"),
+            "webp" => Some("image/webp"),
+            "gif" => Some("image/gif"),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for BlobKey {

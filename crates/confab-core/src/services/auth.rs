@@ -15,6 +15,7 @@
 pub mod crypto;
 pub mod jwt;
 
+use crate::services::presence::Presence;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,8 +52,6 @@ pub struct AuthSettings {
     pub lockout: LockoutPolicy,
     pub per_ip: RateLimit,
     pub per_email: RateLimit,
-    /// How long a user stays online after their last activity (SPEC §4: 5 minutes).
-    pub online_for: Duration,
 }
 
 impl Default for AuthSettings {
@@ -74,7 +73,6 @@ impl Default for AuthSettings {
             },
             per_ip: RateLimit::per_minute(5),
             per_email: RateLimit::per_minute(5),
-            online_for: Duration::from_mins(5),
         }
     }
 }
@@ -210,6 +208,8 @@ pub struct AuthService {
     store: Arc<dyn Store>,
     cache: Arc<dyn Cache>,
     settings: AuthSettings,
+    /// Whether a profile shows online.
+    presence: Presence,
     passwords: Arc<Passwords>,
     tokens: AccessTokens,
     keyed: Keyed,
@@ -356,11 +356,13 @@ impl AuthService {
         passwords: Passwords,
         tokens: AccessTokens,
         secret: &[u8],
+        presence: Presence,
     ) -> Self {
         Self {
             store,
             cache,
             settings,
+            presence,
             passwords: Arc::new(passwords),
             tokens,
             keyed: Keyed::new(secret),
@@ -1435,15 +1437,6 @@ impl AuthService {
         Ok(())
     }
 
-    async fn online_since(&self) -> std::collections::HashSet<String> {
-        let since = now() - span(self.settings.online_for);
-        self.cache
-            .presence_since(keys::ONLINE_USERS, since.timestamp_millis())
-            .await
-            .map(|seen| seen.into_iter().map(|p| p.member).collect())
-            .unwrap_or_default()
-    }
-
     /// `GET /users/{id}`.
     pub async fn profile(&self, id: UserId) -> Result<PublicProfile, AuthError> {
         let user = self
@@ -1451,7 +1444,7 @@ impl AuthService {
             .user_by_id(id)
             .await?
             .ok_or(AuthError::NotFound)?;
-        let online = self.online_since().await.contains(&id.to_string());
+        let online = self.presence.online().await.contains(&id);
         Ok(PublicProfile { user, online })
     }
 
@@ -1465,11 +1458,11 @@ impl AuthService {
             });
         }
         let users = self.store.search_users(query, limit).await?;
-        let online = self.online_since().await;
+        let online = self.presence.online().await;
         Ok(users
             .into_iter()
             .map(|user| PublicProfile {
-                online: online.contains(&user.id.to_string()),
+                online: online.contains(&user.id),
                 user,
             })
             .collect())

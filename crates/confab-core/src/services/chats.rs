@@ -23,6 +23,7 @@ use crate::domain::{
 use crate::ports::broker::queues;
 use crate::ports::cache::{Cache, RateLimit, keys};
 use crate::ports::store::{Append, Appended, Store, StoreError};
+use crate::services::presence::Presence;
 
 mod writer;
 pub use writer::{Committed, MessageWriter};
@@ -101,8 +102,8 @@ pub struct ChatService {
     /// Messages a user may send (over REST and Socket.IO together), GCRA: all at once, then
     /// evenly refilled.
     message_rate: RateLimit,
-    /// How long a user stays online after their last activity (SPEC §4: 5 minutes).
-    online_for: std::time::Duration,
+    /// Who is online (digest mails go to those who are not).
+    presence: Presence,
 }
 
 fn invalid(field: &'static str, message: &'static str) -> ChatError {
@@ -136,27 +137,26 @@ pub fn check_client_id(client_id: &str) -> Result<String, ChatError> {
 }
 
 impl ChatService {
-    /// `commit_wait`: see [`MessageWriter::start`]. `online_for`: how long a user stays
-    /// online after their last activity.
+    /// `commit_wait`: see [`MessageWriter::start`].
     pub fn new(
         store: Arc<dyn Store>,
         cache: Arc<dyn Cache>,
         message_rate: RateLimit,
         commit_wait: std::time::Duration,
-        online_for: std::time::Duration,
+        presence: Presence,
     ) -> Self {
         Self {
             writer: MessageWriter::start(store.clone(), commit_wait),
             store,
             cache,
             message_rate,
-            online_for,
+            presence,
         }
     }
 
-    /// How long a user stays online after their last activity.
-    pub fn online_for(&self) -> std::time::Duration {
-        self.online_for
+    /// Who is online.
+    pub fn presence(&self) -> &Presence {
+        &self.presence
     }
 
     /// Every newly stored message, in commit order (for the one broadcaster; `None` after the
@@ -361,33 +361,13 @@ impl ChatService {
         Ok(partners.into_iter().collect())
     }
 
-    /// Users online now (SPEC §4: a socket open, or active in the last 5 minutes); empty
-    /// when the cache cannot tell.
-    pub async fn online_users(&self) -> HashSet<UserId> {
-        self.online_since(now() - chrono::Duration::from_std(self.online_for).unwrap_or_default())
-            .await
-    }
-
-    /// Users active at or after `since`.
-    pub async fn online_since(&self, since: crate::domain::Timestamp) -> HashSet<UserId> {
-        self.cache
-            .presence_since(keys::ONLINE_USERS, since.timestamp_millis())
-            .await
-            .map(|seen| {
-                seen.into_iter()
-                    .filter_map(|p| p.member.parse::<uuid::Uuid>().ok().map(UserId))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     /// For `message.created` events of one chat: the digest mails to queue (SPEC §9), one per
     /// member other than the senders who is offline (no socket and no activity for 5 minutes) and was
     /// not mailed about this chat in the last [`DIGEST_EVERY`]; it counts their unread
     /// messages. The window is claimed in the cache (an atomic counter), so two nodes
     /// handling events of one chat still send one mail.
     ///
-    /// `online`: [`Self::online_users`], read once for a batch of events.
+    /// `online`: [`Presence::online`], read once for a batch of events.
     pub async fn offline_digest(
         &self,
         chat: ChatId,

@@ -346,7 +346,7 @@ impl MediaService {
         } else {
             key.clone()
         };
-        let content_type = Format::of_key(key.as_str())?.content_type();
+        let content_type = key.media_type()?;
         Some((key, content_type))
     }
 

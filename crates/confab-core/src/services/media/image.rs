@@ -49,17 +49,6 @@ impl Format {
         }
     }
 
-    /// The format of one of our keys, by its extension.
-    pub fn of_key(key: &str) -> Option<Self> {
-        match key.rsplit_once('.')?.1 {
-            "jpg" => Some(Self::Jpeg),
-            "png" => Some(Self::Png),
-            "webp" => Some(Self::WebP),
-            "gif" => Some(Self::Gif),
-            _ => None,
-        }
-    }
-
     pub fn extension(self) -> &'static str {
         match self {
             Self::Jpeg => "jpg",
