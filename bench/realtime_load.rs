@@ -264,6 +264,19 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// `POST /api/v1/chats` with `body` as the owner of `token`: the chat.
+async fn create_chat(http: &reqwest::Client, base: &str, token: &str, body: &Value) -> Value {
+    http.post(format!("{base}/api/v1/chats"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .expect("create chat")
+        .json()
+        .await
+        .expect("chat body")
+}
+
 /// Registers `email`: its user id and access token.
 async fn register(http: &reqwest::Client, base: &str, email: String) -> (String, String) {
     let r: Value = http
@@ -297,16 +310,8 @@ async fn setup(http: &reqwest::Client, base: &str, args: &Args, pid: u32) -> (Ve
             .step_by(args.rooms)
             .map(|i| tokens[i].0.as_str())
             .collect();
-        let chat: Value = http
-            .post(format!("{base}/api/v1/chats"))
-            .bearer_auth(&tokens[r].1)
-            .json(&json!({"memberIds": &ids[1..], "name": format!("room {r}")}))
-            .send()
-            .await
-            .expect("create chat")
-            .json()
-            .await
-            .expect("chat body");
+        let body = json!({"memberIds": &ids[1..], "name": format!("room {r}")});
+        let chat = create_chat(http, base, &tokens[r].1, &body).await;
         rooms.push(chat["id"].clone());
     }
     let rss_idle = rss_mib(pid);
@@ -389,16 +394,8 @@ async fn start_uploads(http: &reqwest::Client, base: &str, n: usize) {
         for who in ["uploader", "viewer"] {
             people.push(register(http, base, format!("{who}{i}@example.com")).await);
         }
-        let chat: Value = http
-            .post(format!("{base}/api/v1/chats"))
-            .bearer_auth(&people[0].1)
-            .json(&json!({"memberIds": [people[1].0]}))
-            .send()
-            .await
-            .expect("create chat")
-            .json()
-            .await
-            .expect("chat body");
+        let body = json!({"memberIds": [people[1].0]});
+        let chat = create_chat(http, base, &people[0].1, &body).await;
         let url = format!(
             "{base}/api/v1/chats/{}/messages/image",
             chat["id"].as_str().expect("chat id")

@@ -46,6 +46,11 @@ pub struct Realtime {
     pub cache: Arc<dyn Cache>,
 }
 
+/// The cache counter of `user`'s open sockets, on every node.
+fn open_sockets_key(user: UserId) -> String {
+    format!("presence:sockets:{user}")
+}
+
 /// How long a user's open-socket count outlives its last change (a node that died with
 /// sockets open leaves a count behind; it is forgotten after this).
 const OPEN_SOCKETS_TTL: std::time::Duration = std::time::Duration::from_hours(24);
@@ -54,7 +59,7 @@ impl Realtime {
     /// Counts a socket of `user` in (`+1`) or out (`-1`) across all nodes (a cache counter);
     /// whether it was the user's first socket in or last out. Without the cache: neither.
     async fn count(&self, user: UserId, opened: bool) -> bool {
-        let key = format!("presence:sockets:{user}");
+        let key = open_sockets_key(user);
         let by = if opened { 1 } else { -1 };
         match self.cache.incr(&key, by, OPEN_SOCKETS_TTL).await {
             Ok(n) if opened => n == 1,
@@ -76,7 +81,7 @@ impl Realtime {
 impl Realtime {
     /// The user's open sockets across all nodes; `None` when the cache cannot tell.
     async fn open_sockets(&self, user: UserId) -> Option<i64> {
-        let key = format!("presence:sockets:{user}");
+        let key = open_sockets_key(user);
         self.cache.incr(&key, 0, OPEN_SOCKETS_TTL).await.ok()
     }
 }

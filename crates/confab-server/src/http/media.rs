@@ -339,7 +339,7 @@ pub async fn get_media(
         .w
         .as_deref()
         .and_then(|w| w.parse::<u32>().ok())
-        .is_some_and(|w| w <= 256);
+        .is_some_and(|w| w <= state.media.limits().thumbnail_px);
     // A key's bytes never change (a new picture gets a new key): a signed URL may be cached
     // until it expires; a token's answer is checked again each time.
     let cache_control = match signed {

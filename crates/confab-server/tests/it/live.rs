@@ -47,7 +47,7 @@ pub async fn group(app: &TestApp, admin: &Person, others: &[&Person]) -> String 
 }
 
 /// `GET path` with `token`, as JSON.
-async fn get_json(app: &TestApp, path: &str, token: &str) -> Value {
+pub async fn get_json(app: &TestApp, path: &str, token: &str) -> Value {
     call(app, Method::GET, path, Some(token), None)
         .await
         .json()

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::{Backend, Person, auth_app, call, person};
 use crate::helpers::TestApp;
-use crate::live::group;
+use crate::live::{get_json, group};
 use crate::sio;
 use crate::upload::form;
 
@@ -612,14 +612,8 @@ async fn a_retried_upload_is_one_message_and_deletion_removes_the_objects(storag
         "two images, no orphan"
     );
     let raced = a.1["id"].as_str().unwrap();
-    let response = call(
-        &app,
-        Method::DELETE,
-        &format!("/api/v1/chats/{chat}/messages/{raced}"),
-        Some(&ann.token),
-        None,
-    )
-    .await;
+    let raced = format!("/api/v1/chats/{chat}/messages/{raced}");
+    let response = call(&app, Method::DELETE, &raced, Some(&ann.token), None).await;
     assert_eq!(response.status(), 200);
 
     // Only the sender deletes; the tombstone has no image, and the objects go (via the
@@ -670,29 +664,9 @@ async fn avatars_are_shown_to_everyone_signed_in_and_go_with_the_account(storage
     assert_eq!(fetched.status(), 200);
     assert_eq!(decoded(&fetched.bytes().await.unwrap()).width(), 600);
 
-    let me: Value = call(
-        &app,
-        Method::GET,
-        "/api/v1/users/me",
-        Some(&ann.token),
-        None,
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let me = get_json(&app, "/api/v1/users/me", &ann.token).await;
     assert!(me["avatarUrl"].is_string(), "{me}");
-    let profile: Value = call(
-        &app,
-        Method::GET,
-        &format!("/api/v1/users/{}", ann.id),
-        Some(&bob.token),
-        None,
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let profile = get_json(&app, &format!("/api/v1/users/{}", ann.id), &bob.token).await;
     let seen_by_bob = profile["avatarUrl"].as_str().unwrap();
     assert_eq!(fetch(&app, seen_by_bob, None).await.status(), 200);
     // Anyone signed in, by token.
