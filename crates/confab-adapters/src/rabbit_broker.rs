@@ -64,16 +64,23 @@ pub struct RabbitBroker {
     connection: Connection,
     /// Publishes (with confirms).
     publisher: Channel,
-    /// Receives, acks and rejects: unacked messages belong to this channel.
-    consumer: Channel,
+    /// One channel per queue that receives, acks and rejects (unacked messages belong to
+    /// it), so a receive waiting on one queue never holds up another's.
+    consumers: tokio::sync::Mutex<HashMap<String, Arc<QueueConsumer>>>,
     retry: RetryPolicy,
     visibility_timeout: Duration,
     /// Test deployments let unused queues expire; production never sets it.
     queue_expiry: Option<Duration>,
     declared: Mutex<HashSet<String>>,
-    receiving: tokio::sync::Mutex<()>,
     leases: Leases,
     reaper: AbortHandle,
+}
+
+/// A queue's consuming channel, and one receive at a time on it (the prefetch is set per
+/// consumer on the channel).
+struct QueueConsumer {
+    channel: Channel,
+    turn: tokio::sync::Mutex<()>,
 }
 
 impl Drop for RabbitBroker {
@@ -119,21 +126,38 @@ impl RabbitBroker {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(unavailable)?;
-        let consumer = connection.create_channel().await.map_err(unavailable)?;
         let leases: Leases = Arc::default();
         let reaper = tokio::spawn(reap(leases.clone())).abort_handle();
         Ok(Self {
             connection,
             publisher,
-            consumer,
+            consumers: tokio::sync::Mutex::default(),
             retry,
             visibility_timeout,
             queue_expiry,
             declared: Mutex::default(),
-            receiving: tokio::sync::Mutex::new(()),
             leases,
             reaper,
         })
+    }
+
+    /// The consuming channel of `queue`, opened on first use.
+    async fn consumer(&self, queue: &str) -> Result<Arc<QueueConsumer>, BrokerError> {
+        let mut consumers = self.consumers.lock().await;
+        if let Some(consumer) = consumers.get(queue) {
+            return Ok(consumer.clone());
+        }
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(unavailable)?;
+        let consumer = Arc::new(QueueConsumer {
+            channel,
+            turn: tokio::sync::Mutex::new(()),
+        });
+        consumers.insert(queue.to_owned(), consumer.clone());
+        Ok(consumer)
     }
 
     fn args(&self, quorum: bool) -> FieldTable {
@@ -368,16 +392,17 @@ impl Broker for RabbitBroker {
     ) -> Result<Vec<Delivery>, BrokerError> {
         self.ensure(queue).await?;
         let max = max.clamp(1, u32::from(u16::MAX));
-        // One receive at a time on this broker's channel: the prefetch is set per consumer.
-        let _turn = self.receiving.lock().await;
+        let consumer = self.consumer(queue).await?;
+        let _turn = consumer.turn.lock().await;
         let prefetch = u16::try_from(max).unwrap_or(u16::MAX);
-        self.consumer
+        consumer
+            .channel
             .basic_qos(prefetch, BasicQosOptions { global: false })
             .await
             .map_err(unavailable)?;
         let tag = format!("confab-{}", uuid::Uuid::now_v7());
-        let mut stream = self
-            .consumer
+        let mut stream = consumer
+            .channel
             .basic_consume(
                 queue.into(),
                 tag.clone().into(),
@@ -400,7 +425,8 @@ impl Broker for RabbitBroker {
         }
         // Cancelled after every receive, so a message whose lease runs out goes to whichever
         // consumer is waiting then, not back to this one.
-        self.consumer
+        consumer
+            .channel
             .basic_cancel(tag.into(), BasicCancelOptions::default())
             .await
             .map_err(unavailable)?;
