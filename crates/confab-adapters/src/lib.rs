@@ -7,6 +7,7 @@ pub mod broker;
 pub mod cache;
 pub mod db_broker;
 pub mod fail_soft_cache;
+pub mod llm;
 pub mod mail;
 pub mod memory_cache;
 pub mod metered_broker;

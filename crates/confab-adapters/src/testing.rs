@@ -1,5 +1,7 @@
 //! Helpers for tests that need a real backend (feature `testing`).
 
+pub mod fake_llm;
+
 use sea_orm::ConnectionTrait;
 
 /// A fresh PostgreSQL database for one test, on the server `TEST_DATABASE_URL` names; dropped

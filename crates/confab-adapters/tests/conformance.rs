@@ -551,3 +551,30 @@ async fn rabbitmq_sends_a_message_that_is_not_an_envelope_to_the_dead_letters() 
         "replay leaves it"
     );
 }
+
+#[tokio::test]
+async fn openai_compatible_provider_passes_the_llm_suite() {
+    use confab_adapters::testing::fake_llm::{FakeLlm, Scripted, Wire};
+    let fake = FakeLlm::start(Wire::OpenAi).await;
+    testing::llm::run_all(&fake).await;
+    // Embeddings come back in input order, whatever order the server lists them in.
+    let vectors = fake
+        .provider()
+        .embed("", &["a".into(), "bcd".into()])
+        .await
+        .unwrap();
+    assert_eq!(vectors, [vec![1.0, 97.0, 0.5], vec![3.0, 98.0, 0.5]]);
+}
+
+#[tokio::test]
+async fn ollama_provider_passes_the_llm_suite() {
+    use confab_adapters::testing::fake_llm::{FakeLlm, Scripted, Wire};
+    let fake = FakeLlm::start(Wire::Ollama).await;
+    testing::llm::run_all(&fake).await;
+    let vectors = fake
+        .provider()
+        .embed("", &["a".into(), "bcd".into()])
+        .await
+        .unwrap();
+    assert_eq!(vectors, [vec![1.0, 97.0, 0.5], vec![3.0, 98.0, 0.5]]);
+}

@@ -10,13 +10,13 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A boxed error cause, as kept by [`ServiceError`].
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
 /// Every error code a client can see (SPEC §3 "Errors", §8 taxonomy).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
     ValidationError,
@@ -62,6 +62,11 @@ impl ErrorCode {
             Self::TimeoutError => "TIMEOUT_ERROR",
             Self::UnknownError => "UNKNOWN_ERROR",
         }
+    }
+
+    /// The code a wire string names, e.g. a stored `error_code`.
+    pub fn from_wire(code: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(code.to_owned())).ok()
     }
 
     /// The HTTP status that carries this code (SPEC §3).

@@ -7,5 +7,6 @@ pub mod blob;
 pub mod broker;
 pub mod cache;
 pub mod health;
+pub mod llm;
 pub mod mailer;
 pub mod store;

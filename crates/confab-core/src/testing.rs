@@ -6,6 +6,7 @@
 pub mod blob;
 pub mod broker;
 pub mod cache;
+pub mod llm;
 pub mod mailer;
 pub mod store;
 

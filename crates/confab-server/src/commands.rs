@@ -40,7 +40,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             if let Some(listen) = listen {
                 config.server.listen = listen;
             }
-            serve(config, role).await
+            Box::pin(serve(config, role)).await
         }
         Command::Config {
             action: ConfigAction::Check,

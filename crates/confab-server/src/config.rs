@@ -53,7 +53,7 @@ impl ConfigError {
     }
 
     /// An error whose fix is "set it to <what>", naming where it can be set.
-    fn invalid(setting: &str, problem: impl Into<String>, wanted: &str) -> Self {
+    pub(crate) fn invalid(setting: &str, problem: impl Into<String>, wanted: &str) -> Self {
         Self::new(
             setting,
             problem,
@@ -591,13 +591,62 @@ impl Default for RateLimitConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub use confab_adapters::llm::{AnthropicConfig, OllamaConfig, OpenAiConfig, ReplicateConfig};
+
+/// `[ai]`: the providers, the chain they form and how it is called (SPEC §8), and the
+/// assistant's limits (SPEC §3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AiConfig {
     pub openai: Option<OpenAiConfig>,
     pub ollama: Option<OllamaConfig>,
     pub anthropic: Option<AnthropicConfig>,
     pub replicate: Option<ReplicateConfig>,
+    /// The chain, primary first: `provider` or `provider:model`. Empty: every configured
+    /// provider that has an adapter, with its configured model.
+    #[serde(deserialize_with = "list_or_comma_string")]
+    pub chain: Option<Vec<String>>,
+    /// The longest wait for an answer's first piece, and between two pieces.
+    pub timeout_secs: u64,
+    /// Calls per link and request (retries of transient failures + 1).
+    pub attempts: u32,
+    /// The wait before the first retry, doubling each time (with jitter).
+    pub backoff_ms: u64,
+    /// Consecutive failures that open a link's circuit.
+    pub breaker_failures: u32,
+    /// How long an open circuit refuses calls before one probe.
+    pub breaker_open_secs: u64,
+    /// Requests per user and minute (429 beyond).
+    pub requests_per_minute: u32,
+    /// The session's last N messages sent as context.
+    pub context_messages: u32,
+    pub system_prompt: String,
+    /// The longest answer, in tokens; unset: the provider's default.
+    pub max_tokens: Option<u32>,
+    /// A Slack-style webhook told of critical provider errors (`CONFIG_ERROR`, `API_ERROR`).
+    pub webhook_url: Option<SecretUrl>,
+}
+
+impl Default for AiConfig {
+    fn default() -> Self {
+        Self {
+            openai: None,
+            ollama: None,
+            anthropic: None,
+            replicate: None,
+            chain: None,
+            timeout_secs: 30,
+            attempts: 3,
+            backoff_ms: 500,
+            breaker_failures: 5,
+            breaker_open_secs: 30,
+            requests_per_minute: 10,
+            context_messages: 20,
+            system_prompt: "You are a helpful assistant.".into(),
+            max_tokens: None,
+            webhook_url: None,
+        }
+    }
 }
 
 impl AiConfig {
@@ -613,37 +662,6 @@ impl AiConfig {
         .flatten()
         .collect()
     }
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct OpenAiConfig {
-    pub api_key: Option<Secret>,
-    pub base_url: Option<String>,
-    pub model: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct OllamaConfig {
-    pub base_url: Option<String>,
-    pub model: Option<String>,
-    pub embedding_model: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AnthropicConfig {
-    pub api_key: Option<Secret>,
-    pub model: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ReplicateConfig {
-    pub api_key: Option<Secret>,
-    pub api_url: Option<String>,
-    pub model_version: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -975,7 +993,8 @@ impl Config {
                 check_http_url(setting, url)?;
             }
         }
-        Ok(())
+        // After the URLs: a provider is built only from settings that passed their checks.
+        ai.validate()
     }
 
     /// Queue settings within sane bounds (and far from any arithmetic overflow).

@@ -88,7 +88,10 @@ impl Components {
             Component {
                 name: "ai",
                 required: false,
-                check: Arc::new(ai_health(config)),
+                check: Arc::new(AiHealth {
+                    chain: ports.ai.clone(),
+                    configured: config.ai.providers(),
+                }),
             },
         ])
     }
@@ -125,13 +128,48 @@ impl HealthCheck for Fixed {
 }
 
 /// SPEC §8: with no provider the AI component is `unconfigured`, which is not a failure.
-/// Configured providers are reported down until their adapters exist in this build.
-fn ai_health(config: &Config) -> Fixed {
-    let providers = config.ai.providers();
-    Fixed(if providers.is_empty() {
-        ComponentHealth::new(HealthStatus::Unconfigured, "none")
-    } else {
-        ComponentHealth::new(HealthStatus::Down, providers.join(","))
-            .with_error("this build has no AI provider adapters yet")
-    })
+/// Otherwise each link's provider is asked for its models (at once): all answering is `ok`,
+/// some is `degraded` (the chain falls back), none is `down`. An open circuit counts as down.
+struct AiHealth {
+    chain: Option<Arc<confab_core::services::ai::chain::Chain>>,
+    configured: Vec<&'static str>,
+}
+
+#[async_trait]
+impl HealthCheck for AiHealth {
+    async fn health(&self) -> ComponentHealth {
+        let Some(chain) = &self.chain else {
+            return if self.configured.is_empty() {
+                ComponentHealth::new(HealthStatus::Unconfigured, "none")
+            } else {
+                ComponentHealth::new(HealthStatus::Down, self.configured.join(","))
+                    .with_error("the configured AI providers have no adapter in this build")
+            };
+        };
+        let links = chain.links();
+        let checks = links.iter().map(|link| async move {
+            if link.circuit() == confab_core::services::ai::chain::CircuitState::Open {
+                return Err(format!(
+                    "{}/{}: the circuit is open",
+                    link.provider(),
+                    link.model()
+                ));
+            }
+            link.backend()
+                .models()
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("{}/{}: {e}", link.provider(), link.model()))
+        });
+        let results = futures_util::future::join_all(checks).await;
+        let kind = chain.describe().join(",");
+        let failed: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+        match failed.len() {
+            0 => ComponentHealth::new(HealthStatus::Ok, kind),
+            n if n == links.len() => {
+                ComponentHealth::new(HealthStatus::Down, kind).with_error(failed.join("; "))
+            }
+            _ => ComponentHealth::new(HealthStatus::Degraded, kind).with_error(failed.join("; ")),
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! passes through (outermost first): request context (id, span, timeout, metrics, access log)
 //! → security headers → CORS → gzip → panic → body limit → the route.
 
+pub mod ai;
 pub mod auth;
 pub mod chats;
 pub mod error;
@@ -50,6 +51,7 @@ pub const DOCS_PATH: &str = "/docs";
         (name = "auth", description = "Accounts and sign-in. Public unless marked with bearerAuth."),
         (name = "users", description = "The caller's account and other users' profiles."),
         (name = "chats", description = "Chats between people: members, messages, read positions."),
+        (name = "ai", description = "The AI assistant: queued requests streamed over Socket.IO, sessions, feedback, synchronous chat."),
     ),
     components(schemas(error::ErrorBody)),
     modifiers(&BearerAuth)
@@ -177,6 +179,14 @@ fn documented_routes(role: Role, upload_limit: usize) -> OpenApiRouter<AppState>
         .routes(routes!(chats::edit_message, chats::delete_message))
         .routes(routes!(chats::mark_read))
         .routes(routes!(media::get_media))
+        .routes(routes!(ai::post_message))
+        .routes(routes!(ai::list_sessions))
+        .routes(routes!(ai::get_session, ai::delete_session))
+        .routes(routes!(ai::feedback))
+        .routes(routes!(ai::get_request))
+        .routes(routes!(ai::cancel_request))
+        .routes(routes!(ai::chat))
+        .routes(routes!(ai::models))
         .merge(
             // Their own body limit: a file, not a JSON body.
             OpenApiRouter::new()

@@ -3,6 +3,7 @@
 //! `main.rs` is a thin shell over this library so that tests drive the same code
 //! ([`startup::Application`]) that the binary runs.
 
+pub mod ai;
 pub mod cli;
 pub mod commands;
 pub mod config;

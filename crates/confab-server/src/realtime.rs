@@ -44,6 +44,8 @@ pub struct Realtime {
     pub chats: Arc<ChatService>,
     /// Presence (SPEC §4, §7 `online_users`).
     pub cache: Arc<dyn Cache>,
+    /// The assistant (`ai:send`): set once built, after the Socket.IO handle it emits through.
+    pub ai: Arc<std::sync::OnceLock<Arc<confab_core::services::ai::AiService>>>,
 }
 
 /// The cache counter of `user`'s open sockets, on every node.
@@ -141,6 +143,7 @@ async fn authenticate(
     socket.on("message:read", message_read);
     socket.on("typing:start", typing_start);
     socket.on("typing:stop", typing_stop);
+    socket.on("ai:send", ai_send);
     socket.on_disconnect(on_disconnect);
     socket.extensions.insert(Typing::default());
     socket.join(user_room(who.user_id));
@@ -376,6 +379,49 @@ async fn message_send(
         "createdAt": crate::http::auth::rfc3339(sent.message.created_at),
     }));
     // A new message reaches the room through `spawn_broadcaster`.
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct AiSendPayload {
+    message: String,
+    session_id: Option<confab_core::domain::AiSessionId>,
+    model: Option<String>,
+}
+
+/// `ai:send`: the same as `POST /ai/messages`; the ack carries the session and request ids,
+/// the answer comes as `ai:token` … `ai:response` (or `ai:error`).
+async fn ai_send(
+    Extension(who): Extension<Principal>,
+    State(rt): State<Realtime>,
+    TryData(data): TryData<AiSendPayload>,
+    ack: Ack,
+) {
+    let Ok(data) = data else {
+        let _ = ack.send(&refused("VALIDATION_ERROR"));
+        return;
+    };
+    let Some(ai) = rt.ai.get() else {
+        let _ = ack.send(&refused("UNAVAILABLE"));
+        return;
+    };
+    let ask = confab_core::services::ai::Ask {
+        message: data.message,
+        session_id: data.session_id,
+        model: data.model,
+    };
+    match ai.submit(who.user_id, ask).await {
+        Ok(submitted) => {
+            let _ = ack.send(&json!({
+                "ok": true,
+                "sessionId": submitted.session_id,
+                "requestId": submitted.request_id,
+            }));
+        }
+        Err(e) => {
+            let _ = ack.send(&refused(confab_core::error::ErrorCode::from(&e).as_str()));
+        }
+    }
 }
 
 /// Emits `message:new` for every newly stored message (however it was sent) to its chat

@@ -34,6 +34,8 @@ pub struct Ports {
     pub cache: Arc<dyn Cache>,
     pub blobs: Arc<dyn BlobStore>,
     pub mailer: Arc<dyn Mailer>,
+    /// The AI provider chain; `None` with no provider configured.
+    pub ai: Option<Arc<confab_core::services::ai::chain::Chain>>,
 }
 
 impl Ports {
@@ -68,6 +70,7 @@ impl Ports {
             cache,
             blobs,
             mailer,
+            ai: config.ai.chain()?.map(Arc::new),
         })
     }
 }
@@ -147,15 +150,32 @@ impl Application {
             Duration::from_millis(config.chat.group_commit_wait_ms),
             presence,
         ));
+        let ai_slot = Arc::new(std::sync::OnceLock::new());
         let (socket_io, io) = crate::realtime::build(crate::realtime::Realtime {
             auth: auth.clone(),
             chats: chats.clone(),
             cache: ports.cache.clone(),
+            ai: ai_slot.clone(),
         })
         .await?;
+        let relay_wake = Arc::new(tokio::sync::Notify::new());
+        let wake = relay_wake.clone();
+        let ai = Arc::new(
+            confab_core::services::ai::AiService::new(
+                ports.store.clone(),
+                ports.cache.clone(),
+                ports.ai.clone(),
+                config.ai.settings(),
+                crate::ai::SocketEvents::spawn(io.clone()),
+            )
+            .on_published(Arc::new(move || wake.notify_one())),
+        );
+        let _ = ai_slot.set(ai.clone());
         // Lives as long as the chat service's writer.
         crate::realtime::spawn_broadcaster(io.clone(), &chats, media.clone());
         let state = AppState {
+            ai,
+            relay_wake,
             auth,
             chats,
             media,
@@ -244,8 +264,12 @@ impl Application {
             crate::workers::spawn_outbox_relay(
                 self.state.store.clone(),
                 self.state.broker.clone(),
+                self.state.relay_wake.clone(),
                 token.clone(),
             ),
+            crate::ai::spawn_request_worker(self.state.clone(), token.clone()),
+            crate::ai::spawn_response_consumer(self.state.clone(), token.clone()),
+            crate::ai::spawn_circuit_gauges(self.state.clone(), token.clone()),
         ];
 
         // Biased: once the token is cancelled the server may finish in the same poll, and the

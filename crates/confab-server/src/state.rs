@@ -28,6 +28,10 @@ pub struct AppState {
     pub auth: Arc<confab_core::services::auth::AuthService>,
     /// Chats between people.
     pub chats: Arc<confab_core::services::chats::ChatService>,
+    /// The AI assistant (answers 503 everywhere when no provider is configured).
+    pub ai: Arc<confab_core::services::ai::AiService>,
+    /// Wakes the outbox relay when something was just committed for it.
+    pub relay_wake: Arc<tokio::sync::Notify>,
     /// Image uploads, media URLs and serving.
     pub media: Arc<confab_core::services::media::MediaService>,
     /// Socket.IO: emits to rooms from anywhere (a message sent over REST is broadcast too).

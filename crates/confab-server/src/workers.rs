@@ -17,11 +17,13 @@ const RELAY_BATCH: u32 = 500;
 /// How often an idle relay looks for new rows.
 const RELAY_IDLE: Duration = Duration::from_millis(200);
 
-/// Moves committed outbox rows to the broker until `shutdown`. While the broker is down the
+/// Moves committed outbox rows to the broker until `shutdown`; `wake` cuts an idle pause
+/// short. While the broker is down the
 /// rows wait (backing off up to 5 s between tries) and nothing is lost.
 pub fn spawn_outbox_relay(
     store: Arc<dyn Store>,
     broker: Arc<dyn Broker>,
+    wake: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -44,6 +46,8 @@ pub fn spawn_outbox_relay(
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(pause) => {}
+                // Something was committed for the relay just now (an AI request waits on it).
+                () = wake.notified(), if !pause.is_zero() && backoff == RELAY_IDLE => {}
             }
         }
     })

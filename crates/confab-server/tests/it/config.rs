@@ -226,6 +226,7 @@ fn the_second_name_of_each_alias_pair_works_too() {
             ("SMTP_URL", "smtps://u:p@mail.example.com:465"),
             ("SECRET_KEY", "0123456789abcdef0123456789abcdef"),
             ("OPENAI_API_URL", "https://api.openai.com/v1"),
+            ("OPENAI_API_KEY", "sk-test"),
             ("REPLICATE_API_KEY", "r8_y"),
             ("DATABASE_URL", "sqlite:///tmp/x.db"),
         ],
@@ -564,4 +565,61 @@ fn queue_settings_are_bounded() {
         let err = load("", &[(var, value)]).unwrap_err();
         assert!(err.setting.starts_with("queue."), "{var}: {err}");
     }
+}
+
+#[test]
+fn the_ai_chain_is_checked_at_startup() {
+    // The default chain: every configured provider, with its model.
+    let c = load(
+        "",
+        &[
+            ("OPENAI_BASE_URL", "http://127.0.0.1:8081/v1"),
+            ("OPENAI_MODEL", "local-model"),
+            ("OLLAMA_BASE_URL", "http://127.0.0.1:11434"),
+            ("OLLAMA_MODEL", "llama3.2"),
+        ],
+    )
+    .unwrap();
+    let chain = c.ai.chain().unwrap().unwrap();
+    assert_eq!(chain.describe(), ["openai/local-model", "ollama/llama3.2"]);
+    // An explicit chain from the environment, with a second model of one provider.
+    let c = load(
+        "",
+        &[
+            ("OPENAI_BASE_URL", "http://127.0.0.1:8081/v1"),
+            ("OLLAMA_MODEL", "llama3.2"),
+            ("CONFAB__AI__CHAIN", "ollama, openai:big-model,openai"),
+        ],
+    )
+    .unwrap();
+    let chain = c.ai.chain().unwrap().unwrap();
+    assert_eq!(
+        chain.describe(),
+        ["ollama/llama3.2", "openai/big-model", "openai/gpt-4o-mini"]
+    );
+    // A link naming a provider that is not configured, or that has no adapter.
+    for (chain, problem) in [
+        ("openai,ollama", "not configured"),
+        ("anthropic", "no adapter"),
+    ] {
+        let err = load(
+            "",
+            &[
+                ("OPENAI_BASE_URL", "http://127.0.0.1:8081/v1"),
+                ("CONFAB__AI__CHAIN", chain),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(err.setting, "ai.chain");
+        assert!(err.problem.contains(problem), "{err}");
+    }
+    // A provider without what it needs names the missing field.
+    let err = load("", &[("OLLAMA_BASE_URL", "http://127.0.0.1:11434")]).unwrap_err();
+    assert_eq!(err.setting, "ai.ollama.model");
+    let err = load("", &[("OPENAI_MODEL", "gpt-4o")]).unwrap_err();
+    assert_eq!(err.setting, "ai.openai.api_key");
+    let err = load("", &[("CONFAB__AI__ATTEMPTS", "0")]).unwrap_err();
+    assert_eq!(err.setting, "ai.attempts");
+    // No provider at all is fine: the assistant answers 503.
+    assert!(load("", &[]).unwrap().ai.chain().unwrap().is_none());
 }

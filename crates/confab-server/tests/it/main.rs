@@ -4,6 +4,7 @@
 
 #[macro_use]
 mod auth;
+mod ai;
 mod cache;
 mod chats;
 mod cli;

@@ -1,0 +1,295 @@
+//! OpenAI-compatible chat completions: OpenAI, and vLLM, llama.cpp's server, LM Studio,
+//! Ollama's `/v1`, OpenRouter, Groq … Parsing is lenient where those servers differ: a
+//! server that ignores `stream` and answers JSON is fine, `[DONE]` may be missing when a
+//! `finish_reason` came, usage may come in the last chunk or not at all, unknown fields are
+//! ignored.
+
+use confab_core::error::{ServiceError, ServiceErrorKind};
+use confab_core::ports::llm::{Completion, CompletionRequest, LlmProvider, OnDelta, Usage};
+use confab_core::settings::Secret;
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use super::{invalid, status_error, transport_error};
+
+/// The provider's name in errors, metrics and stored answers.
+const NAME: &str = "openai";
+
+pub struct OpenAiProvider {
+    client: reqwest::Client,
+    base: String,
+    key: Option<Secret>,
+    model: String,
+    embedding_model: String,
+}
+
+impl OpenAiProvider {
+    pub fn new(
+        client: reqwest::Client,
+        base: &str,
+        key: Option<Secret>,
+        model: String,
+        embedding_model: String,
+    ) -> Self {
+        Self {
+            client,
+            base: base.trim_end_matches('/').to_owned(),
+            key,
+            model,
+            embedding_model,
+        }
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        let request = self.client.post(format!("{}{path}", self.base));
+        match &self.key {
+            Some(key) => request.bearer_auth(key.expose()),
+            None => request,
+        }
+    }
+
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ServiceError> {
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport_error(NAME, &e))?;
+        if response.status().is_success() {
+            Ok(response)
+        } else {
+            Err(status_error(NAME, response).await)
+        }
+    }
+}
+
+/// What the chunks of a stream told so far.
+#[derive(Default)]
+struct Streamed {
+    content: String,
+    model: Option<String>,
+    usage: Usage,
+    finished: bool,
+}
+
+impl Streamed {
+    /// Takes one chunk (or a whole non-streamed answer: `message` instead of `delta`).
+    fn take(
+        &mut self,
+        provider: &str,
+        chunk: &Value,
+        on_delta: &mut OnDelta<'_>,
+    ) -> Result<(), ServiceError> {
+        if let Some(error) = chunk.get("error") {
+            let message = error
+                .get("message")
+                .and_then(Value::as_str)
+                .map_or_else(|| error.to_string(), str::to_owned);
+            return Err(ServiceError::new(
+                ServiceErrorKind::Api,
+                provider.to_owned(),
+                message,
+            ));
+        }
+        if let Some(model) = chunk.get("model").and_then(Value::as_str) {
+            self.model.get_or_insert_with(|| model.to_owned());
+        }
+        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+            let count = |k: &str| {
+                usage
+                    .get(k)
+                    .and_then(Value::as_u64)
+                    .and_then(|n| u32::try_from(n).ok())
+            };
+            self.usage = Usage {
+                prompt_tokens: count("prompt_tokens"),
+                completion_tokens: count("completion_tokens"),
+            };
+        }
+        let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
+            // Usage-only and keep-alive chunks have no choices.
+            return if chunk.is_object() {
+                Ok(())
+            } else {
+                Err(invalid(provider, "a chunk that is not a JSON object"))
+            };
+        };
+        if let Some(choice) = choices.first() {
+            let piece = choice
+                .pointer("/delta/content")
+                .or_else(|| choice.pointer("/message/content"))
+                .or_else(|| choice.get("text"))
+                .and_then(Value::as_str);
+            if let Some(piece) = piece.filter(|p| !p.is_empty()) {
+                self.content.push_str(piece);
+                on_delta(piece);
+            }
+            if choice.get("finish_reason").is_some_and(|r| !r.is_null()) {
+                self.finished = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl LlmProvider for OpenAiProvider {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn default_model(&self) -> &str {
+        &self.model
+    }
+
+    async fn complete(
+        &self,
+        request: &CompletionRequest,
+        on_delta: &mut OnDelta<'_>,
+    ) -> Result<Completion, ServiceError> {
+        let messages: Vec<Value> = request
+            .turns
+            .iter()
+            .map(|t| json!({"role": t.role.as_str(), "content": t.content}))
+            .collect();
+        let mut body = json!({
+            "model": request.model,
+            "messages": messages,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        });
+        if let Some(max) = request.max_tokens {
+            body["max_tokens"] = json!(max);
+        }
+        let response = self
+            .send(self.post("/chat/completions").json(&body))
+            .await?;
+        let streamed = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let mut got = Streamed::default();
+        if streamed {
+            let mut events = response.bytes_stream().eventsource();
+            let mut done = false;
+            while let Some(event) = events.next().await {
+                let event = event.map_err(|e| match e {
+                    eventsource_stream::EventStreamError::Transport(t) => transport_error(NAME, &t),
+                    other => invalid(NAME, format!("not a valid event stream: {other}")),
+                })?;
+                let data = event.data.trim();
+                if data == "[DONE]" {
+                    done = true;
+                    break;
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                let chunk: Value = serde_json::from_str(data)
+                    .map_err(|e| invalid(NAME, format!("a chunk that is not JSON: {e}")))?;
+                got.take(NAME, &chunk, on_delta)?;
+            }
+            if !done && !got.finished {
+                return Err(ServiceError::new(
+                    ServiceErrorKind::Network,
+                    NAME,
+                    "the stream ended before the answer was finished",
+                ));
+            }
+        } else {
+            let whole: Value = response
+                .json()
+                .await
+                .map_err(|e| transport_error(NAME, &e))?;
+            got.take(NAME, &whole, on_delta)?;
+            if whole
+                .get("choices")
+                .and_then(Value::as_array)
+                .is_none_or(Vec::is_empty)
+            {
+                return Err(invalid(NAME, "an answer without choices"));
+            }
+        }
+        Ok(Completion {
+            content: got.content,
+            model: got.model.unwrap_or_else(|| request.model.clone()),
+            usage: got.usage,
+        })
+    }
+
+    async fn embed(&self, model: &str, input: &[String]) -> Result<Vec<Vec<f32>>, ServiceError> {
+        let model = if model.is_empty() {
+            &self.embedding_model
+        } else {
+            model
+        };
+        let response = self
+            .send(
+                self.post("/embeddings")
+                    .json(&json!({"model": model, "input": input})),
+            )
+            .await?;
+        let body: Value = response
+            .json()
+            .await
+            .map_err(|e| transport_error(NAME, &e))?;
+        let mut rows: Vec<(u64, Vec<f32>)> = body
+            .get("data")
+            .and_then(Value::as_array)
+            .ok_or_else(|| invalid(NAME, "an embeddings answer without data"))?
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let index = row.get("index").and_then(Value::as_u64).unwrap_or(i as u64);
+                let vector = vector(row.get("embedding"))
+                    .ok_or_else(|| invalid(NAME, "an embedding that is not a list of numbers"))?;
+                Ok((index, vector))
+            })
+            .collect::<Result<_, ServiceError>>()?;
+        rows.sort_by_key(|(i, _)| *i);
+        if rows.len() != input.len() {
+            return Err(invalid(
+                NAME,
+                "a different number of embeddings than inputs",
+            ));
+        }
+        Ok(rows.into_iter().map(|(_, v)| v).collect())
+    }
+
+    async fn models(&self) -> Result<Vec<String>, ServiceError> {
+        let request = self.client.get(format!("{}/models", self.base));
+        let request = match &self.key {
+            Some(key) => request.bearer_auth(key.expose()),
+            None => request,
+        };
+        let body: Value = self
+            .send(request)
+            .await?
+            .json()
+            .await
+            .map_err(|e| transport_error(NAME, &e))?;
+        Ok(body
+            .get("data")
+            .and_then(Value::as_array)
+            .map(|models| {
+                models
+                    .iter()
+                    .filter_map(|m| m.get("id").and_then(Value::as_str).map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+/// A JSON list of numbers as `f32`s.
+pub(crate) fn vector(value: Option<&Value>) -> Option<Vec<f32>> {
+    #[allow(clippy::cast_possible_truncation)]
+    value?
+        .as_array()?
+        .iter()
+        .map(|n| n.as_f64().map(|f| f as f32))
+        .collect()
+}

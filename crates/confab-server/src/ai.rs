@@ -1,0 +1,411 @@
+//! The AI assistant's process-level parts: the provider chain built from `[ai]`, the events
+//! that carry answers to users' sockets, the `chat_requests` worker and the
+//! `chat_responses` consumer, the critical-error webhook, and the AI metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use confab_adapters::llm::{build_ollama, build_openai};
+use confab_core::domain::{AiMessage, UserId};
+use confab_core::ports::broker::{Delivery, Envelope, queues};
+use confab_core::ports::llm::LlmProvider;
+use confab_core::services::ai::chain::{Chain, Policy};
+use confab_core::services::ai::{
+    AiEvents, AiFailureEvent, AiSettings, RESPONSE_KIND, Request, Response, Token,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AiConfig, ConfigError};
+use crate::realtime::{Io, emit, user_room};
+use crate::state::AppState;
+
+/// Providers that have an adapter in this build, in the default chain's order.
+const SUPPORTED: [&str; 2] = ["openai", "ollama"];
+
+impl AiConfig {
+    /// The chain `[ai]` describes; `None` with no provider configured (SPEC §8: the server
+    /// starts, AI endpoints answer 503).
+    pub fn chain(&self) -> Result<Option<Chain>, ConfigError> {
+        let mut providers: Vec<(&'static str, Arc<dyn LlmProvider>)> = Vec::new();
+        let wrap = |e: confab_adapters::llm::ProviderConfigError| {
+            ConfigError::new(e.setting, e.problem, e.fix)
+        };
+        if let Some(c) = &self.openai {
+            providers.push(("openai", build_openai(c).map_err(wrap)?));
+        }
+        if let Some(c) = &self.ollama {
+            providers.push(("ollama", build_ollama(c).map_err(wrap)?));
+        }
+        let links: Vec<(Arc<dyn LlmProvider>, String)> = match &self.chain {
+            None => providers
+                .iter()
+                .map(|(_, p)| (Arc::clone(p), p.default_model().to_owned()))
+                .collect(),
+            Some(chain) => {
+                let mut links = Vec::with_capacity(chain.len());
+                for link in chain {
+                    let (name, model) = match link.split_once(':') {
+                        Some((name, model)) => (name.trim(), Some(model.trim())),
+                        None => (link.trim(), None),
+                    };
+                    let Some((_, provider)) = providers.iter().find(|(n, _)| *n == name) else {
+                        let problem = if SUPPORTED.contains(&name) {
+                            format!("\"{link}\" names {name}, which is not configured")
+                        } else {
+                            format!("\"{link}\" names {name}, which this build has no adapter for")
+                        };
+                        return Err(ConfigError::new(
+                            "ai.chain",
+                            problem,
+                            "list links of configured providers (openai, ollama), each optionally provider:model",
+                        ));
+                    };
+                    let model = model
+                        .filter(|m| !m.is_empty())
+                        .unwrap_or_else(|| provider.default_model());
+                    links.push((Arc::clone(provider), model.to_owned()));
+                }
+                links
+            }
+        };
+        if links.is_empty() {
+            for name in self.providers() {
+                if !SUPPORTED.contains(&name) {
+                    tracing::warn!(
+                        provider = name,
+                        "This AI provider is configured but this build has no adapter for it; it is not used."
+                    );
+                }
+            }
+            return Ok(None);
+        }
+        Ok(Some(Chain::new(links, self.policy())))
+    }
+
+    pub fn policy(&self) -> Policy {
+        Policy {
+            timeout: Duration::from_secs(self.timeout_secs),
+            attempts: self.attempts,
+            backoff: Duration::from_millis(self.backoff_ms),
+            breaker_failures: self.breaker_failures,
+            breaker_open: Duration::from_secs(self.breaker_open_secs),
+            ..Policy::default()
+        }
+    }
+
+    pub fn settings(&self) -> AiSettings {
+        AiSettings {
+            requests_per_minute: self.requests_per_minute,
+            context_messages: self.context_messages,
+            system_prompt: self.system_prompt.clone(),
+            max_tokens: self.max_tokens,
+            ..AiSettings::default()
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let checks: [(&'static str, u64, u64, u64); 7] = [
+            ("ai.timeout_secs", self.timeout_secs, 1, 600),
+            ("ai.attempts", u64::from(self.attempts), 1, 10),
+            ("ai.backoff_ms", self.backoff_ms, 1, 60_000),
+            (
+                "ai.breaker_failures",
+                u64::from(self.breaker_failures),
+                1,
+                1000,
+            ),
+            ("ai.breaker_open_secs", self.breaker_open_secs, 1, 3600),
+            (
+                "ai.requests_per_minute",
+                u64::from(self.requests_per_minute),
+                1,
+                100_000,
+            ),
+            (
+                "ai.context_messages",
+                u64::from(self.context_messages),
+                0,
+                200,
+            ),
+        ];
+        for (setting, value, low, high) in checks {
+            if !(low..=high).contains(&value) {
+                return Err(ConfigError::invalid(
+                    setting,
+                    format!("{value} is outside {low}..={high}"),
+                    &format!("a number between {low} and {high}"),
+                ));
+            }
+        }
+        self.chain().map(|_| ())
+    }
+}
+
+/// What goes to users' sockets, in the order it happened.
+enum Outgoing {
+    Token(UserId, Token),
+    Response(UserId, serde_json::Value),
+    Error(UserId, AiFailureEvent),
+}
+
+/// [`AiEvents`] over Socket.IO: one task emits everything in order (pieces of an answer
+/// must not overtake each other), to `user:<id>` on every node.
+pub struct SocketEvents {
+    tx: mpsc::UnboundedSender<Outgoing>,
+}
+
+impl SocketEvents {
+    pub fn spawn(io: Io) -> Arc<Self> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+        tokio::spawn(async move {
+            while let Some(out) = rx.recv().await {
+                match out {
+                    Outgoing::Token(user, token) => {
+                        emit(&io, user_room(user), "ai:token", &token).await;
+                    }
+                    Outgoing::Response(user, body) => {
+                        emit(&io, user_room(user), "ai:response", &body).await;
+                    }
+                    Outgoing::Error(user, error) => {
+                        emit(&io, user_room(user), "ai:error", &error).await;
+                    }
+                }
+            }
+        });
+        Arc::new(Self { tx })
+    }
+}
+
+impl AiEvents for SocketEvents {
+    fn token(&self, user: UserId, token: &Token) {
+        let _ = self.tx.send(Outgoing::Token(user, token.clone()));
+    }
+
+    fn response(&self, user: UserId, message: &AiMessage) {
+        let body = serde_json::json!({
+            "sessionId": message.session_id,
+            "requestId": message.request_id,
+            "message": crate::http::ai::AiMessageBody::from(message),
+        });
+        let _ = self.tx.send(Outgoing::Response(user, body));
+    }
+
+    fn error(&self, user: UserId, error: &AiFailureEvent) {
+        let _ = self.tx.send(Outgoing::Error(user, error.clone()));
+    }
+}
+
+/// Requests answered at once by one worker: each mostly waits on its provider.
+const CONCURRENT_REQUESTS: usize = 512;
+
+/// Consumes `chat_requests` until `shutdown`: each request answered in a task of its own
+/// (up to [`CONCURRENT_REQUESTS`] at once), its answer published to `chat_responses`, then
+/// acknowledged. A failure to publish nacks it (retried; the answer is stored once).
+pub fn spawn_request_worker(
+    state: AppState,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let ai = state.ai.clone();
+        if ai.chain().is_none() {
+            return;
+        }
+        let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_REQUESTS));
+        loop {
+            let free = slots.available_permits().clamp(1, 64);
+            let received = tokio::select! {
+                () = shutdown.cancelled() => return,
+                received = state.broker.receive(queues::CHAT_REQUESTS, u32::try_from(free).unwrap_or(64), Duration::from_secs(1)) => received,
+            };
+            let deliveries = match received {
+                Ok(d) => d,
+                Err(error) => {
+                    tracing::warn!(queue = queues::CHAT_REQUESTS, %error, "Cannot reach the queue; retrying.");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            for delivery in deliveries {
+                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                let state = state.clone();
+                let ai = Arc::clone(&ai);
+                tokio::spawn(async move {
+                    answer_one(&state, &ai, &delivery).await;
+                    drop(permit);
+                });
+            }
+        }
+    })
+}
+
+async fn answer_one(
+    state: &AppState,
+    ai: &confab_core::services::ai::AiService,
+    delivery: &Delivery,
+) {
+    let request: Request = match serde_json::from_value(delivery.envelope.payload.clone()) {
+        Ok(r) => r,
+        Err(error) => {
+            tracing::warn!(%error, "A chat request that is not one; dropped.");
+            let _ = state.broker.ack(delivery).await;
+            return;
+        }
+    };
+    let settled = match ai.answer_request(&request).await {
+        Ok(None) => state.broker.ack(delivery).await,
+        Ok(Some(response)) => {
+            record_metrics(&response);
+            if response.is_critical() {
+                notify_webhook(state, &response);
+            }
+            let envelope = Envelope {
+                // One answer per request: a republished answer is recognisably the same.
+                id: confab_core::domain::EventId(request.request_id.0),
+                kind: RESPONSE_KIND.into(),
+                attempt: 0,
+                created_at: confab_core::domain::now(),
+                trace_id: delivery.envelope.trace_id.clone(),
+                payload: serde_json::to_value(&response).unwrap_or_default(),
+            };
+            match state
+                .broker
+                .publish(queues::CHAT_RESPONSES, &envelope)
+                .await
+            {
+                Ok(()) => state.broker.ack(delivery).await,
+                Err(error) => state.broker.nack(delivery, &error.to_string()).await,
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "A chat request could not be answered; it will be retried.");
+            state.broker.nack(delivery, &error.to_string()).await
+        }
+    };
+    if let Err(error) = settled {
+        tracing::warn!(%error, "Could not settle a chat request.");
+    }
+}
+
+/// Consumes `chat_responses` until `shutdown`: each answer stored once and told to its user.
+pub fn spawn_response_consumer(
+    state: AppState,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let ai = state.ai.clone();
+        loop {
+            let received = tokio::select! {
+                () = shutdown.cancelled() => return,
+                received = state.broker.receive(queues::CHAT_RESPONSES, 64, Duration::from_secs(1)) => received,
+            };
+            let deliveries = match received {
+                Ok(d) => d,
+                Err(error) => {
+                    tracing::warn!(queue = queues::CHAT_RESPONSES, %error, "Cannot reach the queue; retrying.");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            for delivery in deliveries {
+                let settled =
+                    match serde_json::from_value::<Response>(delivery.envelope.payload.clone()) {
+                        Err(error) => {
+                            tracing::warn!(%error, "A chat response that is not one; dropped.");
+                            state.broker.ack(&delivery).await
+                        }
+                        Ok(response) => match ai.record_response(&response).await {
+                            Ok(_) => state.broker.ack(&delivery).await,
+                            Err(error) => state.broker.nack(&delivery, &error.to_string()).await,
+                        },
+                    };
+                if let Err(error) = settled {
+                    tracing::warn!(%error, "Could not settle a chat response.");
+                }
+            }
+        }
+    })
+}
+
+fn record_metrics(response: &Response) {
+    let outcome = if response.cached {
+        "cached".to_owned()
+    } else {
+        response.status.clone()
+    };
+    metrics::counter!(
+        "ai_requests_total",
+        "provider" => response.provider.clone().unwrap_or_default(),
+        "model" => response.model.clone().unwrap_or_default(),
+        "outcome" => outcome,
+    )
+    .increment(1);
+    #[allow(clippy::cast_precision_loss)]
+    metrics::histogram!("ai_request_duration_seconds").record(response.latency_ms as f64 / 1000.0);
+    if response.cached {
+        metrics::counter!("ai_cache_hits_total").increment(1);
+    } else if response.status != "cancelled" {
+        metrics::counter!("ai_cache_misses_total").increment(1);
+    }
+}
+
+/// Keeps `circuit_state{provider,model}` current (every 5 s) until `shutdown`.
+pub fn spawn_circuit_gauges(
+    state: AppState,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(chain) = state.ai.chain().cloned() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    for link in chain.links() {
+                        metrics::gauge!(
+                            "circuit_state",
+                            "provider" => link.provider().to_owned(),
+                            "model" => link.model().to_owned(),
+                        )
+                        .set(link.circuit().gauge());
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Tells the configured webhook (Slack-style `{"text": …}`) of a critical provider error;
+/// in the background, once, never the request's failure.
+fn notify_webhook(state: &AppState, response: &Response) {
+    let Some(url) = state.config.ai.webhook_url.clone() else {
+        return;
+    };
+    let text = format!(
+        "confab: the AI provider {} ({}) failed with {}: {}",
+        response.provider.as_deref().unwrap_or("?"),
+        response.model.as_deref().unwrap_or("?"),
+        response.error_code.as_deref().unwrap_or("?"),
+        response.error_detail.as_deref().unwrap_or(""),
+    );
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let sent = client
+            .post(url.expose().as_str())
+            .timeout(Duration::from_secs(10))
+            .json(&serde_json::json!({ "text": text }))
+            .send()
+            .await;
+        if let Err(error) = sent.and_then(reqwest::Response::error_for_status) {
+            tracing::warn!(error = %error.without_url(), "Could not notify the AI webhook.");
+        }
+    });
+}
