@@ -16,6 +16,8 @@
 //!   cancel, which closes the connection).
 //! - `embed` answers one vector per input, in order; a provider without embeddings says so
 //!   with `Validation`.
+//! - `generate_images` answers `n` images (bytes or URLs); a provider without image
+//!   generation says so with `Validation`.
 //! - `models` lists what the server offers (for `confab doctor` and `/ai/models`).
 
 use async_trait::async_trait;
@@ -99,5 +101,22 @@ pub trait LlmProvider: Send + Sync + 'static {
             "this provider has no embeddings",
         ))
     }
+    /// `n` images for `prompt` (`POST /ai/generations` with `kind: "image"`); a provider
+    /// without image generation says so with `Validation`.
+    async fn generate_images(&self, prompt: &str, n: u32) -> Result<Vec<GeneratedImage>, ServiceError> {
+        let _ = (prompt, n);
+        Err(ServiceError::new(
+            ServiceErrorKind::Validation,
+            self.name().to_owned(),
+            "this provider has no image generation",
+        ))
+    }
     async fn models(&self) -> Result<Vec<String>, ServiceError>;
+}
+
+/// A generated image: its bytes, or where the provider keeps it (to be fetched and stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GeneratedImage {
+    Bytes(Vec<u8>),
+    Url(String),
 }
