@@ -63,7 +63,7 @@ pub enum QueueConfig {
         queue_prefix: String,
         /// Let RabbitMQ delete queues idle this long (test and preview deployments). Unset in
         /// production.
-        #[serde(default)]
+        #[serde(default, deserialize_with = "lenient::option")]
         idle_queue_expiry_secs: Option<u64>,
     },
 }

@@ -34,7 +34,7 @@ pub enum Command {
     Serve {
         /// What this process runs: `all` (default), `api` (HTTP + Socket.IO) or `worker`
         /// (queue consumers and scheduled jobs; serves only the probes and /metrics).
-        #[arg(long, value_enum, default_value_t = Role::All)]
+        #[arg(long, value_enum, default_value_t = Role::All, env = "CONFAB_ROLE")]
         role: Role,
         /// Listen on this address instead of the configured one, e.g. 0.0.0.0:8080.
         #[arg(long, value_name = "ADDR")]

@@ -98,6 +98,7 @@ pub struct Application {
     router: Router,
     state: AppState,
     depths: Arc<MeteredBroker>,
+    role: Role,
 }
 
 impl Application {
@@ -208,6 +209,7 @@ impl Application {
             router,
             state,
             depths,
+            role,
         })
     }
 
@@ -250,27 +252,38 @@ impl Application {
         .with_graceful_shutdown(token.clone().cancelled_owned());
         let mut server = tokio::spawn(server.into_future());
         // Background work stops with the same token and is waited for (in-flight work drains).
-        let workers = vec![
+        // SPEC §1 roles: an api node serves and stores answers; a worker consumes the work
+        // queues and runs the scheduled jobs; `all` does both. Every node relays its outbox.
+        let (api, worker) = (self.role != Role::Worker, self.role != Role::Api);
+        let mut workers = vec![
             crate::metrics::spawn_upkeep(self.state.metrics.clone(), token.clone()),
             crate::workers::spawn_depth_gauges(self.depths.clone(), token.clone()),
-            crate::workers::spawn_mail_worker(self.state.clone(), token.clone()),
-            crate::workers::spawn_events_worker(self.state.clone(), token.clone()),
-            crate::jobs::spawn_scheduler(self.state.clone(), token.clone()),
-            crate::realtime::spawn_presence(
-                self.state.io.clone(),
-                self.state.cache.clone(),
-                token.clone(),
-            ),
             crate::workers::spawn_outbox_relay(
                 self.state.store.clone(),
                 self.state.broker.clone(),
                 self.state.relay_wake.clone(),
                 token.clone(),
             ),
-            crate::ai::spawn_request_worker(self.state.clone(), token.clone()),
-            crate::ai::spawn_response_consumer(self.state.clone(), token.clone()),
             crate::ai::spawn_circuit_gauges(self.state.clone(), token.clone()),
         ];
+        if worker {
+            workers.extend([
+                crate::workers::spawn_mail_worker(self.state.clone(), token.clone()),
+                crate::workers::spawn_events_worker(self.state.clone(), token.clone()),
+                crate::jobs::spawn_scheduler(self.state.clone(), token.clone()),
+                crate::ai::spawn_request_worker(self.state.clone(), token.clone()),
+            ]);
+        }
+        if api {
+            workers.extend([
+                crate::realtime::spawn_presence(
+                    self.state.io.clone(),
+                    self.state.cache.clone(),
+                    token.clone(),
+                ),
+                crate::ai::spawn_response_consumer(self.state.clone(), token.clone()),
+            ]);
+        }
 
         // Biased: once the token is cancelled the server may finish in the same poll, and the
         // shutdown path (with its log lines) must still be the one taken.

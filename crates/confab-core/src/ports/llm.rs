@@ -103,7 +103,11 @@ pub trait LlmProvider: Send + Sync + 'static {
     }
     /// `n` images for `prompt` (`POST /ai/generations` with `kind: "image"`); a provider
     /// without image generation says so with `Validation`.
-    async fn generate_images(&self, prompt: &str, n: u32) -> Result<Vec<GeneratedImage>, ServiceError> {
+    async fn generate_images(
+        &self,
+        prompt: &str,
+        n: u32,
+    ) -> Result<Vec<GeneratedImage>, ServiceError> {
         let _ = (prompt, n);
         Err(ServiceError::new(
             ServiceErrorKind::Validation,

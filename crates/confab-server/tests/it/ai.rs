@@ -835,3 +835,120 @@ async fn a_real_small_model_answers_through_the_queue() {
         "{answer}"
     );
 }
+
+/// SPEC §1 "many nodes" for the assistant: an api process and a worker process on
+/// PostgreSQL + Redis + RabbitMQ. The worker's tokens reach the socket on the api node
+/// (through Redis); the worker is killed (SIGKILL) mid-answer, RabbitMQ hands the request to
+/// a new worker, and the answer is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_answer_is_replaced_and_the_answer_is_stored_once() {
+    let what = "api and worker processes on PostgreSQL + Redis + RabbitMQ";
+    let (Some(admin), Some(redis), Some(amqp)) = (
+        confab_core::testing::service_url("TEST_DATABASE_URL", what),
+        confab_core::testing::service_url("TEST_REDIS_URL", what),
+        confab_core::testing::service_url("TEST_AMQP_URL", what),
+    ) else {
+        return;
+    };
+    let db = confab_adapters::testing::TempDatabase::create(&admin).await;
+    let openai = FakeLlm::start(Wire::OpenAi).await;
+    let pieces: Vec<String> = (0..30).map(|i| format!("p{i} ")).collect();
+    openai.set_fallback(Step::Stream {
+        pieces: pieces.clone(),
+        gap: Duration::from_millis(100),
+        cut: 9,
+        usage: (3, 30),
+    });
+    let prefix = confab_core::testing::unique("ai-nodes");
+    let vars = |role: &'static str| {
+        vec![
+            ("CONFAB_ROLE", role.to_owned()),
+            ("DATABASE_URL", db.url.clone()),
+            ("REDIS_URL", redis.clone()),
+            ("CONFAB__CACHE__KEY_PREFIX", format!("{prefix}:")),
+            ("RABBITMQ_URL", amqp.clone()),
+            ("CONFAB__QUEUE__QUEUE_PREFIX", format!("{prefix}.")),
+            ("CONFAB__QUEUE__IDLE_QUEUE_EXPIRY_SECS", "60".to_owned()),
+            ("OPENAI_BASE_URL", openai.url.clone()),
+            ("OPENAI_MODEL", "gpt-fake".to_owned()),
+        ]
+    };
+    let start = async |dir: &std::path::Path, role: &'static str| {
+        let vars = vars(role);
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (child, mut lines, _, address) = crate::cli::spawn_serve(dir, &vars).await;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        (child, format!("http://{address}"))
+    };
+    let dirs = [
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    ];
+    let (_api, api) = start(dirs[0].path(), "api").await;
+    let (mut first_worker, _) = start(dirs[1].path(), "worker").await;
+
+    let http = reqwest::Client::new();
+    let session: Value = http
+        .post(format!("{api}/api/v1/auth/register"))
+        .json(&json!({ "email": format!("{}@example.com", confab_core::testing::unique("ann")), "password": "correct horse battery staple", "name": "Ann" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = session["accessToken"].as_str().unwrap().to_owned();
+    let (_socket, mut events) = sio::connect(&api, &json!({ "token": token }))
+        .await
+        .unwrap();
+    let queued: Value = http
+        .post(format!("{api}/api/v1/ai/messages"))
+        .bearer_auth(&token)
+        .json(&json!({ "message": "Count slowly" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let request = queued["requestId"].as_str().unwrap().to_owned();
+    // The first worker's tokens cross to the api node's socket.
+    for expected in 0..3 {
+        let token = sio::next_named(&mut events, "ai:token", WAIT)
+            .await
+            .expect("tokens from the worker");
+        assert_eq!(token.data["index"], expected);
+        assert_eq!(token.data["requestId"], request.as_str());
+    }
+    first_worker.start_kill().unwrap();
+    first_worker.wait().await.unwrap();
+    assert_eq!(openai.calls(), 1);
+
+    // A new worker gets the request again (the dead one never acknowledged it) and answers.
+    let (_second_worker, _) = start(dirs[2].path(), "worker").await;
+    let heard = hear(&mut events, &request).await;
+    assert_eq!(heard.response["message"]["content"], pieces.concat());
+    assert_eq!(heard.response["message"]["status"], "complete");
+    assert_eq!(openai.calls(), 2, "asked once per worker");
+    let session: Value = http
+        .get(format!(
+            "{api}/api/v1/ai/sessions/{}",
+            queued["sessionId"].as_str().unwrap()
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let roles: Vec<&str> = session["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["user", "assistant"], "stored once: {session}");
+    db.drop().await;
+}
