@@ -11,7 +11,8 @@ use confab_core::ports::broker::{Delivery, Envelope, queues};
 use confab_core::ports::llm::LlmProvider;
 use confab_core::services::ai::chain::{Chain, Policy};
 use confab_core::services::ai::{
-    AiEvents, AiFailureEvent, AiSettings, RESPONSE_KIND, Request, Response, Token,
+    AiEvents, AiFailureEvent, AiSettings, ChatToken, MENTION_KIND, Mention, RESPONSE_KIND, Request,
+    Response, Token,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -145,6 +146,7 @@ impl AiConfig {
 /// What goes to users' sockets, in the order it happened.
 enum Outgoing {
     Token(UserId, Token),
+    ChatToken(confab_core::domain::ChatId, ChatToken),
     Response(UserId, serde_json::Value),
     Error(UserId, AiFailureEvent),
 }
@@ -163,6 +165,9 @@ impl SocketEvents {
                 match out {
                     Outgoing::Token(user, token) => {
                         emit(&io, user_room(user), "ai:token", &token).await;
+                    }
+                    Outgoing::ChatToken(chat, token) => {
+                        emit(&io, crate::realtime::chat_room(chat), "ai:token", &token).await;
                     }
                     Outgoing::Response(user, body) => {
                         emit(&io, user_room(user), "ai:response", &body).await;
@@ -193,6 +198,10 @@ impl AiEvents for SocketEvents {
 
     fn error(&self, user: UserId, error: &AiFailureEvent) {
         let _ = self.tx.send(Outgoing::Error(user, error.clone()));
+    }
+
+    fn chat_token(&self, chat: confab_core::domain::ChatId, token: &ChatToken) {
+        let _ = self.tx.send(Outgoing::ChatToken(chat, token.clone()));
     }
 }
 
@@ -248,6 +257,10 @@ async fn answer_one(
     ai: &confab_core::services::ai::AiService,
     delivery: &Delivery,
 ) {
+    if delivery.envelope.kind == MENTION_KIND {
+        answer_mention(state, ai, delivery).await;
+        return;
+    }
     let request: Request = match serde_json::from_value(delivery.envelope.payload.clone()) {
         Ok(r) => r,
         Err(error) => {
@@ -289,6 +302,67 @@ async fn answer_one(
     if let Err(error) = settled {
         tracing::warn!(%error, "Could not settle a chat request.");
     }
+}
+
+/// An `@assistant` mention: answered and posted into the chat (once), then acknowledged.
+async fn answer_mention(
+    state: &AppState,
+    ai: &confab_core::services::ai::AiService,
+    delivery: &Delivery,
+) {
+    let settled = match serde_json::from_value::<Mention>(delivery.envelope.payload.clone()) {
+        Err(error) => {
+            tracing::warn!(%error, "A mention that is not one; dropped.");
+            state.broker.ack(delivery).await
+        }
+        Ok(mention) => match ai.answer_mention(&mention).await {
+            Ok(_) => state.broker.ack(delivery).await,
+            Err(error) => state.broker.nack(delivery, &error.to_string()).await,
+        },
+    };
+    if let Err(error) = settled {
+        tracing::warn!(%error, "Could not settle a mention.");
+    }
+}
+
+/// The `message.created` events of a batch that mention the assistant, turned into
+/// `chat_requests` (one per message: the envelope id is the message's, so a redelivered
+/// event publishes nothing new where the queue absorbs duplicates, and the answer is posted
+/// once either way). Nothing when no provider is configured.
+pub async fn forward_mentions(state: &AppState, deliveries: &[Delivery]) -> anyhow::Result<()> {
+    if state.ai.chain().is_none() {
+        return Ok(());
+    }
+    let mentions: Vec<Envelope> = deliveries
+        .iter()
+        .filter(|d| {
+            d.envelope.kind == "message.created"
+                && d.envelope.payload["mentionsAssistant"] == serde_json::Value::Bool(true)
+        })
+        .filter_map(|d| {
+            let p = &d.envelope.payload;
+            let mention = Mention {
+                chat_id: serde_json::from_value(p["chatId"].clone()).ok()?,
+                message_id: serde_json::from_value(p["messageId"].clone()).ok()?,
+                user_id: serde_json::from_value(p["senderId"].clone()).ok()?,
+            };
+            Some(Envelope {
+                id: confab_core::domain::EventId(mention.message_id.0),
+                kind: MENTION_KIND.into(),
+                attempt: 0,
+                created_at: confab_core::domain::now(),
+                trace_id: d.envelope.trace_id.clone(),
+                payload: serde_json::to_value(&mention).ok()?,
+            })
+        })
+        .collect();
+    if !mentions.is_empty() {
+        state
+            .broker
+            .publish_all(queues::CHAT_REQUESTS, &mentions)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Consumes `chat_responses` until `shutdown`: each answer stored once and told to its user.

@@ -169,7 +169,8 @@ impl Application {
                 config.ai.settings(),
                 crate::ai::SocketEvents::spawn(io.clone()),
             )
-            .on_published(Arc::new(move || wake.notify_one())),
+            .on_published(Arc::new(move || wake.notify_one()))
+            .with_chats(chats.clone()),
         );
         let _ = ai_slot.set(ai.clone());
         // Lives as long as the chat service's writer.

@@ -164,6 +164,7 @@ pub fn spawn_events_worker(
         256,
         shutdown,
         |state, deliveries| async move {
+            crate::ai::forward_mentions(&state, &deliveries).await?;
             let (deliveries, mut deleted) = delete_media(&state, deliveries).await?;
             let failed = digest_mails(&state, &deliveries).await;
             if failed.is_empty() {

@@ -19,14 +19,16 @@ use serde::{Deserialize, Serialize};
 
 use self::chain::{Answer, Chain, Failure, Link};
 use crate::domain::{
-    AiFeedback, AiMessage, AiMessageId, AiRequestId, AiSession, AiSessionId, EventId, OutboxEntry,
-    ServiceErrorId, StoredServiceError, Timestamp, UserId, now,
+    AiFeedback, AiMessage, AiMessageId, AiRequestId, AiSession, AiSessionId, ChatId, EventId,
+    Message, MessageId, MessageKind, OutboxEntry, Page, ServiceErrorId, StoredServiceError,
+    Timestamp, UserId, now,
 };
 use crate::error::{ErrorCode, ServiceError};
 use crate::ports::broker::queues;
 use crate::ports::cache::{Cache, RateLimit, keys};
 use crate::ports::llm::{Role, Turn, Usage};
 use crate::ports::store::{Store, StoreError};
+use crate::services::chats::{ChatError, ChatService, Draft};
 
 /// What the user reads when no provider could answer.
 pub const FRIENDLY_FAILURE: &str =
@@ -36,6 +38,28 @@ pub const FRIENDLY_FAILURE: &str =
 pub const REQUEST_KIND: &str = "ai.request";
 /// The `chat_responses` message kind.
 pub const RESPONSE_KIND: &str = "ai.response";
+/// The `chat_requests` message kind of an `@assistant` mention in a people chat.
+pub const MENTION_KIND: &str = "ai.mention";
+
+/// The `chat_requests` payload of a mention: the message that called the assistant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Mention {
+    pub chat_id: ChatId,
+    pub message_id: MessageId,
+    pub user_id: UserId,
+}
+
+/// A piece of an answer to a mention (`ai:token` to `chat:<id>`): `messageId` is the
+/// message that called the assistant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatToken {
+    pub chat_id: ChatId,
+    pub message_id: MessageId,
+    pub delta: String,
+    pub index: u64,
+}
 
 #[derive(Debug, Clone)]
 pub struct AiSettings {
@@ -67,6 +91,8 @@ pub trait AiEvents: Send + Sync {
     fn token(&self, user: UserId, token: &Token);
     fn response(&self, user: UserId, message: &AiMessage);
     fn error(&self, user: UserId, error: &AiFailureEvent);
+    /// A piece of an answer to an `@assistant` mention, to everyone in the chat's room.
+    fn chat_token(&self, chat: ChatId, token: &ChatToken);
 }
 
 /// One piece of an answer (`ai:token`). `index` counts the pieces of the request from 0, so
@@ -207,6 +233,8 @@ pub struct AiService {
     events: Arc<dyn AiEvents>,
     /// Called after a request's intent commits (wakes the outbox relay).
     published: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Where answers to `@assistant` mentions are posted.
+    chats: Option<Arc<ChatService>>,
 }
 
 impl AiService {
@@ -224,7 +252,15 @@ impl AiService {
             settings,
             events,
             published: None,
+            chats: None,
         }
+    }
+
+    /// Answers to `@assistant` mentions are posted through `chats`.
+    #[must_use]
+    pub fn with_chats(mut self, chats: Arc<ChatService>) -> Self {
+        self.chats = Some(chats);
+        self
     }
 
     /// `wake` runs after a request's intent commits, so the relay publishes it at once.
@@ -689,6 +725,112 @@ impl AiService {
         }
         self.events.response(response.user_id, &message);
         Ok(Some(message))
+    }
+
+    /// An `@assistant` mention in a people chat (SPEC §3): the chat's last N messages up to
+    /// the mention are the context; pieces go to the chat's room as they come; the answer is
+    /// posted as an `ai` message (from the member who asked, with client id
+    /// `ai:{mention}`, so a redelivered mention posts nothing twice). `None` when there is
+    /// nothing to do: answered before, or the asker left the chat.
+    pub async fn answer_mention(&self, mention: &Mention) -> Result<Option<Message>, AiError> {
+        let Some(chats) = self.chats.clone() else {
+            return Err(AiError::Unconfigured);
+        };
+        let chain = Arc::clone(self.configured()?);
+        let client_id = format!("ai:{}", mention.message_id);
+        if self
+            .store
+            .message_by_client_id(mention.user_id, &client_id)
+            .await?
+            .is_some()
+        {
+            return Ok(None);
+        }
+        let limit = self
+            .settings
+            .context_messages
+            .saturating_add(1)
+            .clamp(1, 200);
+        let page = Page {
+            before: None,
+            after: None,
+            limit,
+        };
+        let recent = match chats.messages(mention.user_id, mention.chat_id, page).await {
+            Ok((messages, _)) => messages,
+            Err(ChatError::NotFound) => return Ok(None),
+            Err(ChatError::Store(e)) => return Err(e.into()),
+            Err(e) => return Err(AiError::Validation(e.to_string())),
+        };
+        let mut turns = Vec::with_capacity(recent.len() + 1);
+        if !self.settings.system_prompt.is_empty() {
+            turns.push(Turn::new(Role::System, self.settings.system_prompt.clone()));
+        }
+        let mut earlier: Vec<&Message> = recent
+            .iter()
+            .filter(|m| m.id <= mention.message_id && m.deleted_at.is_none())
+            .collect();
+        earlier.sort_by_key(|m| m.id);
+        for m in earlier {
+            let Some(text) = m.text.as_deref().filter(|t| !t.is_empty()) else {
+                continue;
+            };
+            let role = if m.kind == MessageKind::Ai {
+                Role::Assistant
+            } else {
+                Role::User
+            };
+            turns.push(Turn::new(role, text));
+        }
+        let request = Request {
+            request_id: AiRequestId(mention.message_id.0),
+            session_id: AiSessionId(mention.chat_id.0),
+            user_id: mention.user_id,
+            model: None,
+        };
+        let events = Arc::clone(&self.events);
+        let mut index = 0u64;
+        let mut relay = |piece: &str| {
+            events.chat_token(
+                mention.chat_id,
+                &ChatToken {
+                    chat_id: mention.chat_id,
+                    message_id: mention.message_id,
+                    delta: piece.to_owned(),
+                    index,
+                },
+            );
+            index += 1;
+        };
+        let outcome = self
+            .answer(&chain, None, &turns, &request, false, &mut relay)
+            .await;
+        let text = match outcome {
+            Outcome::Answered(answer) => answer.completion.content,
+            Outcome::Cached(hit) => hit.content,
+            Outcome::Failed(failure, _) => {
+                tracing::warn!(code = failure.error.code().as_str(), error = %failure.error, "The assistant could not answer a mention.");
+                FRIENDLY_FAILURE.to_owned()
+            }
+            Outcome::Cancelled(so_far) => so_far,
+        };
+        // A chat message holds at most 10,000 characters.
+        let text: String = text.chars().take(10_000).collect();
+        let draft = Draft {
+            id: MessageId::new(),
+            kind: MessageKind::Ai,
+            text: Some(text),
+            image: None,
+        };
+        match chats
+            .append_draft(mention.user_id, mention.chat_id, draft, Some(client_id))
+            .await
+        {
+            Ok(sent) if sent.created => Ok(Some(sent.message)),
+            Ok(_) | Err(ChatError::NotFound) => Ok(None),
+            Err(ChatError::Store(e)) => Err(e.into()),
+            Err(e) => Err(AiError::Validation(e.to_string())),
+        }
     }
 
     /// `POST /ai/chat`: the same request answered in the caller's time, pieces to `on_delta`

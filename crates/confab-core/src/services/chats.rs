@@ -550,6 +550,9 @@ impl ChatService {
                 "messageId": message.id,
                 "chatId": chat,
                 "senderId": who,
+                // An assistant's own answer never calls the assistant again.
+                "mentionsAssistant": message.kind != MessageKind::Ai
+                    && message.text.as_deref().is_some_and(mentions_assistant),
             }),
             trace_id: None,
             created_at: message.created_at,
@@ -672,8 +675,41 @@ fn same_chat(message: Message, chat: ChatId) -> Result<Message, ChatError> {
     }
 }
 
+/// Whether `text` calls the assistant: `@assistant` as a word (any case), as SPEC §3 says.
+pub fn mentions_assistant(text: &str) -> bool {
+    const NAME: &str = "@assistant";
+    let lower = text.to_lowercase();
+    lower.match_indices(NAME).any(|(at, _)| {
+        let before = lower[..at].chars().next_back();
+        let after = lower[at + NAME.len()..].chars().next();
+        before.is_none_or(|c| !c.is_alphanumeric() && c != '@')
+            && after.is_none_or(|c| !c.is_alphanumeric() && c != '_')
+    })
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_assistant_is_mentioned_as_a_word() {
+        for yes in [
+            "@assistant what is 2+2?",
+            "hey @Assistant, help",
+            "ask (@ASSISTANT)",
+        ] {
+            assert!(mentions_assistant(yes), "{yes}");
+        }
+        for no in [
+            "assistant",
+            "@assistants",
+            "me@assistant.io",
+            "@assistant_bot",
+            "x@assistant",
+        ] {
+            assert!(!mentions_assistant(no), "{no}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -760,6 +760,7 @@ on_every_backend!(
     redelivered_requests_and_answers_are_stored_once,
     the_per_user_limit_and_bad_input,
     synchronous_chat_as_json_and_server_sent_events,
+    a_mention_in_a_people_chat_is_answered_in_the_chat,
 );
 
 /// SPEC §8: with no provider the server runs; AI endpoints answer 503 naming what to set.
@@ -951,4 +952,128 @@ async fn a_worker_killed_mid_answer_is_replaced_and_the_answer_is_stored_once() 
         .collect();
     assert_eq!(roles, ["user", "assistant"], "stored once: {session}");
     db.drop().await;
+}
+
+/// `@assistant` in a people chat (SPEC §3): the answer streams to the chat's room and is
+/// posted into the chat as an `ai` message; a redelivered mention posts nothing twice; a
+/// message without the mention calls no provider.
+async fn a_mention_in_a_people_chat_is_answered_in_the_chat(backend: &Backend) {
+    use confab_core::ports::broker::{Envelope, queues};
+    let ai = ai_app(backend, |_| {}).await;
+    let app = &ai.app;
+    let ann = person(app, "ann").await;
+    let bob = person(app, "bob").await;
+    let chat = crate::live::group(app, &ann, &[&bob]).await;
+    let (anns, _ann_events) = connect(app, &ann).await;
+    let (bobs, mut bob_events) = connect(app, &bob).await;
+    for socket in [&anns, &bobs] {
+        let joined = socket
+            .call("chat:join", &json!({ "chatId": chat }), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(joined["ok"], true);
+    }
+    let plain = anns
+        .call(
+            "message:send",
+            &json!({ "chatId": chat, "clientId": "c1", "text": "hello bob, assistant-free" }),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(plain["ok"], true);
+    ai.openai.push(Step::Stream {
+        pieces: vec!["Two plus two ".into(), "is four.".into()],
+        gap: Duration::from_millis(20),
+        cut: 3,
+        usage: (9, 2),
+    });
+    let asked = anns
+        .call(
+            "message:send",
+            &json!({ "chatId": chat, "clientId": "c2", "text": "@assistant what is 2+2?" }),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(asked["ok"], true);
+    let asked_id = asked["id"].as_str().unwrap();
+    // Bob sees the answer stream into the chat, then the posted message.
+    let mut streamed = String::new();
+    let posted = loop {
+        let event = tokio::time::timeout(WAIT, bob_events.recv())
+            .await
+            .expect("the answer in time")
+            .unwrap();
+        match event.name.as_str() {
+            "ai:token" => {
+                assert_eq!(event.data["chatId"], chat.as_str());
+                assert_eq!(event.data["messageId"], asked_id);
+                streamed.push_str(event.data["delta"].as_str().unwrap());
+            }
+            "message:new" if event.data["kind"] == "ai" => break event.data,
+            _ => {}
+        }
+    };
+    assert_eq!(streamed, "Two plus two is four.");
+    assert_eq!(posted["text"], "Two plus two is four.");
+    assert_eq!(posted["chatId"], chat.as_str());
+    assert_eq!(posted["senderId"], ann.id.as_str());
+    assert_eq!(
+        ai.openai.calls(),
+        1,
+        "only the mention called the assistant"
+    );
+    let sent = ai.openai.requests().pop().unwrap();
+    let last = sent["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        last,
+        json!({ "role": "user", "content": "@assistant what is 2+2?" })
+    );
+    assert!(
+        sent["messages"].to_string().contains("hello bob"),
+        "the chat so far is the context"
+    );
+
+    // The mention delivered again: nothing new.
+    app.state
+        .broker
+        .publish(
+            queues::CHAT_REQUESTS,
+            &Envelope {
+                id: confab_core::domain::EventId::new(),
+                kind: "ai.mention".into(),
+                attempt: 1,
+                created_at: confab_core::domain::now(),
+                trace_id: None,
+                payload: json!({ "chatId": chat, "messageId": asked_id, "userId": ann.id }),
+            },
+        )
+        .await
+        .unwrap();
+    confab_core::testing::eventually("the redelivered mention is consumed", WAIT, || async {
+        matches!(
+            app.state
+                .broker
+                .depth(queues::CHAT_REQUESTS)
+                .await
+                .map(|d| d.pending),
+            Ok(0)
+        )
+    })
+    .await;
+    let messages = get_json(app, &format!("/api/v1/chats/{chat}/messages"), &bob.token).await;
+    let kinds: Vec<&str> = messages["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "ai").count(),
+        1,
+        "{messages}"
+    );
+    assert_eq!(kinds.len(), 3);
+    assert_eq!(ai.openai.calls(), 1);
 }
