@@ -187,6 +187,7 @@ fn documented_routes(role: Role, upload_limit: usize) -> OpenApiRouter<AppState>
         .routes(routes!(ai::cancel_request))
         .routes(routes!(ai::chat))
         .routes(routes!(ai::models))
+        .routes(routes!(ai::embeddings))
         .merge(
             // Their own body limit: a file, not a JSON body.
             OpenApiRouter::new()

@@ -131,6 +131,9 @@ pub enum AiError {
     RateLimited { retry_after: Duration },
     #[error("the answer is already finished")]
     Finished,
+    /// A provider failed a call answered in the caller's time (embeddings).
+    #[error("{message}")]
+    Upstream { code: ErrorCode, message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -883,6 +886,53 @@ impl AiService {
             .ok_or(AiError::NotFound)
     }
 
+    /// `POST /ai/embeddings`: one vector per input, in order, from the first link whose
+    /// provider has embeddings (its configured embedding model); the next on failure.
+    pub async fn embed(&self, user: UserId, input: &[String]) -> Result<Embedded, AiError> {
+        let chain = Arc::clone(self.configured()?);
+        if input.is_empty() || input.len() > 256 {
+            return Err(AiError::Validation("input must hold 1 to 256 texts".into()));
+        }
+        if let Some(long) = input
+            .iter()
+            .position(|t| t.chars().count() > self.settings.max_message_chars)
+        {
+            return Err(AiError::Validation(format!(
+                "input[{long}] must be at most {} characters",
+                self.settings.max_message_chars
+            )));
+        }
+        self.limit(user).await?;
+        let mut last = None;
+        let mut seen = Vec::new();
+        for link in chain.links() {
+            // One call per provider, whatever its links' chat models.
+            if seen.contains(&link.provider()) {
+                continue;
+            }
+            seen.push(link.provider());
+            match link.backend().embed("", input).await {
+                Ok(vectors) => {
+                    return Ok(Embedded {
+                        vectors,
+                        provider: link.provider().to_owned(),
+                    });
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(match last {
+            Some(e) if e.kind != crate::error::ServiceErrorKind::Validation => AiError::Upstream {
+                code: e.code(),
+                message: e.to_string(),
+            },
+            _ => AiError::Upstream {
+                code: ErrorCode::Unavailable,
+                message: "no configured provider has embeddings".into(),
+            },
+        })
+    }
+
     /// `GET /ai/requests/{id}`: the answer so far, or how it ended.
     pub async fn stream_state(
         &self,
@@ -1018,6 +1068,13 @@ impl AiService {
     }
 }
 
+/// Vectors for `POST /ai/embeddings`, and the provider that made them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    pub vectors: Vec<Vec<f32>>,
+    pub provider: String,
+}
+
 /// How answering went.
 enum Outcome {
     Answered(Answer),
@@ -1087,6 +1144,7 @@ impl From<&AiError> for ErrorCode {
             AiError::NotFound => Self::NotFound,
             AiError::RateLimited { .. } => Self::RateLimited,
             AiError::Finished => Self::Conflict,
+            AiError::Upstream { code, .. } => *code,
             AiError::Store(_) => Self::InternalError,
         }
     }

@@ -38,6 +38,16 @@ impl From<AiError> for ApiError {
                     .with_retry_after(retry_after.as_secs().max(1))
             }
             AiError::Finished => Self::new(code, "The answer is already finished."),
+            // The provider's message goes to the log, not to the client.
+            AiError::Upstream { message, .. } => Self::new(
+                code,
+                if code == ErrorCode::Unavailable {
+                    "No configured AI provider offers embeddings (Ollama needs OLLAMA_EMBEDDING_MODEL)."
+                } else {
+                    FRIENDLY_FAILURE
+                },
+            )
+            .with_source(message),
             AiError::Store(e) => e.into(),
         }
     }
@@ -491,4 +501,56 @@ pub async fn models(
         })
         .unwrap_or_default();
     Json(ModelsBody { items })
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EmbeddingsRequest {
+    /// 1 to 256 texts, each at most 10,000 characters.
+    pub input: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EmbeddingBody {
+    pub index: usize,
+    pub embedding: Vec<f32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EmbeddingsBody {
+    /// One vector per input, in the order given.
+    pub data: Vec<EmbeddingBody>,
+    pub provider: String,
+}
+
+/// Vectors for texts, from the configured embedding model.
+#[utoipa::path(post, path = "/api/v1/ai/embeddings", tag = "ai",
+    security(("bearerAuth" = [])),
+    request_body = EmbeddingsRequest,
+    responses(
+        (status = 200, description = "The vectors.", body = EmbeddingsBody),
+        (status = 400, description = "No input, too many, or one too long.", body = ErrorBody),
+        (status = 401, description = "No valid access token.", body = ErrorBody),
+        (status = 422, description = "The body lacks a field or has one of the wrong type.", body = ErrorBody),
+        (status = 429, description = "Too many requests this minute.", body = ErrorBody),
+        (status = 502, description = "The provider failed.", body = ErrorBody),
+        (status = 503, description = "No provider (with embeddings) is configured.", body = ErrorBody),
+    ))]
+pub async fn embeddings(
+    State(state): State<AppState>,
+    Authenticated(who): Authenticated,
+    ApiJson(body): ApiJson<EmbeddingsRequest>,
+) -> Result<Json<EmbeddingsBody>, ApiError> {
+    let embedded = state.ai.embed(who.user_id, &body.input).await?;
+    Ok(Json(EmbeddingsBody {
+        data: embedded
+            .vectors
+            .into_iter()
+            .enumerate()
+            .map(|(index, embedding)| EmbeddingBody { index, embedding })
+            .collect(),
+        provider: embedded.provider,
+    }))
 }

@@ -736,6 +736,32 @@ async fn synchronous_chat_as_json_and_server_sent_events(backend: &Backend) {
     .await;
     assert_eq!(session["messages"].as_array().unwrap().len(), 4);
 
+    // Embeddings: from the first provider that has them (the fake OpenAI lists its vectors
+    // in reverse; they come back in input order).
+    let response = call(
+        app,
+        Method::POST,
+        "/api/v1/ai/embeddings",
+        Some(&ann.token),
+        Some(json!({ "input": ["a", "bcd"] })),
+    )
+    .await;
+    assert_eq!(response.status().as_u16(), 200);
+    let vectors: Value = response.json().await.unwrap();
+    assert_eq!(
+        vectors,
+        json!({ "data": [{ "index": 0, "embedding": [1.0, 97.0, 0.5] }, { "index": 1, "embedding": [3.0, 98.0, 0.5] }], "provider": "openai" })
+    );
+    let response = call(
+        app,
+        Method::POST,
+        "/api/v1/ai/embeddings",
+        Some(&ann.token),
+        Some(json!({ "input": [] })),
+    )
+    .await;
+    assert_error(response, 400, "VALIDATION_ERROR").await;
+
     ai.openai.set_fallback(Step::status(500));
     ai.ollama.set_fallback(Step::status(500));
     let response = call(
