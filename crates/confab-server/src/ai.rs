@@ -106,7 +106,8 @@ impl AiConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        let checks: [(&'static str, u64, u64, u64); 7] = [
+        let checks: [(&'static str, u64, u64, u64); 8] = [
+            ("ai.worker_concurrency", u64::from(self.worker_concurrency), 1, 100_000),
             ("ai.timeout_secs", self.timeout_secs, 1, 600),
             ("ai.attempts", u64::from(self.attempts), 1, 10),
             ("ai.backoff_ms", self.backoff_ms, 1, 60_000),
@@ -205,11 +206,8 @@ impl AiEvents for SocketEvents {
     }
 }
 
-/// Requests answered at once by one worker: each mostly waits on its provider.
-const CONCURRENT_REQUESTS: usize = 512;
-
 /// Consumes `chat_requests` until `shutdown`: each request answered in a task of its own
-/// (up to [`CONCURRENT_REQUESTS`] at once), its answer published to `chat_responses`, then
+/// (up to `ai.worker_concurrency` at once), its answer published to `chat_responses`, then
 /// acknowledged. A failure to publish nacks it (retried; the answer is stored once).
 pub fn spawn_request_worker(
     state: AppState,
@@ -220,7 +218,8 @@ pub fn spawn_request_worker(
         if ai.chain().is_none() {
             return;
         }
-        let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_REQUESTS));
+        let concurrency = usize::try_from(state.config.ai.worker_concurrency).unwrap_or(512);
+        let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
         loop {
             let free = slots.available_permits().clamp(1, 64);
             let received = tokio::select! {

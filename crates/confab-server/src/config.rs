@@ -625,6 +625,8 @@ pub struct AiConfig {
     pub max_tokens: Option<u32>,
     /// A Slack-style webhook told of critical provider errors (`CONFIG_ERROR`, `API_ERROR`).
     pub webhook_url: Option<SecretUrl>,
+    /// Requests one worker answers at once (each mostly waits on its provider).
+    pub worker_concurrency: u32,
 }
 
 impl Default for AiConfig {
@@ -645,6 +647,7 @@ impl Default for AiConfig {
             system_prompt: "You are a helpful assistant.".into(),
             max_tokens: None,
             webhook_url: None,
+            worker_concurrency: 512,
         }
     }
 }
