@@ -578,3 +578,239 @@ async fn ollama_provider_passes_the_llm_suite() {
         .unwrap();
     assert_eq!(vectors, [vec![1.0, 97.0, 0.5], vec![3.0, 98.0, 0.5]]);
 }
+
+/// The suite's conversation, naming `model`.
+fn llm_request(model: &str, max_tokens: Option<u32>) -> confab_core::ports::llm::CompletionRequest {
+    use confab_core::ports::llm::{CompletionRequest, Role, Turn};
+    CompletionRequest {
+        model: model.into(),
+        turns: vec![
+            Turn::new(Role::System, "Be brief."),
+            Turn::new(Role::User, "Say hello"),
+        ],
+        max_tokens,
+    }
+}
+
+#[tokio::test]
+async fn anthropic_provider_passes_the_llm_suite() {
+    use confab_adapters::llm::{AnthropicConfig, build_anthropic};
+    use confab_adapters::testing::fake_llm::{FakeLlm, Scripted, Step, Wire};
+    use confab_core::error::ServiceErrorKind;
+    use confab_core::settings::Secret;
+    let fake = FakeLlm::start(Wire::Anthropic).await;
+    testing::llm::run_all(&fake).await;
+
+    // The system prompt is a field of its own, and max_tokens is always sent.
+    fake.push(Step::pieces(&["Hi"]));
+    let completion = fake
+        .provider()
+        .complete(&llm_request("claude-x", None), &mut |_: &str| {})
+        .await
+        .unwrap();
+    assert_eq!(completion.content, "Hi");
+    assert_eq!(completion.model, "claude-x");
+    let sent = fake.requests().pop().unwrap();
+    assert_eq!(sent["system"], "Be brief.");
+    assert_eq!(
+        sent["messages"],
+        serde_json::json!([{"role": "user", "content": "Say hello"}])
+    );
+    assert_eq!(sent["max_tokens"], 1024);
+    assert_eq!(sent["stream"], true);
+    assert_eq!(fake.provider().models().await.unwrap(), ["fake-model"]);
+
+    // A refused key is an API error with Anthropic's message, never the key.
+    let wrong = build_anthropic(&AnthropicConfig {
+        api_key: Some(Secret::new("sk-ant-wrong-key")),
+        base_url: Some(fake.url.clone()),
+        model: None,
+    })
+    .unwrap();
+    let e = wrong
+        .complete(&llm_request("claude-x", None), &mut |_: &str| {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ServiceErrorKind::Api);
+    assert!(e.message.contains("invalid x-api-key"), "{}", e.message);
+    assert!(!e.to_string().contains("sk-ant-wrong-key"), "{e}");
+}
+
+#[tokio::test]
+async fn replicate_provider_passes_the_llm_suite() {
+    use confab_adapters::llm::{ReplicateConfig, replicate_provider};
+    use confab_adapters::testing::fake_llm::{
+        FAKE_KEY, FakeLlm, REPLICATE_VERSION, Scripted, Step, Wire,
+    };
+    use confab_core::error::ServiceErrorKind;
+    use confab_core::ports::llm::LlmProvider;
+    use confab_core::settings::Secret;
+    let fake = FakeLlm::start(Wire::Replicate).await;
+    testing::llm::run_all(&fake).await;
+
+    // A prediction is created once, then polled until it succeeds: `processing` twice, then
+    // `succeeded`, three polls. A model that is no version id runs the configured version.
+    let provider = fake.provider();
+    let (calls, polls) = (fake.calls(), fake.polls());
+    fake.push(Step::pieces(&["Hel", "lo"]));
+    let mut seen = Vec::new();
+    let completion = provider
+        .complete(&llm_request("replicate", Some(8)), &mut |p: &str| {
+            seen.push(p.to_owned());
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, ["Hello"]);
+    assert_eq!(completion.model, "fake/fake-model");
+    assert_eq!(fake.calls() - calls, 1, "one prediction");
+    assert_eq!(fake.polls() - polls, 3, "three polls");
+    let sent = fake.requests().pop().unwrap();
+    assert_eq!(sent["version"], REPLICATE_VERSION);
+    assert_eq!(
+        sent["input"],
+        serde_json::json!({
+            "prompt": "user: Say hello\n\nassistant:",
+            "system_prompt": "Be brief.",
+            "max_new_tokens": 8,
+        })
+    );
+    assert_eq!(provider.models().await.unwrap(), [REPLICATE_VERSION]);
+
+    // A prediction that outlives the deadline: `Timeout`, and it is cancelled.
+    let cancels = fake.cancels();
+    let slow = Step::Stream {
+        pieces: vec!["x".into(); 5],
+        gap: Duration::from_millis(200),
+        cut: 4096,
+        usage: (1, 5),
+    };
+    let bounded = replicate_provider(&ReplicateConfig {
+        api_key: Some(Secret::new(FAKE_KEY)),
+        api_url: Some(fake.url.clone()),
+        model_version: Some(REPLICATE_VERSION.into()),
+        ..ReplicateConfig::default()
+    })
+    .unwrap()
+    .with_poll(Duration::from_millis(20), Duration::from_millis(300));
+    fake.push(slow.clone());
+    let e = bounded
+        .complete(&llm_request("replicate", None), &mut |_: &str| {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ServiceErrorKind::Timeout, "{e}");
+    testing::eventually(
+        "the prediction is cancelled",
+        Duration::from_secs(5),
+        || async { fake.cancels() == cancels + 1 },
+    )
+    .await;
+
+    // A caller that stops waiting cancels it too.
+    fake.push(slow);
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(150),
+        provider.complete(&llm_request("replicate", None), &mut |_: &str| {}),
+    )
+    .await;
+    assert!(dropped.is_err(), "still running");
+    testing::eventually(
+        "the dropped prediction is cancelled",
+        Duration::from_secs(5),
+        || async { fake.cancels() == cancels + 2 },
+    )
+    .await;
+
+    // A refused token is an API error with Replicate's message, never the token.
+    let wrong = replicate_provider(&ReplicateConfig {
+        api_key: Some(Secret::new("r8_wrong_token")),
+        api_url: Some(fake.url.clone()),
+        model_version: Some(REPLICATE_VERSION.into()),
+        ..ReplicateConfig::default()
+    })
+    .unwrap();
+    let e = wrong
+        .complete(&llm_request("replicate", None), &mut |_: &str| {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ServiceErrorKind::Api);
+    assert!(e.message.contains("authentication token"), "{}", e.message);
+    assert!(!e.to_string().contains("r8_wrong_token"), "{e}");
+}
+
+#[tokio::test]
+async fn openai_provider_generates_images() {
+    use confab_adapters::llm::{OpenAiConfig, build_openai};
+    use confab_adapters::testing::fake_llm::{FakeLlm, PNG, Scripted, Wire};
+    use confab_core::ports::llm::GeneratedImage;
+    let fake = FakeLlm::start(Wire::OpenAi).await;
+    let images = fake.provider().generate_images("a cat", 3).await.unwrap();
+    assert_eq!(images, vec![GeneratedImage::Bytes(PNG.to_vec()); 3]);
+    let sent = fake.requests().pop().unwrap();
+    assert_eq!(
+        sent,
+        serde_json::json!({"model": "gpt-image-1", "prompt": "a cat", "n": 3}),
+        "gpt-image models refuse response_format"
+    );
+
+    // Other image models are asked for base64.
+    let dalle = build_openai(&OpenAiConfig {
+        base_url: Some(fake.url.clone()),
+        image_model: Some("dall-e-3".into()),
+        ..OpenAiConfig::default()
+    })
+    .unwrap();
+    let images = dalle.generate_images("a dog", 1).await.unwrap();
+    assert_eq!(images, [GeneratedImage::Bytes(PNG.to_vec())]);
+    let sent = fake.requests().pop().unwrap();
+    assert_eq!(sent["model"], "dall-e-3");
+    assert_eq!(sent["response_format"], "b64_json");
+}
+
+#[tokio::test]
+async fn replicate_provider_generates_images() {
+    use confab_adapters::llm::{ReplicateConfig, build_replicate};
+    use confab_adapters::testing::fake_llm::{
+        FAKE_KEY, FakeLlm, PNG, REPLICATE_VERSION, Scripted, Wire,
+    };
+    use confab_core::ports::llm::GeneratedImage;
+    use confab_core::settings::Secret;
+    let fake = FakeLlm::start(Wire::Replicate).await;
+    let polls = fake.polls();
+    let images = fake.provider().generate_images("a cat", 2).await.unwrap();
+    assert_eq!(fake.polls() - polls, 3, "three polls");
+    assert_eq!(images.len(), 2);
+    for image in images {
+        let GeneratedImage::Url(url) = image else {
+            panic!("Replicate answers URLs")
+        };
+        let bytes = reqwest::get(&url).await.unwrap().bytes().await.unwrap();
+        assert_eq!(bytes.as_ref(), PNG, "{url}");
+    }
+    let sent = fake.requests().pop().unwrap();
+    assert_eq!(sent["version"], REPLICATE_VERSION);
+    assert_eq!(
+        sent["input"],
+        serde_json::json!({"prompt": "a cat", "num_outputs": 2})
+    );
+
+    // An image model version of its own, when configured.
+    let image_version = "0".repeat(64);
+    let provider = build_replicate(&ReplicateConfig {
+        api_key: Some(Secret::new(FAKE_KEY)),
+        api_url: Some(fake.url.clone()),
+        model_version: Some(REPLICATE_VERSION.into()),
+        image_model_version: Some(image_version.clone()),
+        poll_interval_ms: Some(20),
+        deadline_secs: None,
+    })
+    .unwrap();
+    assert_eq!(provider.generate_images("a dog", 1).await.unwrap().len(), 1);
+    assert_eq!(
+        fake.requests().pop().unwrap()["version"],
+        image_version.as_str()
+    );
+    assert_eq!(
+        provider.models().await.unwrap(),
+        [REPLICATE_VERSION, image_version.as_str()]
+    );
+}

@@ -2,10 +2,13 @@
 //! Ollama's `/v1`, OpenRouter, Groq … Parsing is lenient where those servers differ: a
 //! server that ignores `stream` and answers JSON is fine, `[DONE]` may be missing when a
 //! `finish_reason` came, usage may come in the last chunk or not at all, unknown fields are
-//! ignored.
+//! ignored. Images: `/images/generations`, answered as base64 or as URLs.
 
+use base64::Engine;
 use confab_core::error::{ServiceError, ServiceErrorKind};
-use confab_core::ports::llm::{Completion, CompletionRequest, LlmProvider, OnDelta, Usage};
+use confab_core::ports::llm::{
+    Completion, CompletionRequest, GeneratedImage, LlmProvider, OnDelta, Usage,
+};
 use confab_core::settings::Secret;
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
@@ -15,6 +18,8 @@ use super::{invalid, status_error, transport_error};
 
 /// The provider's name in errors, metrics and stored answers.
 const NAME: &str = "openai";
+/// The image model unless [`OpenAiProvider::with_image_model`] names another.
+pub const DEFAULT_IMAGE_MODEL: &str = "gpt-image-1";
 
 pub struct OpenAiProvider {
     client: reqwest::Client,
@@ -22,6 +27,7 @@ pub struct OpenAiProvider {
     key: Option<Secret>,
     model: String,
     embedding_model: String,
+    image_model: String,
 }
 
 impl OpenAiProvider {
@@ -38,7 +44,15 @@ impl OpenAiProvider {
             key,
             model,
             embedding_model,
+            image_model: DEFAULT_IMAGE_MODEL.to_owned(),
         }
+    }
+
+    /// The model `generate_images` asks for (default [`DEFAULT_IMAGE_MODEL`]).
+    #[must_use]
+    pub fn with_image_model(mut self, model: String) -> Self {
+        self.image_model = model;
+        self
     }
 
     fn post(&self, path: &str) -> reqwest::RequestBuilder {
@@ -259,6 +273,26 @@ impl LlmProvider for OpenAiProvider {
         Ok(rows.into_iter().map(|(_, v)| v).collect())
     }
 
+    async fn generate_images(
+        &self,
+        prompt: &str,
+        n: u32,
+    ) -> Result<Vec<GeneratedImage>, ServiceError> {
+        let mut body = json!({"model": self.image_model, "prompt": prompt, "n": n});
+        // The gpt-image models always answer base64 and refuse `response_format` ("Unknown
+        // parameter"); DALL·E and compatible servers answer URLs unless asked for base64.
+        if !self.image_model.starts_with("gpt-image") {
+            body["response_format"] = json!("b64_json");
+        }
+        let answer: Value = self
+            .send(self.post("/images/generations").json(&body))
+            .await?
+            .json()
+            .await
+            .map_err(|e| transport_error(NAME, &e))?;
+        images(&answer)
+    }
+
     async fn models(&self) -> Result<Vec<String>, ServiceError> {
         let request = self.client.get(format!("{}/models", self.base));
         let request = match &self.key {
@@ -284,6 +318,34 @@ impl LlmProvider for OpenAiProvider {
     }
 }
 
+/// The images of an `/images/generations` answer: `data[].b64_json` (decoded) or
+/// `data[].url`.
+fn images(answer: &Value) -> Result<Vec<GeneratedImage>, ServiceError> {
+    let data = answer
+        .get("data")
+        .and_then(Value::as_array)
+        .ok_or_else(|| invalid(NAME, "an images answer without data"))?;
+    let images = data
+        .iter()
+        .map(|row| {
+            if let Some(encoded) = row.get("b64_json").and_then(Value::as_str) {
+                base64::engine::general_purpose::STANDARD
+                    .decode(encoded.trim())
+                    .map(GeneratedImage::Bytes)
+                    .map_err(|e| invalid(NAME, format!("an image that is not base64: {e}")))
+            } else if let Some(url) = row.get("url").and_then(Value::as_str) {
+                Ok(GeneratedImage::Url(url.to_owned()))
+            } else {
+                Err(invalid(NAME, "an image with neither b64_json nor url"))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if images.is_empty() {
+        return Err(invalid(NAME, "an images answer without images"));
+    }
+    Ok(images)
+}
+
 /// A JSON list of numbers as `f32`s.
 pub(crate) fn vector(value: Option<&Value>) -> Option<Vec<f32>> {
     #[allow(clippy::cast_possible_truncation)]
@@ -292,4 +354,34 @@ pub(crate) fn vector(value: Option<&Value>) -> Option<Vec<f32>> {
         .iter()
         .map(|n| n.as_f64().map(|f| f as f32))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_are_read_as_bytes_or_urls() {
+        let answer = json!({"created": 1, "data": [
+            {"b64_json": "iVBORw0K"},
+            {"url": "https://files.example/1.png", "revised_prompt": "a cat"},
+        ]});
+        assert_eq!(
+            images(&answer).expect("two images"),
+            [
+                GeneratedImage::Bytes(b"\x89PNG\r\n".to_vec()),
+                GeneratedImage::Url("https://files.example/1.png".into()),
+            ]
+        );
+        for bad in [
+            json!({"data": []}),
+            json!({"data": [{"b64_json": "not base64!"}]}),
+            json!({"data": [{"revised_prompt": "no image"}]}),
+            json!({"error": "x"}),
+        ] {
+            let e = images(&bad).expect_err("not images");
+            assert_eq!(e.kind, ServiceErrorKind::Validation, "{bad}");
+            assert_eq!(e.service, NAME);
+        }
+    }
 }
