@@ -5,14 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use confab_adapters::llm::{build_ollama, build_openai};
+use confab_adapters::llm::{build_anthropic, build_ollama, build_openai, build_replicate};
 use confab_core::domain::{AiMessage, UserId};
 use confab_core::ports::broker::{Delivery, Envelope, queues};
 use confab_core::ports::llm::LlmProvider;
 use confab_core::services::ai::chain::{Chain, Policy};
 use confab_core::services::ai::{
-    AiEvents, AiFailureEvent, AiSettings, ChatToken, MENTION_KIND, Mention, RESPONSE_KIND, Request,
-    Response, Token,
+    AiEvents, AiFailureEvent, AiSettings, ChatToken, GENERATION_KIND, Generated, MENTION_KIND,
+    Mention, RESPONSE_KIND, Request, Response, Token,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +22,7 @@ use crate::realtime::{Io, emit, user_room};
 use crate::state::AppState;
 
 /// Providers that have an adapter in this build, in the default chain's order.
-const SUPPORTED: [&str; 2] = ["openai", "ollama"];
+const SUPPORTED: [&str; 4] = ["openai", "anthropic", "ollama", "replicate"];
 
 impl AiConfig {
     /// The chain `[ai]` describes; `None` with no provider configured (SPEC §8: the server
@@ -35,8 +35,22 @@ impl AiConfig {
         if let Some(c) = &self.openai {
             providers.push(("openai", build_openai(c).map_err(wrap)?));
         }
+        if let Some(c) = &self.anthropic {
+            providers.push(("anthropic", build_anthropic(c).map_err(wrap)?));
+        }
         if let Some(c) = &self.ollama {
             providers.push(("ollama", build_ollama(c).map_err(wrap)?));
+        }
+        if let Some(c) = &self.replicate {
+            // A prediction's only piece comes when it ends: it must end within the chain's
+            // first-piece timeout, or the chain gives up (and cancels it) first.
+            let mut c = c.clone();
+            let deadline = c
+                .deadline_secs
+                .unwrap_or(self.timeout_secs)
+                .min(self.timeout_secs);
+            c.deadline_secs = Some(deadline);
+            providers.push(("replicate", build_replicate(&c).map_err(wrap)?));
         }
         let links: Vec<(Arc<dyn LlmProvider>, String)> = match &self.chain {
             None => providers
@@ -59,7 +73,7 @@ impl AiConfig {
                         return Err(ConfigError::new(
                             "ai.chain",
                             problem,
-                            "list links of configured providers (openai, ollama), each optionally provider:model",
+                            "list links of configured providers (openai, anthropic, ollama, replicate), each optionally provider:model",
                         ));
                     };
                     let model = model
@@ -107,7 +121,12 @@ impl AiConfig {
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let checks: [(&'static str, u64, u64, u64); 8] = [
-            ("ai.worker_concurrency", u64::from(self.worker_concurrency), 1, 100_000),
+            (
+                "ai.worker_concurrency",
+                u64::from(self.worker_concurrency),
+                1,
+                100_000,
+            ),
             ("ai.timeout_secs", self.timeout_secs, 1, 600),
             ("ai.attempts", u64::from(self.attempts), 1, 10),
             ("ai.backoff_ms", self.backoff_ms, 1, 60_000),
@@ -142,6 +161,29 @@ impl AiConfig {
         }
         self.chain().map(|_| ())
     }
+}
+
+/// The assistant over this process's ports: answers to users' sockets through `io`, mentions
+/// posted through `chats`, the outbox relay woken when a request commits.
+pub fn service(
+    config: &crate::config::Config,
+    ports: &crate::startup::Ports,
+    io: &Io,
+    chats: &Arc<confab_core::services::chats::ChatService>,
+    relay_wake: &Arc<tokio::sync::Notify>,
+) -> Arc<confab_core::services::ai::AiService> {
+    let wake = relay_wake.clone();
+    Arc::new(
+        confab_core::services::ai::AiService::new(
+            ports.store.clone(),
+            ports.cache.clone(),
+            ports.ai.clone(),
+            config.ai.settings(),
+            SocketEvents::spawn(io.clone()),
+        )
+        .on_published(Arc::new(move || wake.notify_one()))
+        .with_chats(chats.clone()),
+    )
 }
 
 /// What goes to users' sockets, in the order it happened.
@@ -260,6 +302,22 @@ async fn answer_one(
         answer_mention(state, ai, delivery).await;
         return;
     }
+    if delivery.envelope.kind == GENERATION_KIND {
+        let settled = match generate(state, ai, &delivery.envelope.payload).await {
+            Ok(()) => state.broker.ack(delivery).await,
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "A generation failed; it will be retried."
+                );
+                state.broker.nack(delivery, &format!("{error:#}")).await
+            }
+        };
+        if let Err(error) = settled {
+            tracing::warn!(%error, "Could not settle a generation.");
+        }
+        return;
+    }
     let request: Request = match serde_json::from_value(delivery.envelope.payload.clone()) {
         Ok(r) => r,
         Err(error) => {
@@ -301,6 +359,71 @@ async fn answer_one(
     if let Err(error) = settled {
         tracing::warn!(%error, "Could not settle a chat request.");
     }
+}
+
+/// A generation job: texts kept as they are, images (bytes, or fetched from the provider's
+/// URL) re-encoded and stored like uploads under `generations/{user}/{job}/{n}/`. A failure
+/// to store is an error (the job is retried); a provider's failure finishes the job `failed`.
+async fn generate(
+    state: &AppState,
+    ai: &confab_core::services::ai::AiService,
+    payload: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let id = serde_json::from_value(payload["generationId"].clone())?;
+    let Some((job, generated)) = ai.run_generation(id).await? else {
+        return Ok(());
+    };
+    let outcome = match generated {
+        Generated::Texts { provider, texts } => Ok((
+            provider,
+            serde_json::Value::Array(
+                texts
+                    .into_iter()
+                    .map(|t| serde_json::json!({ "text": t }))
+                    .collect(),
+            ),
+        )),
+        Generated::Failed { code, detail } => Err((code, detail)),
+        Generated::Images { provider, images } => {
+            let mut stored = Vec::with_capacity(images.len());
+            for (i, image) in images.into_iter().enumerate() {
+                let bytes = match image {
+                    confab_core::ports::llm::GeneratedImage::Bytes(bytes) => bytes,
+                    confab_core::ports::llm::GeneratedImage::Url(url) => {
+                        fetch_image(&url, state.config.uploads.max_bytes).await?
+                    }
+                };
+                let dir = format!("generations/{}/{}/{i}", job.user_id, job.id);
+                let image = state.media.store_image(&dir, bytes).await?;
+                stored.push(serde_json::to_value(&image)?);
+            }
+            Ok((provider, serde_json::Value::Array(stored)))
+        }
+    };
+    ai.finish_generation(job, outcome).await?;
+    Ok(())
+}
+
+/// A provider's image at `url` (at most `limit` bytes, 30 s).
+async fn fetch_image(url: &str, limit: usize) -> anyhow::Result<Vec<u8>> {
+    let response = reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .map_err(reqwest::Error::without_url)?
+        .error_for_status()
+        .map_err(reqwest::Error::without_url)?;
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(reqwest::Error::without_url)?;
+    anyhow::ensure!(
+        bytes.len() <= limit,
+        "a generated image of {} bytes is over the limit",
+        bytes.len()
+    );
+    Ok(bytes.to_vec())
 }
 
 /// An `@assistant` mention: answered and posted into the chat (once), then acknowledged.

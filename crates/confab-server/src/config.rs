@@ -991,6 +991,10 @@ impl Config {
                 "ai.replicate.api_url",
                 ai.replicate.as_ref().and_then(|c| c.api_url.as_ref()),
             ),
+            (
+                "ai.anthropic.base_url",
+                ai.anthropic.as_ref().and_then(|c| c.base_url.as_ref()),
+            ),
         ] {
             if let Some(url) = url {
                 check_http_url(setting, url)?;

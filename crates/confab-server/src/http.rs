@@ -188,6 +188,8 @@ fn documented_routes(role: Role, upload_limit: usize) -> OpenApiRouter<AppState>
         .routes(routes!(ai::chat))
         .routes(routes!(ai::models))
         .routes(routes!(ai::embeddings))
+        .routes(routes!(ai::create_generation))
+        .routes(routes!(ai::get_generation))
         .merge(
             // Their own body limit: a file, not a JSON body.
             OpenApiRouter::new()

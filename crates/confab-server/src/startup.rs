@@ -160,18 +160,7 @@ impl Application {
         })
         .await?;
         let relay_wake = Arc::new(tokio::sync::Notify::new());
-        let wake = relay_wake.clone();
-        let ai = Arc::new(
-            confab_core::services::ai::AiService::new(
-                ports.store.clone(),
-                ports.cache.clone(),
-                ports.ai.clone(),
-                config.ai.settings(),
-                crate::ai::SocketEvents::spawn(io.clone()),
-            )
-            .on_published(Arc::new(move || wake.notify_one()))
-            .with_chats(chats.clone()),
-        );
+        let ai = crate::ai::service(&config, &ports, &io, &chats, &relay_wake);
         let _ = ai_slot.set(ai.clone());
         // Lives as long as the chat service's writer.
         crate::realtime::spawn_broadcaster(io.clone(), &chats, media.clone());

@@ -20,12 +20,13 @@ use serde::{Deserialize, Serialize};
 use self::chain::{Answer, Chain, Failure, Link};
 use crate::domain::{
     AiFeedback, AiMessage, AiMessageId, AiRequestId, AiSession, AiSessionId, ChatId, EventId,
-    Message, MessageId, MessageKind, OutboxEntry, Page, ServiceErrorId, StoredServiceError,
-    Timestamp, UserId, now,
+    GenerationId, GenerationJob, Message, MessageId, MessageKind, OutboxEntry, Page,
+    ServiceErrorId, StoredServiceError, Timestamp, UserId, now,
 };
 use crate::error::{ErrorCode, ServiceError};
 use crate::ports::broker::queues;
 use crate::ports::cache::{Cache, RateLimit, keys};
+use crate::ports::llm::GeneratedImage;
 use crate::ports::llm::{Role, Turn, Usage};
 use crate::ports::store::{Store, StoreError};
 use crate::services::chats::{ChatError, ChatService, Draft};
@@ -38,6 +39,37 @@ pub const FRIENDLY_FAILURE: &str =
 pub const REQUEST_KIND: &str = "ai.request";
 /// The `chat_responses` message kind.
 pub const RESPONSE_KIND: &str = "ai.response";
+/// The `chat_requests` message kind of a generation job (`POST /ai/generations`).
+pub const GENERATION_KIND: &str = "ai.generation";
+
+/// `POST /ai/generations`.
+#[derive(Debug, Clone, Default)]
+pub struct GenerationAsk {
+    /// `text` | `image`
+    pub kind: String,
+    pub prompt: String,
+    pub n: Option<u32>,
+    /// A configured provider to use (the chain otherwise).
+    pub provider: Option<String>,
+}
+
+/// What a generation produced, before the worker stores images.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Generated {
+    Texts {
+        provider: String,
+        texts: Vec<String>,
+    },
+    Images {
+        provider: String,
+        images: Vec<GeneratedImage>,
+    },
+    Failed {
+        code: ErrorCode,
+        detail: String,
+    },
+}
+
 /// The `chat_requests` message kind of an `@assistant` mention in a people chat.
 pub const MENTION_KIND: &str = "ai.mention";
 
@@ -931,6 +963,203 @@ impl AiService {
                 message: "no configured provider has embeddings".into(),
             },
         })
+    }
+
+    /// `POST /ai/generations`: the job and the intent to run it commit together (202).
+    pub async fn create_generation(
+        &self,
+        user: UserId,
+        ask: GenerationAsk,
+    ) -> Result<GenerationJob, AiError> {
+        let chain = self.configured()?;
+        if !matches!(ask.kind.as_str(), "text" | "image") {
+            return Err(AiError::Validation(
+                "kind must be \"text\" or \"image\"".into(),
+            ));
+        }
+        let chars = ask.prompt.chars().count();
+        if ask.prompt.trim().is_empty() || chars > 4000 {
+            return Err(AiError::Validation(
+                "prompt must be 1 to 4000 characters".into(),
+            ));
+        }
+        let n = ask.n.unwrap_or(1);
+        if !(1..=4).contains(&n) {
+            return Err(AiError::Validation("n must be between 1 and 4".into()));
+        }
+        if let Some(provider) = &ask.provider
+            && !chain.links().iter().any(|l| l.provider() == provider)
+        {
+            return Err(AiError::UnknownModel(chain.describe()));
+        }
+        self.limit(user).await?;
+        let at = now();
+        let job = GenerationJob {
+            id: GenerationId::new(),
+            user_id: user,
+            kind: ask.kind,
+            prompt: ask.prompt,
+            n: i32::try_from(n).unwrap_or(1),
+            provider: ask.provider,
+            status: "queued".into(),
+            results: None,
+            error_code: None,
+            created_at: at,
+            updated_at: at,
+        };
+        let tx = self.store.begin().await?;
+        tx.create_generation(&job).await?;
+        tx.enqueue(&OutboxEntry {
+            id: EventId::new(),
+            queue: queues::CHAT_REQUESTS.into(),
+            kind: GENERATION_KIND.into(),
+            payload: serde_json::json!({ "generationId": job.id }),
+            trace_id: None,
+            created_at: at,
+        })
+        .await?;
+        tx.commit().await?;
+        if let Some(wake) = &self.published {
+            wake();
+        }
+        Ok(job)
+    }
+
+    /// `GET /ai/generations/{id}`: the caller's job.
+    pub async fn generation(
+        &self,
+        user: UserId,
+        id: GenerationId,
+    ) -> Result<GenerationJob, AiError> {
+        match self.store.generation(id).await? {
+            Some(job) if job.user_id == user => Ok(job),
+            _ => Err(AiError::NotFound),
+        }
+    }
+
+    /// The worker's part of a generation: the texts or images the provider made (images are
+    /// stored by the caller, then [`AiService::finish_generation`]). `None` when the job is
+    /// gone or finished already (a redelivery).
+    pub async fn run_generation(
+        &self,
+        id: GenerationId,
+    ) -> Result<Option<(GenerationJob, Generated)>, AiError> {
+        let Some(mut job) = self.store.generation(id).await? else {
+            return Ok(None);
+        };
+        if matches!(job.status.as_str(), "succeeded" | "failed") {
+            return Ok(None);
+        }
+        let chain = Arc::clone(self.configured()?);
+        job.status = "processing".into();
+        job.updated_at = now();
+        self.store.update_generation(&job).await?;
+        let links: Vec<&Link> = chain
+            .links()
+            .iter()
+            .filter(|l| job.provider.as_deref().is_none_or(|p| l.provider() == p))
+            .collect();
+        let n = usize::try_from(job.n.clamp(1, 4)).unwrap_or(1);
+        let generated = if job.kind == "image" {
+            let mut last = None;
+            let mut images = None;
+            for link in &links {
+                match link
+                    .backend()
+                    .generate_images(&job.prompt, u32::try_from(n).unwrap_or(1))
+                    .await
+                {
+                    Ok(made) => {
+                        images = Some((link.provider().to_owned(), made));
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            match (images, last) {
+                (Some((provider, images)), _) => Generated::Images { provider, images },
+                (None, Some(e)) if e.kind != crate::error::ServiceErrorKind::Validation => {
+                    Generated::Failed {
+                        code: e.code(),
+                        detail: e.to_string(),
+                    }
+                }
+                (None, _) => Generated::Failed {
+                    code: ErrorCode::Unavailable,
+                    detail: "no configured provider generates images".into(),
+                },
+            }
+        } else {
+            let mut turns = Vec::with_capacity(2);
+            if !self.settings.system_prompt.is_empty() {
+                turns.push(Turn::new(Role::System, self.settings.system_prompt.clone()));
+            }
+            turns.push(Turn::new(Role::User, job.prompt.clone()));
+            let mut texts = Vec::with_capacity(n);
+            let mut outcome = None;
+            for _ in 0..n {
+                match chain
+                    .complete(&links, &turns, self.settings.max_tokens, &mut |_: &str| {})
+                    .await
+                {
+                    Ok(answer) => {
+                        texts.push(answer.completion.content);
+                        outcome.get_or_insert(Ok(answer.provider));
+                    }
+                    Err(failure) => {
+                        outcome = Some(Err(failure));
+                        break;
+                    }
+                }
+            }
+            match outcome {
+                Some(Ok(provider)) => Generated::Texts { provider, texts },
+                Some(Err(failure)) => Generated::Failed {
+                    code: failure.error.code(),
+                    detail: failure.error.to_string(),
+                },
+                None => Generated::Failed {
+                    code: ErrorCode::Unavailable,
+                    detail: "no provider".into(),
+                },
+            }
+        };
+        Ok(Some((job, generated)))
+    }
+
+    /// Stores how a generation ended: `results` (texts, or the stored images) or a failure
+    /// (kept as a service error too).
+    pub async fn finish_generation(
+        &self,
+        mut job: GenerationJob,
+        outcome: Result<(String, serde_json::Value), (ErrorCode, String)>,
+    ) -> Result<GenerationJob, AiError> {
+        match outcome {
+            Ok((provider, results)) => {
+                job.status = "succeeded".into();
+                job.provider = Some(provider);
+                job.results = Some(results);
+            }
+            Err((code, detail)) => {
+                job.status = "failed".into();
+                job.error_code = Some(code.as_str().to_owned());
+                let _ = self
+                    .store
+                    .record_service_error(&StoredServiceError {
+                        id: ServiceErrorId::new(),
+                        code: code.as_str().to_owned(),
+                        service: job.provider.clone().unwrap_or_else(|| "ai".into()),
+                        message: detail,
+                        context: serde_json::json!({ "generationId": job.id, "kind": job.kind }),
+                        request_id: None,
+                        created_at: now(),
+                    })
+                    .await;
+            }
+        }
+        job.updated_at = now();
+        self.store.update_generation(&job).await?;
+        Ok(job)
     }
 
     /// `GET /ai/requests/{id}`: the answer so far, or how it ended.

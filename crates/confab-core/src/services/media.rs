@@ -66,6 +66,8 @@ pub enum Owner {
     Chat(ChatId),
     /// An avatar: anyone signed in.
     Avatar,
+    /// A generated image (`generations/{user}/…`): that user.
+    User(UserId),
 }
 
 impl Owner {
@@ -78,6 +80,10 @@ impl Owner {
                 .ok()
                 .map(|id| Self::Chat(ChatId(id))),
             (Some("avatars"), Some(user)) => user.parse::<uuid::Uuid>().ok().map(|_| Self::Avatar),
+            (Some("generations"), Some(user)) => user
+                .parse::<uuid::Uuid>()
+                .ok()
+                .map(|id| Self::User(UserId(id))),
             _ => None,
         }
     }

@@ -86,6 +86,7 @@ pub const ALIASES: &[(&str, &[&str])] = &[
     ("ai.ollama.embedding_model", &["OLLAMA_EMBEDDING_MODEL"]),
     ("ai.anthropic.api_key", &["ANTHROPIC_API_KEY"]),
     ("ai.anthropic.model", &["ANTHROPIC_MODEL"]),
+    ("ai.anthropic.base_url", &["ANTHROPIC_BASE_URL"]),
     (
         "ai.replicate.api_key",
         &["REPLICATE_API_KEY", "REPLICATE_API_TOKEN"],

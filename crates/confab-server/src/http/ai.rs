@@ -554,3 +554,131 @@ pub async fn embeddings(
         provider: embedded.provider,
     }))
 }
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GenerationRequest {
+    /// `text` | `image`
+    pub kind: String,
+    /// 1 to 4000 characters.
+    pub prompt: String,
+    /// 1 to 4 (default 1).
+    pub n: Option<u32>,
+    /// A configured provider (see `GET /ai/models`); the chain otherwise.
+    pub provider: Option<String>,
+}
+
+/// A generation job (SPEC §3).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerationBody {
+    pub id: String,
+    /// `text` | `image`
+    pub kind: String,
+    pub prompt: String,
+    pub n: i32,
+    pub provider: Option<String>,
+    /// `queued` | `processing` | `succeeded` | `failed`
+    pub status: String,
+    /// Texts as `{text}`; images as `{url, thumbnailUrl, width, height, contentType}` (URLs
+    /// signed afresh on every read).
+    #[schema(value_type = Vec<Object>)]
+    pub results: Vec<serde_json::Value>,
+    pub error_code: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+async fn generation_body(
+    state: &AppState,
+    job: confab_core::domain::GenerationJob,
+) -> GenerationBody {
+    let mut results = Vec::new();
+    for item in job
+        .results
+        .as_ref()
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Ok(image) =
+            serde_json::from_value::<confab_core::services::media::StoredImage>(item.clone())
+        {
+            let (Ok(url), Ok(thumbnail_url)) = (
+                state.media.url(&image.key).await,
+                state.media.url(&image.thumbnail_key).await,
+            ) else {
+                continue;
+            };
+            results.push(serde_json::json!({
+                "url": url,
+                "thumbnailUrl": thumbnail_url,
+                "width": image.width,
+                "height": image.height,
+                "contentType": image.content_type,
+            }));
+        } else {
+            results.push(item.clone());
+        }
+    }
+    GenerationBody {
+        id: job.id.to_string(),
+        kind: job.kind,
+        prompt: job.prompt,
+        n: job.n,
+        provider: job.provider,
+        status: job.status,
+        results,
+        error_code: job.error_code,
+        created_at: rfc3339(job.created_at),
+        updated_at: rfc3339(job.updated_at),
+    }
+}
+
+/// Queues a text or image generation.
+#[utoipa::path(post, path = "/api/v1/ai/generations", tag = "ai",
+    security(("bearerAuth" = [])),
+    request_body = GenerationRequest,
+    responses(
+        (status = 202, description = "Queued.", body = GenerationBody),
+        (status = 400, description = "A bad kind, prompt, n or provider.", body = ErrorBody),
+        (status = 401, description = "No valid access token.", body = ErrorBody),
+        (status = 422, description = "The body lacks a field or has one of the wrong type.", body = ErrorBody),
+        (status = 429, description = "Too many requests this minute.", body = ErrorBody),
+        (status = 503, description = "No AI provider is configured.", body = ErrorBody),
+    ))]
+pub async fn create_generation(
+    State(state): State<AppState>,
+    Authenticated(who): Authenticated,
+    ApiJson(body): ApiJson<GenerationRequest>,
+) -> Result<(StatusCode, Json<GenerationBody>), ApiError> {
+    let ask = confab_core::services::ai::GenerationAsk {
+        kind: body.kind,
+        prompt: body.prompt,
+        n: body.n,
+        provider: body.provider,
+    };
+    let job = state.ai.create_generation(who.user_id, ask).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(generation_body(&state, job).await),
+    ))
+}
+
+/// A generation job: its status and, once done, its results.
+#[utoipa::path(get, path = "/api/v1/ai/generations/{id}", tag = "ai",
+    security(("bearerAuth" = [])),
+    params(("id" = String, Path, description = "A generation id")),
+    responses(
+        (status = 200, description = "The job.", body = GenerationBody),
+        (status = 401, description = "No valid access token.", body = ErrorBody),
+        (status = 404, description = "No such job of the caller's.", body = ErrorBody),
+    ))]
+pub async fn get_generation(
+    State(state): State<AppState>,
+    Authenticated(who): Authenticated,
+    ApiPath(id): ApiPath<confab_core::domain::GenerationId>,
+) -> Result<Json<GenerationBody>, ApiError> {
+    let job = state.ai.generation(who.user_id, id).await?;
+    Ok(Json(generation_body(&state, job).await))
+}

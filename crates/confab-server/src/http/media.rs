@@ -435,6 +435,7 @@ async fn token_allows(state: &AppState, headers: &HeaderMap, owner: Owner) -> bo
     };
     match owner {
         Owner::Avatar => true,
+        Owner::User(user) => user == who.user_id,
         Owner::Chat(chat) => state.chats.check_member(who.user_id, chat).await.is_ok(),
     }
 }

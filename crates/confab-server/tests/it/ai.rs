@@ -787,6 +787,7 @@ on_every_backend!(
     the_per_user_limit_and_bad_input,
     synchronous_chat_as_json_and_server_sent_events,
     a_mention_in_a_people_chat_is_answered_in_the_chat,
+    generations_of_text_and_images_are_queued_and_stored,
 );
 
 /// SPEC §8: with no provider the server runs; AI endpoints answer 503 naming what to set.
@@ -1102,4 +1103,173 @@ async fn a_mention_in_a_people_chat_is_answered_in_the_chat(backend: &Backend) {
     );
     assert_eq!(kinds.len(), 3);
     assert_eq!(ai.openai.calls(), 1);
+}
+
+/// `POST /ai/generations` (SPEC §3): a text job and an image job go through the queue; the
+/// images are stored in media storage and come back as signed URLs only their owner's token
+/// (or the signature) opens.
+async fn generations_of_text_and_images_are_queued_and_stored(backend: &Backend) {
+    let ai = ai_app(backend, |_| {}).await;
+    let app = &ai.app;
+    let ann = person(app, "ann").await;
+    let bob = person(app, "bob").await;
+    for bad in [
+        json!({ "kind": "video", "prompt": "x" }),
+        json!({ "kind": "text", "prompt": "" }),
+        json!({ "kind": "text", "prompt": "x", "n": 9 }),
+        json!({ "kind": "text", "prompt": "x", "provider": "nobody" }),
+    ] {
+        let response = call(
+            app,
+            Method::POST,
+            "/api/v1/ai/generations",
+            Some(&ann.token),
+            Some(bad),
+        )
+        .await;
+        assert_error(response, 400, "VALIDATION_ERROR").await;
+    }
+    let finished = async |id: &str| {
+        let path = format!("/api/v1/ai/generations/{id}");
+        confab_core::testing::eventually("the generation finishes", WAIT, || async {
+            let job = get_json(app, &path, &ann.token).await;
+            matches!(job["status"].as_str(), Some("succeeded" | "failed"))
+        })
+        .await;
+        get_json(app, &path, &ann.token).await
+    };
+
+    ai.openai
+        .set_fallback(Step::pieces(&["Autumn ", "moonlight"]));
+    let response = call(
+        app,
+        Method::POST,
+        "/api/v1/ai/generations",
+        Some(&ann.token),
+        Some(json!({ "kind": "text", "prompt": "A haiku", "n": 2 })),
+    )
+    .await;
+    assert_eq!(response.status().as_u16(), 202);
+    let job: Value = response.json().await.unwrap();
+    assert_eq!(job["status"], "queued");
+    let id = job["id"].as_str().unwrap();
+    let done = finished(id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        done["results"],
+        json!([{ "text": "Autumn moonlight" }, { "text": "Autumn moonlight" }])
+    );
+    assert_eq!(done["provider"], "openai");
+    let theirs = call(
+        app,
+        Method::GET,
+        &format!("/api/v1/ai/generations/{id}"),
+        Some(&bob.token),
+        None,
+    )
+    .await;
+    assert_error(theirs, 404, "NOT_FOUND").await;
+
+    let response = call(
+        app,
+        Method::POST,
+        "/api/v1/ai/generations",
+        Some(&ann.token),
+        Some(json!({ "kind": "image", "prompt": "A red square", "n": 2 })),
+    )
+    .await;
+    assert_eq!(response.status().as_u16(), 202);
+    let job: Value = response.json().await.unwrap();
+    let done = finished(job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let results = done["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for image in results {
+        assert_eq!(image["contentType"], "image/png", "{image}");
+        let url = image["url"].as_str().unwrap();
+        let path = url
+            .split_once("/api/v1/")
+            .map(|(_, p)| format!("/api/v1/{p}"))
+            .unwrap();
+        let fetched = app.client.get(app.url(&path)).send().await.unwrap();
+        assert_eq!(fetched.status().as_u16(), 200, "{url}");
+        assert!(fetched.bytes().await.unwrap().starts_with(b"\x89PNG"));
+        // By token: the owner only.
+        let key = path
+            .trim_start_matches("/api/v1/media/")
+            .split('?')
+            .next()
+            .unwrap()
+            .to_owned();
+        let by_token = call(
+            app,
+            Method::GET,
+            &format!("/api/v1/media/{key}"),
+            Some(&ann.token),
+            None,
+        )
+        .await;
+        assert_eq!(by_token.status().as_u16(), 200);
+        let not_theirs = call(
+            app,
+            Method::GET,
+            &format!("/api/v1/media/{key}"),
+            Some(&bob.token),
+            None,
+        )
+        .await;
+        assert_error(not_theirs, 404, "NOT_FOUND").await;
+    }
+}
+
+/// Anthropic and Replicate links in one chain: Anthropic's stream answers; when it fails,
+/// Replicate's prediction (three polls) does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_and_replicate_links_answer_through_the_queue() {
+    use confab_adapters::testing::fake_llm::{FAKE_KEY, REPLICATE_VERSION};
+    use confab_server::config::{AnthropicConfig, ReplicateConfig, Secret};
+    let anthropic = FakeLlm::start(Wire::Anthropic).await;
+    let replicate = FakeLlm::start(Wire::Replicate).await;
+    let app = auth_app(&Backend::EMBEDDED, |c| {
+        c.ai.anthropic = Some(AnthropicConfig {
+            api_key: Some(Secret::new(FAKE_KEY)),
+            base_url: Some(anthropic.url.clone()),
+            model: Some("claude-fake".into()),
+        });
+        c.ai.replicate = Some(ReplicateConfig {
+            api_key: Some(Secret::new(FAKE_KEY)),
+            api_url: Some(replicate.url.clone()),
+            model_version: Some(REPLICATE_VERSION.into()),
+            poll_interval_ms: Some(20),
+            ..ReplicateConfig::default()
+        });
+        c.ai.requests_per_minute = 1000;
+    })
+    .await;
+    let ann = person(&app, "ann").await;
+    let (_socket, mut events) = connect(&app, &ann).await;
+    anthropic.push(Step::pieces(&["Bonjour", " Ann"]));
+    let queued = ask(&app, &ann, json!({ "message": "Greet me" })).await;
+    let heard = hear(&mut events, queued["requestId"].as_str().unwrap()).await;
+    assert_eq!(heard.text(), "Bonjour Ann");
+    assert_eq!(heard.response["message"]["provider"], "anthropic");
+    assert_eq!(heard.response["message"]["model"], "claude-fake");
+
+    anthropic.set_fallback(Step::status(529));
+    replicate.push(Step::pieces(&["From ", "a prediction"]));
+    let polls = replicate.polls();
+    let queued = ask(&app, &ann, json!({ "message": "Greet me again" })).await;
+    let heard = hear(&mut events, queued["requestId"].as_str().unwrap()).await;
+    assert_eq!(
+        heard.response["message"]["provider"], "replicate",
+        "{}",
+        heard.response
+    );
+    assert_eq!(heard.response["message"]["content"], "From a prediction");
+    assert_eq!(
+        heard.text(),
+        "From a prediction",
+        "one piece, when the prediction ends"
+    );
+    assert_eq!(replicate.polls() - polls, 3);
 }

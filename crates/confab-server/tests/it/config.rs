@@ -228,6 +228,7 @@ fn the_second_name_of_each_alias_pair_works_too() {
             ("OPENAI_API_URL", "https://api.openai.com/v1"),
             ("OPENAI_API_KEY", "sk-test"),
             ("REPLICATE_API_KEY", "r8_y"),
+            ("REPLICATE_MODEL_VERSION", "owner/model:0123"),
             ("DATABASE_URL", "sqlite:///tmp/x.db"),
         ],
     )
@@ -600,7 +601,7 @@ fn the_ai_chain_is_checked_at_startup() {
     // A link naming a provider that is not configured, or that has no adapter.
     for (chain, problem) in [
         ("openai,ollama", "not configured"),
-        ("anthropic", "no adapter"),
+        ("cohere", "no adapter"),
     ] {
         let err = load(
             "",
