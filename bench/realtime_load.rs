@@ -28,12 +28,13 @@
     clippy::unwrap_used
 )]
 
+#[path = "server.rs"]
+mod server;
 #[path = "sio.rs"]
 mod sio;
 #[path = "upload.rs"]
 mod upload;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -99,65 +100,17 @@ fn args() -> Args {
     a
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn start_server(binary: &str, port: u16, data: &std::path::Path, args: &Args) -> Child {
-    let threads = args.server_threads.as_deref();
-    let pin = args.server_cpus != "all" && std::path::Path::new("/usr/bin/taskset").exists();
-    let mut cmd = if pin {
-        let mut c = Command::new("taskset");
-        c.args(["-c", &args.server_cpus, binary]);
-        c
-    } else {
-        Command::new(binary)
-    };
-    cmd.arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("ENVIRONMENT", "production")
-        .env("JWT_SECRET", "bench-secret-bench-secret-bench-secret")
-        .env("CONFAB_LISTEN", format!("127.0.0.1:{port}"))
-        .env("CONFAB_DATA_DIR", data)
-        .env("CONFAB__LOG__LEVEL", "warn")
-        .env("CONFAB__AUTH__RATE_LIMIT_PER_IP_PER_MINUTE", "1000000")
-        .env("CONFAB__AUTH__RATE_LIMIT_PER_EMAIL_PER_MINUTE", "1000000")
-        // Registration is setup here, not what is measured.
-        .env("CONFAB__AUTH__ARGON2_MEMORY_KIB", "1024")
-        .env("CONFAB__AUTH__ARGON2_ITERATIONS", "1")
+/// The server's settings for a run: `--server-threads` and `--server-env` on top.
+fn server_env(args: &Args) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
         // Each client sends well under this; the limit is not what is measured.
-        .env("CONFAB__CHAT__MESSAGES_PER_SECOND", "1000")
-        .envs(threads.map(|n| ("TOKIO_WORKER_THREADS", n)))
-        .envs(args.server_env.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start confab")
-}
-
-/// utime + stime of `pid`, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // After the name: state is field 3, utime 14, stime 15 (1-based over the whole line).
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
-        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
-    });
-    ticks / 100.0
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
+        ("CONFAB__CHAT__MESSAGES_PER_SECOND".into(), "1000".into()),
+    ];
+    if let Some(n) = &args.server_threads {
+        env.push(("TOKIO_WORKER_THREADS".into(), n.clone()));
+    }
+    env.extend(args.server_env.iter().cloned());
+    env
 }
 
 /// Sent-at instants by message sequence number, as nanoseconds after `base`.
@@ -174,40 +127,22 @@ struct Member {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = args();
-    let binary = std::fs::canonicalize(&args.binary)
-        .unwrap_or_else(|_| panic!("{} is missing: build it with --release", args.binary));
-    let port = free_port();
     let data = tempfile::tempdir().expect("a temp dir");
-    let mut server = start_server(
-        binary.to_str().expect("utf-8 path"),
-        port,
+    let (mut server, base) = server::start(
+        &args.binary,
         data.path(),
-        &args,
-    );
+        &server_env(&args),
+        &args.server_cpus,
+    )
+    .await;
     let pid = server.id();
-    let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    let ready = Instant::now();
-    while http
-        .get(format!("{base}/ready"))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .ok()
-        != Some(200)
-    {
-        assert!(
-            ready.elapsed() < Duration::from_secs(30),
-            "the server did not get ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let (members, rss_idle) = setup(&http, &base, &args, pid).await;
     eprintln!(
         "{} clients in {} rooms connected and joined; server RSS {:.1} MiB (idle before: {rss_idle:.1} MiB)",
         members.len(),
         args.rooms,
-        rss_mib(pid)
+        server::rss_mib(pid)
     );
     if args.uploads > 0 {
         start_uploads(&http, &base, args.uploads).await;
@@ -239,7 +174,7 @@ async fn main() {
             ms(r.delivery_p50),
             ms(r.delivery_p99),
             r.cpu_us_per_delivery,
-            rss_mib(pid),
+            server::rss_mib(pid),
             r.uploads,
         );
         if args.ramp {
@@ -277,30 +212,13 @@ async fn create_chat(http: &reqwest::Client, base: &str, token: &str, body: &Val
         .expect("chat body")
 }
 
-/// Registers `email`: its user id and access token.
-async fn register(http: &reqwest::Client, base: &str, email: String) -> (String, String) {
-    let r: Value = http
-        .post(format!("{base}/api/v1/auth/register"))
-        .json(&json!({"email": email, "password": "load test password", "name": "Load"}))
-        .send()
-        .await
-        .expect("register")
-        .json()
-        .await
-        .expect("register body");
-    (
-        r["user"]["id"].as_str().expect("user id").to_owned(),
-        r["accessToken"].as_str().expect("token").to_owned(),
-    )
-}
-
 async fn setup(http: &reqwest::Client, base: &str, args: &Args, pid: u32) -> (Vec<Member>, f64) {
     // Users, a few at a time.
     let mut tokens: Vec<(String, String)> = Vec::with_capacity(args.clients);
     for chunk in (0..args.clients).collect::<Vec<_>>().chunks(16) {
         let batch = chunk
             .iter()
-            .map(|i| register(http, base, format!("load{i}@example.com")));
+            .map(|i| server::register(http, base, format!("load{i}@example.com")));
         tokens.extend(futures_util::future::join_all(batch).await);
     }
     // Rooms: client i belongs to room i % rooms; its first member creates it.
@@ -314,7 +232,7 @@ async fn setup(http: &reqwest::Client, base: &str, args: &Args, pid: u32) -> (Ve
         let chat = create_chat(http, base, &tokens[r].1, &body).await;
         rooms.push(chat["id"].clone());
     }
-    let rss_idle = rss_mib(pid);
+    let rss_idle = server::rss_mib(pid);
     let mut members = Vec::with_capacity(args.clients);
     for (i, (_, token)) in tokens.iter().enumerate() {
         let (client, events) = sio::connect(base, &json!({ "token": token }))
@@ -392,7 +310,7 @@ async fn start_uploads(http: &reqwest::Client, base: &str, n: usize) {
     for i in 0..n {
         let mut people = Vec::new();
         for who in ["uploader", "viewer"] {
-            people.push(register(http, base, format!("{who}{i}@example.com")).await);
+            people.push(server::register(http, base, format!("{who}{i}@example.com")).await);
         }
         let body = json!({"memberIds": [people[1].0]});
         let chat = create_chat(http, base, &people[0].1, &body).await;
@@ -449,7 +367,7 @@ async fn run(
         .clear();
     UPLOAD_ERRORS.store(0, Ordering::Relaxed);
     let acks = Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
-    let cpu_before = cpu_seconds(pid);
+    let cpu_before = server::cpu_seconds(pid);
     let started = Instant::now();
     // Every millisecond, the messages due by then (round-robin over the clients).
     let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -501,7 +419,7 @@ async fn run(
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let cpu = cpu_seconds(pid) - cpu_before;
+    let cpu = server::cpu_seconds(pid) - cpu_before;
     let mut deliveries = std::mem::take(
         &mut *DELIVERIES
             .lock()
