@@ -120,7 +120,8 @@ impl AiConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        let checks: [(&'static str, u64, u64, u64); 8] = [
+        let checks: [(&'static str, u64, u64, u64); 9] = [
+            ("ai.retention_days", u64::from(self.retention_days), 1, 3650),
             (
                 "ai.worker_concurrency",
                 u64::from(self.worker_concurrency),

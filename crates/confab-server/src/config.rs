@@ -627,6 +627,8 @@ pub struct AiConfig {
     pub webhook_url: Option<SecretUrl>,
     /// Requests one worker answers at once (each mostly waits on its provider).
     pub worker_concurrency: u32,
+    /// AI sessions and generation jobs untouched this long are purged (daily).
+    pub retention_days: u32,
 }
 
 impl Default for AiConfig {
@@ -648,6 +650,7 @@ impl Default for AiConfig {
             max_tokens: None,
             webhook_url: None,
             worker_concurrency: 512,
+            retention_days: 90,
         }
     }
 }

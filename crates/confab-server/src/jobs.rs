@@ -28,7 +28,14 @@ pub const PURGE_EXPIRED_TOKENS: Job = Job {
     period: Duration::from_hours(1),
 };
 
-pub const ALL: [Job; 1] = [PURGE_EXPIRED_TOKENS];
+/// Purges AI sessions (with their messages) and generation jobs last updated more than
+/// `ai.retention_days` ago (SPEC §5).
+pub const PURGE_AI_HISTORY: Job = Job {
+    name: "purge_ai_history",
+    period: Duration::from_hours(24),
+};
+
+pub const ALL: [Job; 2] = [PURGE_EXPIRED_TOKENS, PURGE_AI_HISTORY];
 
 /// The id of `job`'s run in the period containing `at`: the same on every node.
 fn run_id(job: &Job, at: Timestamp) -> EventId {
@@ -76,6 +83,22 @@ pub async fn run_due(state: &AppState, at: Timestamp) -> Vec<&'static str> {
                 ),
                 Err(error) => tracing::warn!(job = job.name, %error, "Scheduled job failed."),
             },
+            "purge_ai_history" => {
+                let days = i64::from(state.config.ai.retention_days);
+                match state
+                    .store
+                    .purge_ai_history(at - chrono::Duration::days(days))
+                    .await
+                {
+                    Ok((sessions, generations)) => tracing::info!(
+                        job = job.name,
+                        sessions,
+                        generations,
+                        "Purged AI history past its retention."
+                    ),
+                    Err(error) => tracing::warn!(job = job.name, %error, "Scheduled job failed."),
+                }
+            }
             other => tracing::error!(job = other, "A scheduled job has no runner."),
         }
         ran.push(job.name);

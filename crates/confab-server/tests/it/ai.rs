@@ -1273,3 +1273,89 @@ async fn anthropic_and_replicate_links_answer_through_the_queue() {
     );
     assert_eq!(replicate.polls() - polls, 3);
 }
+
+/// SPEC §5: AI sessions past `ai.retention_days` are purged by the daily job.
+#[tokio::test]
+async fn ai_history_past_its_retention_is_purged_daily() {
+    let ai = ai_app(&Backend::EMBEDDED, |c| c.ai.retention_days = 30).await;
+    let app = &ai.app;
+    let ann = person(app, "ann").await;
+    let response = call(
+        app,
+        Method::POST,
+        "/api/v1/ai/chat",
+        Some(&ann.token),
+        Some(json!({ "message": "keep me a while" })),
+    )
+    .await;
+    let message: Value = response.json().await.unwrap();
+    let session = format!(
+        "/api/v1/ai/sessions/{}",
+        message["sessionId"].as_str().unwrap()
+    );
+    // 29 days on: kept.
+    let soon = confab_core::domain::now() + chrono::Duration::days(29);
+    assert!(
+        confab_server::jobs::run_due(&app.state, soon)
+            .await
+            .contains(&"purge_ai_history")
+    );
+    assert_eq!(
+        call(app, Method::GET, &session, Some(&ann.token), None)
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
+    // 31 days on: gone.
+    let later = soon + chrono::Duration::days(2);
+    assert!(
+        confab_server::jobs::run_due(&app.state, later)
+            .await
+            .contains(&"purge_ai_history")
+    );
+    assert_error(
+        call(app, Method::GET, &session, Some(&ann.token), None).await,
+        404,
+        "NOT_FOUND",
+    )
+    .await;
+}
+
+/// SPEC §8: a critical failure (`API_ERROR`, `CONFIG_ERROR`) is told to the configured
+/// webhook (Slack-style `{"text"}`), without the provider's key.
+#[tokio::test]
+async fn a_critical_provider_failure_notifies_the_webhook() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let hook = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(body);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hook).await });
+    let ai = ai_app(&Backend::EMBEDDED, |c| {
+        c.ai.webhook_url = Some(confab_server::config::SecretUrl::parse(&hook_url).unwrap());
+        if let Some(openai) = c.ai.openai.as_mut() {
+            openai.api_key = Some(confab_server::config::Secret::new("sk-very-secret-key"));
+        }
+    })
+    .await;
+    ai.openai.set_fallback(Step::status(500));
+    ai.ollama.set_fallback(Step::status(500));
+    let ann = person(&ai.app, "ann").await;
+    ask(&ai.app, &ann, json!({ "message": "break please" })).await;
+    let told = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("the webhook is told")
+        .unwrap();
+    let text = told["text"].as_str().unwrap();
+    assert!(text.contains("API_ERROR"), "{text}");
+    assert!(!text.contains("sk-very-secret-key"), "{text}");
+}
