@@ -46,6 +46,8 @@ pub struct Realtime {
     pub cache: Arc<dyn Cache>,
     /// The assistant (`ai:send`): set once built, after the Socket.IO handle it emits through.
     pub ai: Arc<std::sync::OnceLock<Arc<confab_core::services::ai::AiService>>>,
+    /// Whether the cache is shared with other nodes (Redis): broadcasts then go through it.
+    pub clustered: bool,
 }
 
 /// The cache counter of `user`'s open sockets, on every node.
@@ -94,7 +96,7 @@ struct FirstSocket;
 
 /// The Socket.IO layer for the router and the handle that emits from anywhere (REST sends).
 pub async fn build(realtime: Realtime) -> anyhow::Result<(SocketIoLayer<Adapter>, Io)> {
-    let driver = CacheDriver::new(realtime.cache.clone());
+    let driver = CacheDriver::new(realtime.cache.clone(), realtime.clustered);
     let adapter = socketioxide_redis::RedisAdapterCtr::new_with_driver(
         driver,
         socketioxide_redis::RedisAdapterConfig::default(),

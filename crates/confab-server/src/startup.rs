@@ -157,6 +157,10 @@ impl Application {
             chats: chats.clone(),
             cache: ports.cache.clone(),
             ai: ai_slot.clone(),
+            clustered: !matches!(
+                config.cache,
+                confab_adapters::cache::CacheConfig::Memory { .. }
+            ),
         })
         .await?;
         let relay_wake = Arc::new(tokio::sync::Notify::new());

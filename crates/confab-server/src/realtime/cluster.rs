@@ -27,14 +27,19 @@ pub struct DriverError(#[from] CacheError);
 #[derive(Clone)]
 pub struct CacheDriver {
     cache: Arc<dyn Cache>,
+    /// Whether other nodes can hear this one (a shared cache). With the in-process cache a
+    /// node is alone: publishing would only hand every broadcast back to itself to decode
+    /// and drop, which cost more CPU per delivery than the delivery.
+    clustered: bool,
     /// The forwarding task of each subscribed channel (aborted on unsubscribe).
     forwards: Arc<Mutex<HashMap<String, tokio::task::AbortHandle>>>,
 }
 
 impl CacheDriver {
-    pub fn new(cache: Arc<dyn Cache>) -> Self {
+    pub fn new(cache: Arc<dyn Cache>, clustered: bool) -> Self {
         Self {
             cache,
+            clustered,
             forwards: Arc::default(),
         }
     }
@@ -44,6 +49,9 @@ impl Driver for CacheDriver {
     type Error = DriverError;
 
     async fn publish(&self, chan: String, val: Vec<u8>) -> Result<(), Self::Error> {
+        if !self.clustered {
+            return Ok(());
+        }
         Ok(self.cache.publish(&chan, &val).await?)
     }
 
