@@ -352,6 +352,13 @@ async fn answer_one(
                 Err(error) => state.broker.nack(delivery, &error.to_string()).await,
             }
         }
+        Err(confab_core::services::ai::AiError::Busy) => {
+            // A copy of a request another worker is answering: later, it finds the answer.
+            state
+                .broker
+                .nack(delivery, "another worker is answering this request")
+                .await
+        }
         Err(error) => {
             tracing::warn!(%error, "A chat request could not be answered; it will be retried.");
             state.broker.nack(delivery, &error.to_string()).await

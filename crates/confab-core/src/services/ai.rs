@@ -163,6 +163,9 @@ pub enum AiError {
     RateLimited { retry_after: Duration },
     #[error("the answer is already finished")]
     Finished,
+    /// Another worker is answering this request now: retry later.
+    #[error("another worker is answering this request")]
+    Busy,
     /// A provider failed a call answered in the caller's time (embeddings).
     #[error("{message}")]
     Upstream { code: ErrorCode, message: String },
@@ -259,6 +262,17 @@ fn stream_key(request: AiRequestId) -> String {
 fn cancel_key(request: AiRequestId) -> String {
     format!("ai:cancel:{request}")
 }
+
+/// Who is answering a request right now: a counter that lives [`CLAIM_TTL`] and is renewed
+/// while the answer streams. Two copies of one request (two nodes relayed the same outbox
+/// row, or a redelivery while the first is still running) find it taken, and the later one
+/// is retried after the queue's backoff rather than calling the provider a second time;
+/// a worker that died stops renewing it, so a retry takes over soon after.
+fn claim_key(request: AiRequestId) -> String {
+    format!("ai:claim:{request}")
+}
+
+const CLAIM_TTL: Duration = Duration::from_secs(5);
 
 pub struct AiService {
     store: Arc<dyn Store>,
@@ -487,6 +501,15 @@ impl AiService {
         let Some(chain) = self.chain.clone() else {
             return Err(AiError::Unconfigured);
         };
+        // Without the cache, copies are not told apart (the answer is still stored once).
+        if let Ok(holders) = self
+            .cache
+            .incr(&claim_key(request.request_id), 1, CLAIM_TTL)
+            .await
+            && holders > 1
+        {
+            return Err(AiError::Busy);
+        }
         self.store
             .set_ai_session_status(request.session_id, "processing", now())
             .await?;
@@ -628,6 +651,7 @@ impl AiService {
                         if self.cancelled(request_id).await {
                             break None;
                         }
+                        let _ = self.cache.set(&claim_key(request_id), b"1", Some(CLAIM_TTL)).await;
                         saved = self.save_progress(request_id, &progress, saved).await;
                     }
                 }
@@ -1368,7 +1392,9 @@ fn hex(bytes: &[u8]) -> String {
 impl From<&AiError> for ErrorCode {
     fn from(e: &AiError) -> Self {
         match e {
-            AiError::Unconfigured | AiError::Store(StoreError::Unavailable(_)) => Self::Unavailable,
+            AiError::Unconfigured | AiError::Busy | AiError::Store(StoreError::Unavailable(_)) => {
+                Self::Unavailable
+            }
             AiError::Validation(_) | AiError::UnknownModel(_) => Self::ValidationError,
             AiError::NotFound => Self::NotFound,
             AiError::RateLimited { .. } => Self::RateLimited,

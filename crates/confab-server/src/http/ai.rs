@@ -38,6 +38,7 @@ impl From<AiError> for ApiError {
                     .with_retry_after(retry_after.as_secs().max(1))
             }
             AiError::Finished => Self::new(code, "The answer is already finished."),
+            AiError::Busy => Self::new(code, "The answer is being worked on; try again shortly."),
             // The provider's message goes to the log, not to the client.
             AiError::Upstream { message, .. } => Self::new(
                 code,

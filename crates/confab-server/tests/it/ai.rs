@@ -540,9 +540,51 @@ async fn redelivered_requests_and_answers_are_stored_once(backend: &Backend) {
     let app = &ai.app;
     let ann = person(app, "ann").await;
     let (_socket, mut events) = connect(app, &ann).await;
+    // A second copy of the request while the first is answered (two nodes relayed the same
+    // outbox row): it waits for the first (retried, not answered again).
+    ai.openai.push(Step::Stream {
+        pieces: (0..10).map(|i| format!("slow{i} ")).collect(),
+        gap: Duration::from_millis(80),
+        cut: 4096,
+        usage: (1, 10),
+    });
     let queued = ask(app, &ann, json!({ "message": "once" })).await;
     let request = queued["requestId"].as_str().unwrap();
+    sio::next_named(&mut events, "ai:token", WAIT)
+        .await
+        .expect("the first copy streams");
+    app.state
+        .broker
+        .publish(
+            queues::CHAT_REQUESTS,
+            &Envelope {
+                id: confab_core::domain::EventId::new(),
+                kind: "ai.request".into(),
+                attempt: 0,
+                created_at: confab_core::domain::now(),
+                trace_id: None,
+                payload: json!({ "requestId": request, "sessionId": queued["sessionId"], "userId": ann.id, "model": null }),
+            },
+        )
+        .await
+        .unwrap();
     let heard = hear(&mut events, request).await;
+    confab_core::testing::eventually("the copy is settled", WAIT, || async {
+        matches!(
+            app.state
+                .broker
+                .depth(queues::CHAT_REQUESTS)
+                .await
+                .map(|d| d.pending),
+            Ok(0)
+        )
+    })
+    .await;
+    assert_eq!(
+        ai.openai.calls(),
+        1,
+        "the copy did not call the provider again"
+    );
     let calls = ai.openai.calls();
     let envelope = |queue_kind: &str, payload: Value| Envelope {
         id: confab_core::domain::EventId::new(),
