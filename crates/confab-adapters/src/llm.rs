@@ -229,6 +229,34 @@ pub(crate) fn transport_error(provider: &str, error: &reqwest::Error) -> Service
     ServiceError::new(kind, provider.to_owned(), error.to_string())
 }
 
+/// Sends `request`: a transport failure or a non-success status as SPEC §8 errors.
+pub(crate) async fn send(
+    provider: &str,
+    request: reqwest::RequestBuilder,
+) -> Result<reqwest::Response, ServiceError> {
+    let response = request
+        .send()
+        .await
+        .map_err(|e| transport_error(provider, &e))?;
+    if response.status().is_success() {
+        Ok(response)
+    } else {
+        Err(status_error(provider, response).await)
+    }
+}
+
+/// [`send`], then the body as JSON.
+pub(crate) async fn json(
+    provider: &str,
+    request: reqwest::RequestBuilder,
+) -> Result<serde_json::Value, ServiceError> {
+    send(provider, request)
+        .await?
+        .json()
+        .await
+        .map_err(|e| transport_error(provider, &e))
+}
+
 /// A non-success answer in SPEC §8's terms: 429 → `RateLimit` with its `Retry-After`
 /// (seconds or an HTTP date), anything else → `Api` with the provider's own message.
 pub(crate) async fn status_error(provider: &str, response: reqwest::Response) -> ServiceError {

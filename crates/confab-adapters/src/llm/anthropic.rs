@@ -10,7 +10,7 @@ use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use super::{invalid, status_error, transport_error};
+use super::{invalid, json, send, transport_error};
 
 /// The provider's name in errors, metrics and stored answers.
 const NAME: &str = "anthropic";
@@ -42,21 +42,6 @@ impl AnthropicProvider {
             .request(method, format!("{}{path}", self.base))
             .header("x-api-key", self.key.expose())
             .header("anthropic-version", API_VERSION)
-    }
-
-    async fn send(
-        &self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, ServiceError> {
-        let response = request
-            .send()
-            .await
-            .map_err(|e| transport_error(NAME, &e))?;
-        if response.status().is_success() {
-            Ok(response)
-        } else {
-            Err(status_error(NAME, response).await)
-        }
     }
 }
 
@@ -225,12 +210,12 @@ impl LlmProvider for AnthropicProvider {
         request: &CompletionRequest,
         on_delta: &mut OnDelta<'_>,
     ) -> Result<Completion, ServiceError> {
-        let response = self
-            .send(
-                self.request(reqwest::Method::POST, "/v1/messages")
-                    .json(&body(request)),
-            )
-            .await?;
+        let response = send(
+            NAME,
+            self.request(reqwest::Method::POST, "/v1/messages")
+                .json(&body(request)),
+        )
+        .await?;
         let streamed = response
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
@@ -277,12 +262,11 @@ impl LlmProvider for AnthropicProvider {
     }
 
     async fn models(&self) -> Result<Vec<String>, ServiceError> {
-        let body: Value = self
-            .send(self.request(reqwest::Method::GET, "/v1/models?limit=1000"))
-            .await?
-            .json()
-            .await
-            .map_err(|e| transport_error(NAME, &e))?;
+        let body = json(
+            NAME,
+            self.request(reqwest::Method::GET, "/v1/models?limit=1000"),
+        )
+        .await?;
         Ok(body
             .get("data")
             .and_then(Value::as_array)

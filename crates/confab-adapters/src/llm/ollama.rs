@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use super::openai::vector;
-use super::{invalid, status_error, transport_error};
+use super::{invalid, json, send, transport_error};
 
 /// The provider's name in errors, metrics and stored answers.
 const NAME: &str = "ollama";
@@ -32,29 +32,6 @@ impl OllamaProvider {
             model,
             embedding_model,
         }
-    }
-
-    async fn send(
-        &self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, ServiceError> {
-        let response = request
-            .send()
-            .await
-            .map_err(|e| transport_error(NAME, &e))?;
-        if response.status().is_success() {
-            Ok(response)
-        } else {
-            Err(status_error(NAME, response).await)
-        }
-    }
-
-    async fn json(&self, request: reqwest::RequestBuilder) -> Result<Value, ServiceError> {
-        self.send(request)
-            .await?
-            .json()
-            .await
-            .map_err(|e| transport_error(NAME, &e))
     }
 }
 
@@ -131,13 +108,13 @@ impl LlmProvider for OllamaProvider {
         if let Some(max) = request.max_tokens {
             body["options"] = json!({"num_predict": max});
         }
-        let response = self
-            .send(
-                self.client
-                    .post(format!("{}/api/chat", self.base))
-                    .json(&body),
-            )
-            .await?;
+        let response = send(
+            NAME,
+            self.client
+                .post(format!("{}/api/chat", self.base))
+                .json(&body),
+        )
+        .await?;
         let mut bytes = response.bytes_stream();
         let mut pending: Vec<u8> = Vec::new();
         let mut answer = Answer::default();
@@ -195,13 +172,13 @@ impl LlmProvider for OllamaProvider {
         };
         let mut vectors = Vec::with_capacity(input.len());
         for text in input {
-            let body = self
-                .json(
-                    self.client
-                        .post(format!("{}/api/embeddings", self.base))
-                        .json(&json!({"model": model, "prompt": text})),
-                )
-                .await?;
+            let body = json(
+                NAME,
+                self.client
+                    .post(format!("{}/api/embeddings", self.base))
+                    .json(&json!({"model": model, "prompt": text})),
+            )
+            .await?;
             vectors.push(
                 vector(body.get("embedding"))
                     .ok_or_else(|| invalid(NAME, "an embedding that is not a list of numbers"))?,
@@ -211,9 +188,7 @@ impl LlmProvider for OllamaProvider {
     }
 
     async fn models(&self) -> Result<Vec<String>, ServiceError> {
-        let body = self
-            .json(self.client.get(format!("{}/api/tags", self.base)))
-            .await?;
+        let body = json(NAME, self.client.get(format!("{}/api/tags", self.base))).await?;
         Ok(body
             .get("models")
             .and_then(Value::as_array)

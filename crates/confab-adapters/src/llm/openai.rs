@@ -14,7 +14,7 @@ use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use super::{invalid, status_error, transport_error};
+use super::{invalid, json, send, transport_error};
 
 /// The provider's name in errors, metrics and stored answers.
 const NAME: &str = "openai";
@@ -60,21 +60,6 @@ impl OpenAiProvider {
         match &self.key {
             Some(key) => request.bearer_auth(key.expose()),
             None => request,
-        }
-    }
-
-    async fn send(
-        &self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, ServiceError> {
-        let response = request
-            .send()
-            .await
-            .map_err(|e| transport_error(NAME, &e))?;
-        if response.status().is_success() {
-            Ok(response)
-        } else {
-            Err(status_error(NAME, response).await)
         }
     }
 }
@@ -177,9 +162,7 @@ impl LlmProvider for OpenAiProvider {
         if let Some(max) = request.max_tokens {
             body["max_tokens"] = json!(max);
         }
-        let response = self
-            .send(self.post("/chat/completions").json(&body))
-            .await?;
+        let response = send(NAME, self.post("/chat/completions").json(&body)).await?;
         let streamed = response
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
@@ -240,12 +223,12 @@ impl LlmProvider for OpenAiProvider {
         } else {
             model
         };
-        let response = self
-            .send(
-                self.post("/embeddings")
-                    .json(&json!({"model": model, "input": input})),
-            )
-            .await?;
+        let response = send(
+            NAME,
+            self.post("/embeddings")
+                .json(&json!({"model": model, "input": input})),
+        )
+        .await?;
         let body: Value = response
             .json()
             .await
@@ -284,12 +267,7 @@ impl LlmProvider for OpenAiProvider {
         if !self.image_model.starts_with("gpt-image") {
             body["response_format"] = json!("b64_json");
         }
-        let answer: Value = self
-            .send(self.post("/images/generations").json(&body))
-            .await?
-            .json()
-            .await
-            .map_err(|e| transport_error(NAME, &e))?;
+        let answer: Value = json(NAME, self.post("/images/generations").json(&body)).await?;
         images(&answer)
     }
 
@@ -299,12 +277,7 @@ impl LlmProvider for OpenAiProvider {
             Some(key) => request.bearer_auth(key.expose()),
             None => request,
         };
-        let body: Value = self
-            .send(request)
-            .await?
-            .json()
-            .await
-            .map_err(|e| transport_error(NAME, &e))?;
+        let body: Value = json(NAME, request).await?;
         Ok(body
             .get("data")
             .and_then(Value::as_array)

@@ -15,7 +15,7 @@ use confab_core::ports::llm::{
 use confab_core::settings::Secret;
 use serde_json::{Value, json};
 
-use super::{invalid, status_error, transport_error};
+use super::{invalid, send, transport_error};
 
 /// The provider's name in errors, metrics and stored answers.
 const NAME: &str = "replicate";
@@ -66,14 +66,7 @@ impl ReplicateProvider {
     }
 
     async fn json(&self, request: reqwest::RequestBuilder) -> Result<Value, ServiceError> {
-        let response = request
-            .bearer_auth(self.key.expose())
-            .send()
-            .await
-            .map_err(|e| transport_error(NAME, &e))?;
-        if !response.status().is_success() {
-            return Err(status_error(NAME, response).await);
-        }
+        let response = send(NAME, request.bearer_auth(self.key.expose())).await?;
         let text = response
             .text()
             .await
