@@ -299,36 +299,50 @@ async fn answer_one(
     ai: &confab_core::services::ai::AiService,
     delivery: &Delivery,
 ) {
-    if delivery.envelope.kind == MENTION_KIND {
-        answer_mention(state, ai, delivery).await;
-        return;
-    }
-    if delivery.envelope.kind == GENERATION_KIND {
-        let settled = match generate(state, ai, &delivery.envelope.payload).await {
-            Ok(()) => state.broker.ack(delivery).await,
-            Err(error) => {
+    let outcome = match delivery.envelope.kind.as_str() {
+        MENTION_KIND => answer_mention(ai, delivery).await,
+        GENERATION_KIND => generate(state, ai, &delivery.envelope.payload)
+            .await
+            .map_err(|error| {
                 tracing::warn!(
                     error = format!("{error:#}"),
                     "A generation failed; it will be retried."
                 );
-                state.broker.nack(delivery, &format!("{error:#}")).await
-            }
-        };
-        if let Err(error) = settled {
-            tracing::warn!(%error, "Could not settle a generation.");
-        }
-        return;
+                format!("{error:#}")
+            }),
+        _ => answer_request(state, ai, delivery).await,
+    };
+    settle(state, delivery, outcome).await;
+}
+
+/// Acknowledges `delivery` when its work is done, or hands it back to be retried with the
+/// error; one that cannot be settled is logged (its lease runs out and it comes back).
+async fn settle(state: &AppState, delivery: &Delivery, outcome: Result<(), String>) {
+    let settled = match outcome {
+        Ok(()) => state.broker.ack(delivery).await,
+        Err(error) => state.broker.nack(delivery, &error).await,
+    };
+    if let Err(error) = settled {
+        tracing::warn!(%error, queue = %delivery.queue, kind = %delivery.envelope.kind, "Could not settle a delivery.");
     }
+}
+
+/// A queued request: answered (or found answered already), its answer published to
+/// `chat_responses`.
+async fn answer_request(
+    state: &AppState,
+    ai: &confab_core::services::ai::AiService,
+    delivery: &Delivery,
+) -> Result<(), String> {
     let request: Request = match serde_json::from_value(delivery.envelope.payload.clone()) {
         Ok(r) => r,
         Err(error) => {
             tracing::warn!(%error, "A chat request that is not one; dropped.");
-            let _ = state.broker.ack(delivery).await;
-            return;
+            return Ok(());
         }
     };
-    let settled = match ai.answer_request(&request).await {
-        Ok(None) => state.broker.ack(delivery).await,
+    match ai.answer_request(&request).await {
+        Ok(None) => Ok(()),
         Ok(Some(response)) => {
             record_metrics(&response);
             if response.is_critical() {
@@ -343,29 +357,20 @@ async fn answer_one(
                 trace_id: delivery.envelope.trace_id.clone(),
                 payload: serde_json::to_value(&response).unwrap_or_default(),
             };
-            match state
+            state
                 .broker
                 .publish(queues::CHAT_RESPONSES, &envelope)
                 .await
-            {
-                Ok(()) => state.broker.ack(delivery).await,
-                Err(error) => state.broker.nack(delivery, &error.to_string()).await,
-            }
+                .map_err(|error| error.to_string())
         }
+        // A copy of a request another worker is answering: later, it finds the answer.
         Err(confab_core::services::ai::AiError::Busy) => {
-            // A copy of a request another worker is answering: later, it finds the answer.
-            state
-                .broker
-                .nack(delivery, "another worker is answering this request")
-                .await
+            Err("another worker is answering this request".into())
         }
         Err(error) => {
             tracing::warn!(%error, "A chat request could not be answered; it will be retried.");
-            state.broker.nack(delivery, &error.to_string()).await
+            Err(error.to_string())
         }
-    };
-    if let Err(error) = settled {
-        tracing::warn!(%error, "Could not settle a chat request.");
     }
 }
 
@@ -434,24 +439,21 @@ async fn fetch_image(url: &str, limit: usize) -> anyhow::Result<Vec<u8>> {
     Ok(bytes.to_vec())
 }
 
-/// An `@assistant` mention: answered and posted into the chat (once), then acknowledged.
+/// An `@assistant` mention: answered and posted into the chat (once).
 async fn answer_mention(
-    state: &AppState,
     ai: &confab_core::services::ai::AiService,
     delivery: &Delivery,
-) {
-    let settled = match serde_json::from_value::<Mention>(delivery.envelope.payload.clone()) {
+) -> Result<(), String> {
+    match serde_json::from_value::<Mention>(delivery.envelope.payload.clone()) {
         Err(error) => {
             tracing::warn!(%error, "A mention that is not one; dropped.");
-            state.broker.ack(delivery).await
+            Ok(())
         }
-        Ok(mention) => match ai.answer_mention(&mention).await {
-            Ok(_) => state.broker.ack(delivery).await,
-            Err(error) => state.broker.nack(delivery, &error.to_string()).await,
-        },
-    };
-    if let Err(error) = settled {
-        tracing::warn!(%error, "Could not settle a mention.");
+        Ok(mention) => ai
+            .answer_mention(&mention)
+            .await
+            .map(|_| ())
+            .map_err(|error| error.to_string()),
     }
 }
 
@@ -500,41 +502,31 @@ pub fn spawn_response_consumer(
     state: AppState,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let ai = state.ai.clone();
-        loop {
-            let received = tokio::select! {
-                () = shutdown.cancelled() => return,
-                received = state.broker.receive(queues::CHAT_RESPONSES, 64, Duration::from_secs(1)) => received,
-            };
-            let deliveries = match received {
-                Ok(d) => d,
-                Err(error) => {
-                    tracing::warn!(queue = queues::CHAT_RESPONSES, %error, "Cannot reach the queue; retrying.");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
-                }
-            };
+    crate::workers::spawn_consumer(
+        state,
+        queues::CHAT_RESPONSES,
+        64,
+        shutdown,
+        |state, deliveries| async move {
             for delivery in deliveries {
-                let settled =
+                let outcome =
                     match serde_json::from_value::<Response>(delivery.envelope.payload.clone()) {
                         Err(error) => {
                             tracing::warn!(%error, "A chat response that is not one; dropped.");
-                            state.broker.ack(&delivery).await
+                            Ok(())
                         }
-                        Ok(response) => match ai.record_response(&response).await {
-                            Ok(_) => state.broker.ack(&delivery).await,
-                            Err(error) => state.broker.nack(&delivery, &error.to_string()).await,
-                        },
+                        Ok(response) => state
+                            .ai
+                            .record_response(&response)
+                            .await
+                            .map(|_| ())
+                            .map_err(|error| error.to_string()),
                     };
-                if let Err(error) = settled {
-                    tracing::warn!(%error, "Could not settle a chat response.");
-                }
+                settle(&state, &delivery, outcome).await;
             }
-        }
-    })
+            Ok(())
+        },
+    )
 }
 
 fn record_metrics(response: &Response) {

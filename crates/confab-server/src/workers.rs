@@ -73,7 +73,7 @@ pub fn spawn_depth_gauges(
 /// Receives from `queue` (up to `batch` at a time) until `shutdown` and hands each batch
 /// to `handle`, which settles every delivery in it (ack or nack); a queue that cannot be
 /// reached is retried each second.
-fn spawn_consumer<F, Fut>(
+pub(crate) fn spawn_consumer<F, Fut>(
     state: crate::state::AppState,
     queue: &'static str,
     batch: u32,

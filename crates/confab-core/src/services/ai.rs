@@ -239,7 +239,8 @@ pub struct StreamState {
     /// The answer so far.
     pub content: String,
     /// How many pieces `content` holds: `ai:token` events with a lower index are in it.
-    pub tokens: u64,
+    /// `None` once the answer is finished (`content` is all of it).
+    pub tokens: Option<u64>,
 }
 
 /// A cached answer (`ai:response:{hash}`).
@@ -480,23 +481,12 @@ impl AiService {
             return Ok(None);
         };
         let started = Instant::now();
-        let mut response = Response {
-            request_id: request.request_id,
-            session_id: request.session_id,
-            user_id: request.user_id,
-            content: String::new(),
-            status: "cancelled".into(),
-            model: None,
-            provider: None,
-            cached: false,
-            latency_ms: 0,
-            prompt_tokens: None,
-            completion_tokens: None,
-            error_code: None,
-            error_detail: None,
-        };
         if self.cancelled(request.request_id).await {
-            return Ok(Some(response));
+            return Ok(Some(Response::of(
+                request,
+                Outcome::Cancelled(String::new()),
+                started,
+            )));
         }
         let Some(chain) = self.chain.clone() else {
             return Err(AiError::Unconfigured);
@@ -539,8 +529,7 @@ impl AiService {
                 &mut relay,
             )
             .await;
-        fill(&mut response, outcome, started);
-        Ok(Some(response))
+        Ok(Some(Response::of(request, outcome, started)))
     }
 
     /// The conversation sent to the model: system prompt, the session's last N finished
@@ -921,22 +910,7 @@ impl AiService {
         let outcome = self
             .answer(&chain, ask.model.as_deref(), &turns, &req, false, on_delta)
             .await;
-        let mut response = Response {
-            request_id: request,
-            session_id: session.id,
-            user_id: user,
-            content: String::new(),
-            status: String::new(),
-            model: None,
-            provider: None,
-            cached: false,
-            latency_ms: 0,
-            prompt_tokens: None,
-            completion_tokens: None,
-            error_code: None,
-            error_detail: None,
-        };
-        fill(&mut response, outcome, started);
+        let response = Response::of(&req, outcome, started);
         self.record_response(&response)
             .await?
             .ok_or(AiError::NotFound)
@@ -1208,7 +1182,7 @@ impl AiService {
                 session_id: asked.session_id,
                 status: answer.status,
                 content: answer.content,
-                tokens: u64::MAX,
+                tokens: None,
             });
         }
         let (status, content, tokens) = match self.cache.get(&stream_key(request)).await {
@@ -1227,7 +1201,7 @@ impl AiService {
             session_id: asked.session_id,
             status: status.into(),
             content,
-            tokens,
+            tokens: Some(tokens),
         })
     }
 
@@ -1336,46 +1310,64 @@ enum Outcome {
     Cancelled(String),
 }
 
-fn fill(response: &mut Response, outcome: Outcome, started: Instant) {
-    response.latency_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
-    match outcome {
-        Outcome::Answered(answer) => {
-            let Usage {
-                prompt_tokens,
-                completion_tokens,
-            } = answer.completion.usage;
-            response.content = answer.completion.content;
-            response.status = "complete".into();
-            response.provider = Some(answer.provider);
-            response.model = Some(answer.model);
-            response.prompt_tokens = prompt_tokens.map(i64::from);
-            response.completion_tokens = completion_tokens.map(i64::from);
-        }
-        Outcome::Cached(hit) => {
-            response.content = hit.content;
-            response.status = "complete".into();
-            response.provider = Some(hit.provider);
-            response.model = Some(hit.model);
-            response.cached = true;
-        }
-        Outcome::Failed(failure, so_far) => {
-            response.content = if failure.partial {
-                so_far
-            } else {
-                FRIENDLY_FAILURE.into()
-            };
-            response.status = "failed".into();
-            response.error_code = Some(failure.error.code().as_str().to_owned());
-            response.error_detail = Some(failure.error.to_string());
-            if let Some((provider, model)) = failure.provider {
-                response.provider = Some(provider);
-                response.model = Some(model);
+impl Response {
+    /// How answering `request` went, `started` being when the worker took it.
+    fn of(request: &Request, outcome: Outcome, started: Instant) -> Self {
+        let mut response = Self {
+            request_id: request.request_id,
+            session_id: request.session_id,
+            user_id: request.user_id,
+            content: String::new(),
+            status: String::new(),
+            model: None,
+            provider: None,
+            cached: false,
+            latency_ms: i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX),
+            prompt_tokens: None,
+            completion_tokens: None,
+            error_code: None,
+            error_detail: None,
+        };
+        match outcome {
+            Outcome::Answered(answer) => {
+                let Usage {
+                    prompt_tokens,
+                    completion_tokens,
+                } = answer.completion.usage;
+                response.content = answer.completion.content;
+                response.status = "complete".into();
+                response.provider = Some(answer.provider);
+                response.model = Some(answer.model);
+                response.prompt_tokens = prompt_tokens.map(i64::from);
+                response.completion_tokens = completion_tokens.map(i64::from);
+            }
+            Outcome::Cached(hit) => {
+                response.content = hit.content;
+                response.status = "complete".into();
+                response.provider = Some(hit.provider);
+                response.model = Some(hit.model);
+                response.cached = true;
+            }
+            Outcome::Failed(failure, so_far) => {
+                response.content = if failure.partial {
+                    so_far
+                } else {
+                    FRIENDLY_FAILURE.into()
+                };
+                response.status = "failed".into();
+                response.error_code = Some(failure.error.code().as_str().to_owned());
+                response.error_detail = Some(failure.error.to_string());
+                if let Some((provider, model)) = failure.provider {
+                    response.provider = Some(provider);
+                    response.model = Some(model);
+                }
+            }
+            Outcome::Cancelled(so_far) => {
+                response.content = so_far;
+                response.status = "cancelled".into();
             }
         }
-        Outcome::Cancelled(so_far) => {
-            response.content = so_far;
-            response.status = "cancelled".into();
-        }
+        response
     }
 }
 

@@ -312,7 +312,7 @@ impl From<StreamState> for StreamBody {
             session_id: s.session_id.to_string(),
             status: s.status,
             content: s.content,
-            tokens: (s.tokens != u64::MAX).then_some(s.tokens),
+            tokens: s.tokens,
         }
     }
 }
