@@ -24,6 +24,8 @@
     clippy::unwrap_used
 )]
 
+#[path = "common.rs"]
+mod common;
 #[path = "server.rs"]
 mod server;
 #[path = "sio.rs"]
@@ -84,24 +86,19 @@ fn micros_since_epoch() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i].as_secs_f64() * 1000.0
-}
-
 fn report(what: &str, mut samples: Vec<Duration>) {
     samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    if samples.is_empty() {
+        println!("{what}: no samples");
+        return;
+    }
     println!(
         "{what}: n {} p50 {:.2} ms p99 {:.2} ms max {:.2} ms",
         samples.len(),
-        percentile(&samples, 0.5),
-        percentile(&samples, 0.99),
-        samples
-            .last()
-            .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+        ms(common::percentile(&samples, 0.5)),
+        ms(common::percentile(&samples, 0.99)),
+        ms(samples[samples.len() - 1])
     );
 }
 
