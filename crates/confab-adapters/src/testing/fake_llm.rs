@@ -88,8 +88,6 @@ struct Script {
     steps: Mutex<VecDeque<Step>>,
     /// Played when no step is queued.
     fallback: Mutex<Option<Step>>,
-    /// Steps for one model, ahead of the queue.
-    by_model: Mutex<Vec<(String, Step)>>,
     requests: Mutex<Vec<Value>>,
     /// When each completion call arrived (load tools time the pipeline with it).
     arrivals: Mutex<Vec<Instant>>,
@@ -101,14 +99,10 @@ struct Script {
 }
 
 impl Script {
-    /// The step a call for `model` plays.
-    fn next(&self, model: &str) -> Step {
-        let by_model = lock(&self.by_model)
-            .iter()
-            .find(|(m, _)| m == model)
-            .map(|(_, s)| s.clone());
-        by_model
-            .or_else(|| lock(&self.steps).pop_front())
+    /// The step the next call plays.
+    fn next(&self) -> Step {
+        lock(&self.steps)
+            .pop_front()
             .or_else(|| lock(&self.fallback).clone())
             .unwrap_or_else(|| Step::pieces(&["Hello", "!"]))
     }
@@ -142,7 +136,6 @@ impl FakeLlm {
             origin: origin.clone(),
             steps: Mutex::default(),
             fallback: Mutex::default(),
-            by_model: Mutex::default(),
             requests: Mutex::default(),
             arrivals: Mutex::default(),
             predictions: Mutex::default(),
@@ -185,12 +178,6 @@ impl FakeLlm {
     /// What every call gets when nothing is queued (default: a short answer).
     pub fn set_fallback(&self, step: Step) {
         *lock(&self.script.fallback) = Some(step);
-    }
-
-    /// Every call for `model` plays `step` (before the queue). On the Replicate wire the
-    /// model is the version a prediction names.
-    pub fn for_model(&self, model: &str, step: Step) {
-        lock(&self.script.by_model).push((model.to_owned(), step));
     }
 
     /// How many calls arrived: completions and image generations (on the Replicate wire,
@@ -415,7 +402,7 @@ async fn complete(
     let model = body["model"].as_str().unwrap_or_default().to_owned();
     lock(&script.arrivals).push(Instant::now());
     lock(&script.requests).push(body);
-    let step = script.next(&model);
+    let step = script.next();
     play(wire, &model, step).await
 }
 
@@ -658,11 +645,10 @@ async fn openai_images(
     State((_, script)): Shared,
     axum::Json(body): axum::Json<Value>,
 ) -> Response {
-    let model = body["model"].as_str().unwrap_or_default().to_owned();
     let n = body["n"].as_u64().unwrap_or(1);
     let urls = body["response_format"] == "url";
     lock(&script.requests).push(body);
-    match script.next(&model) {
+    match script.next() {
         Step::Status {
             status,
             retry_after,
@@ -741,7 +727,7 @@ async fn replicate_create(
     let version = body["version"].as_str().unwrap_or_default().to_owned();
     let images = body["input"]["num_outputs"].as_u64();
     lock(&script.requests).push(body);
-    let step = script.next(&version);
+    let step = script.next();
     let output = |text: Value| images.map_or(text, |n| json!(script.image_urls(n)));
     let mut prediction = Prediction {
         version,

@@ -218,10 +218,6 @@ impl Chain {
         &self.links
     }
 
-    pub const fn policy(&self) -> &Policy {
-        &self.policy
-    }
-
     /// `provider/model` of each link, in order: what the answer cache keys on.
     pub fn describe(&self) -> Vec<String> {
         self.links
