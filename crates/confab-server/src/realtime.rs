@@ -162,7 +162,7 @@ async fn on_connect(
     Extension(who): Extension<Principal>,
     State(rt): State<Realtime>,
 ) {
-    touch(&*rt.cache, who.user_id).await;
+    touch(&*rt.cache, who.user_id, confab_core::domain::now()).await;
     // The user's first socket: their partners see them come online.
     if socket.extensions.get::<FirstSocket>().is_some() {
         announce_presence(&io, &rt, who.user_id, true, confab_core::domain::now()).await;
@@ -195,8 +195,8 @@ async fn announce_presence(
 
 /// The user was seen now: online for five minutes from here (SPEC §4: while a socket is
 /// connected, kept fresh by [`spawn_presence`], or active in the last 5 minutes).
-async fn touch(cache: &dyn Cache, user: UserId) {
-    let now = confab_core::domain::now().timestamp_millis();
+async fn touch(cache: &dyn Cache, user: UserId, at: confab_core::domain::Timestamp) {
+    let now = at.timestamp_millis();
     if let Err(error) = cache
         .presence_touch(keys::ONLINE_USERS, &user.to_string(), now)
         .await
@@ -209,7 +209,10 @@ async fn on_disconnect(io: Io, Extension(who): Extension<Principal>, State(rt): 
     let last = rt.count(who.user_id, false).await;
     // Last seen now; the window of SPEC §4 (5 minutes) runs from here.
     let closed_at = confab_core::domain::now();
-    touch(&*rt.cache, who.user_id).await;
+    // Seen at `closed_at` exactly: `announce_gone` looks for activity after it, and a second
+    // reading of the clock here (later under load) would count as such and keep the user
+    // online for good.
+    touch(&*rt.cache, who.user_id, closed_at).await;
     if last {
         tokio::spawn(announce_gone(io, rt, who.user_id, closed_at));
     }
@@ -259,7 +262,7 @@ pub fn spawn_presence(
                 .map(|p| p.user_id)
                 .collect();
             for user in users {
-                touch(&*cache, user).await;
+                touch(&*cache, user, confab_core::domain::now()).await;
             }
             let day_ago = confab_core::domain::now() - chrono::Duration::days(1);
             let _ = cache
