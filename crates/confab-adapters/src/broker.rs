@@ -107,11 +107,16 @@ pub async fn build(
         QueueConfig::Database {
             visibility_timeout_secs,
             ..
-        } => Arc::new(DbBroker::new(
-            store.connection(),
-            config.retry(),
-            Duration::from_secs((*visibility_timeout_secs).max(1)),
-        )),
+        } => {
+            let broker = DbBroker::new(
+                store.connection(),
+                config.retry(),
+                Duration::from_secs((*visibility_timeout_secs).max(1)),
+            );
+            // One database: the store's outbox entries go straight into the queue.
+            broker.take_outbox_of(store);
+            Arc::new(broker)
+        }
         QueueConfig::Rabbitmq {
             url,
             visibility_timeout_secs,

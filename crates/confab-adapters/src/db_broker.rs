@@ -9,8 +9,13 @@
 //!
 //! Publishes in this process wake waiting receivers at once; other processes' publishes are
 //! picked up by polling.
+//!
+//! When the queue lives in the store's own database ([`DbBroker::take_outbox_of`]), the
+//! store writes outbox entries straight into `queue_messages` in the caller's transaction
+//! ([`QueueLink`]): the relay then has nothing to move.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,7 +30,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, QueryResult, State
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::sql_store::{database_health, store_err};
+use crate::sql_store::{SqlStore, database_health, store_err};
 
 /// How often a receiver looks for messages published by other processes.
 const POLL: Duration = Duration::from_millis(100);
@@ -34,7 +39,38 @@ pub struct DbBroker {
     db: DatabaseConnection,
     retry: RetryPolicy,
     visibility_timeout: Duration,
-    published: Arc<Notify>,
+    published: Arc<Wakes>,
+}
+
+/// One wake-up per queue: a publish wakes only the receivers of its own queue (a commit per
+/// chat message must not wake the idle mail and AI consumers, whose receives are writes).
+#[derive(Default)]
+struct Wakes(std::sync::Mutex<HashMap<String, Arc<Notify>>>);
+
+impl Wakes {
+    fn of(&self, queue: &str) -> Arc<Notify> {
+        let mut wakes = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(wake) = wakes.get(queue) {
+            return wake.clone();
+        }
+        wakes.entry(queue.to_owned()).or_default().clone()
+    }
+
+    fn wake(&self, queue: &str) {
+        let wake = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(queue)
+            .cloned();
+        // No entry: nobody has waited on this queue yet.
+        if let Some(wake) = wake {
+            wake.notify_waiters();
+        }
+    }
 }
 
 fn broker_err(error: sea_orm::DbErr) -> BrokerError {
@@ -54,19 +90,19 @@ impl DbBroker {
             db,
             retry,
             visibility_timeout,
-            published: Arc::new(Notify::new()),
+            published: Arc::default(),
         }
     }
 
     /// `sql` with `$1`… placeholders, in this backend's dialect.
     fn statement(&self, sql: &str, values: Vec<Value>) -> Statement {
-        let backend = self.db.get_database_backend();
-        let sql = if backend == DbBackend::Sqlite {
-            sql.replace('$', "?")
-        } else {
-            sql.to_owned()
-        };
-        Statement::from_sql_and_values(backend, sql, values)
+        statement(self.db.get_database_backend(), sql, values)
+    }
+
+    /// From now on, the store writes its outbox entries straight into this queue (they are
+    /// one database) and wakes this broker's receivers when they are committed.
+    pub fn take_outbox_of(&self, store: &SqlStore) {
+        store.queue_link().attach(self.published.clone());
     }
 
     async fn execute(&self, sql: &str, values: Vec<Value>) -> Result<u64, BrokerError> {
@@ -112,6 +148,102 @@ impl DbBroker {
         // RETURNING does not promise the subquery's order.
         claimed.sort_by_key(|(order, _)| *order);
         Ok(claimed.into_iter().map(|(_, d)| d).collect())
+    }
+}
+
+/// `sql` with `$1`… placeholders, in `backend`'s dialect.
+fn statement(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
+    let sql = if backend == DbBackend::Sqlite {
+        sql.replace('$', "?")
+    } else {
+        sql.to_owned()
+    };
+    Statement::from_sql_and_values(backend, sql, values)
+}
+
+/// The columns a published message is inserted with (`attempt` is 0).
+pub(crate) const INSERT_COLUMNS: &str =
+    "id, queue, envelope_id, kind, payload, trace_id, created_at, attempt, available_at";
+
+/// Inserts one `queue_messages` row per `(queue, envelope)`, available now; an envelope
+/// already on its queue is skipped (a republish is a no-op).
+pub(crate) fn insert_envelopes<'a>(
+    backend: DbBackend,
+    envelopes: impl ExactSizeIterator<Item = (&'a str, &'a Envelope)>,
+) -> Statement {
+    let at = now();
+    let mut rows = Vec::with_capacity(envelopes.len());
+    let mut values = Vec::with_capacity(envelopes.len() * 8);
+    for (i, (queue, e)) in envelopes.enumerate() {
+        let p = i * 8;
+        rows.push(format!(
+            "(${}, ${}, ${}, ${}, ${}, ${}, ${}, 0, ${})",
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4,
+            p + 5,
+            p + 6,
+            p + 7,
+            p + 8
+        ));
+        values.extend([
+            Uuid::now_v7().into(),
+            queue.into(),
+            e.id.0.into(),
+            e.kind.clone().into(),
+            e.payload.clone().into(),
+            e.trace_id.clone().into(),
+            e.created_at.into(),
+            at.into(),
+        ]);
+    }
+    let sql = format!(
+        "INSERT INTO queue_messages ({INSERT_COLUMNS}) VALUES {} \
+         ON CONFLICT (queue, envelope_id) DO NOTHING",
+        rows.join(", ")
+    );
+    statement(backend, &sql, values)
+}
+
+/// The store's side of the database queue when the two share a database (SPEC §6: the
+/// change and the intent to publish commit together). Then the outbox IS the queue: the store
+/// writes each entry straight into `queue_messages` inside the caller's transaction, and,
+/// once committed, wakes the queue's receivers. No relay hop (read the outbox, insert,
+/// mark published, purge) stands between a commit and its consumer.
+#[derive(Default)]
+pub struct QueueLink {
+    published: OnceLock<Arc<Wakes>>,
+}
+
+impl QueueLink {
+    /// Whether outbox entries go straight into the queue.
+    pub(crate) fn direct(&self) -> bool {
+        self.published.get().is_some()
+    }
+
+    fn attach(&self, published: Arc<Wakes>) {
+        // A second broker on the same store keeps the first one's wake-up: both read the
+        // same table, and receivers poll as well.
+        let _ = self.published.set(published);
+    }
+
+    /// After a commit that wrote an entry to each of `queues` (a queue once per entry):
+    /// counted as published, and each queue's receivers in this process woken once.
+    pub(crate) fn committed<'a>(&self, queues: impl IntoIterator<Item = &'a str>) {
+        let mut counts: Vec<(&str, u64)> = Vec::new();
+        for queue in queues {
+            match counts.iter_mut().find(|(q, _)| *q == queue) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((queue, 1)),
+            }
+        }
+        for (queue, n) in counts {
+            metrics::counter!("queue_published_total", "queue" => queue.to_owned()).increment(n);
+            if let Some(published) = self.published.get() {
+                published.wake(queue);
+            }
+        }
     }
 }
 
@@ -169,43 +301,16 @@ impl Broker for DbBroker {
     async fn publish_all(&self, queue: &str, envelopes: &[Envelope]) -> Result<(), BrokerError> {
         // One statement per chunk (far below both backends' parameter limits). A message
         // already on this queue is skipped: a republish (an outbox relay retrying) is a no-op.
+        let backend = self.db.get_database_backend();
         for chunk in envelopes.chunks(500) {
-            let at = now();
-            let mut rows = Vec::with_capacity(chunk.len());
-            let mut values = Vec::with_capacity(chunk.len() * 8);
-            for (i, e) in chunk.iter().enumerate() {
-                let p = i * 8;
-                rows.push(format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, 0, ${})",
-                    p + 1,
-                    p + 2,
-                    p + 3,
-                    p + 4,
-                    p + 5,
-                    p + 6,
-                    p + 7,
-                    p + 8
-                ));
-                values.extend([
-                    Uuid::now_v7().into(),
-                    queue.into(),
-                    e.id.0.into(),
-                    e.kind.clone().into(),
-                    e.payload.clone().into(),
-                    e.trace_id.clone().into(),
-                    e.created_at.into(),
-                    at.into(),
-                ]);
-            }
-            let sql = format!(
-                "INSERT INTO queue_messages (id, queue, envelope_id, kind, payload, trace_id, created_at, attempt, available_at) \
-                 VALUES {} ON CONFLICT (queue, envelope_id) DO NOTHING",
-                rows.join(", ")
-            );
-            self.execute(&sql, values).await?;
+            let rows = chunk.iter().map(|e| (queue, e));
+            self.db
+                .execute_raw(insert_envelopes(backend, rows))
+                .await
+                .map_err(broker_err)?;
         }
         if !envelopes.is_empty() {
-            self.published.notify_waiters();
+            self.published.wake(queue);
         }
         Ok(())
     }
@@ -217,9 +322,10 @@ impl Broker for DbBroker {
         wait: Duration,
     ) -> Result<Vec<Delivery>, BrokerError> {
         let deadline = tokio::time::Instant::now() + wait;
+        let wake = self.published.of(queue);
         loop {
             // Register for the wake-up before looking, so a publish in between is not missed.
-            let published = self.published.notified();
+            let published = wake.notified();
             let claimed = self.claim(queue, max).await?;
             let now = tokio::time::Instant::now();
             if !claimed.is_empty() || now >= deadline {
@@ -357,7 +463,7 @@ impl Broker for DbBroker {
             )
             .await?;
         if replayed > 0 {
-            self.published.notify_waiters();
+            self.published.wake(queue);
         }
         Ok(replayed)
     }

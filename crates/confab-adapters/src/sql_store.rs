@@ -15,8 +15,10 @@ mod auth_ai;
 mod entities;
 mod migrations;
 mod ops;
+mod sqlite_writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -32,6 +34,8 @@ use sea_orm_migration::MigratorTrait;
 use serde::{Deserialize, Serialize};
 
 pub use migrations::known as known_migrations;
+
+use crate::db_broker::QueueLink;
 
 /// `[database.pool]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +137,13 @@ pub struct Sql<C> {
     conn: C,
     /// Where reads outside a transaction go, when there is a replica.
     replica: Option<DatabaseConnection>,
+    /// SQLite: the thread that commits batches of messages (`append_messages`).
+    writer: Option<Arc<sqlite_writer::SqliteWriter>>,
+    /// Whether outbox entries go straight into the database queue (see `QueueLink`).
+    queue: Arc<QueueLink>,
+    /// In a transaction: the queues it wrote to directly (each entry once), told to the
+    /// queue when it commits.
+    enqueued: Option<Mutex<Vec<String>>>,
 }
 
 /// The store over the connection pool.
@@ -184,13 +195,13 @@ impl SqlStore {
                         .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
                 }
                 let mut options = options(&format!("sqlite://{}?mode=rwc", path.display()), pool);
-                let synchronous = match synchronous {
+                let sqlx_synchronous = match synchronous {
                     Synchronous::Normal => sqlx::sqlite::SqliteSynchronous::Normal,
                     Synchronous::Full => sqlx::sqlite::SqliteSynchronous::Full,
                 };
                 options.map_sqlx_sqlite_opts(move |o| {
                     o.journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-                        .synchronous(synchronous)
+                        .synchronous(sqlx_synchronous)
                         .busy_timeout(Duration::from_secs(5))
                         .foreign_keys(true)
                         // Checkpoints run in `checkpoint_in_background`, not in a commit.
@@ -198,9 +209,14 @@ impl SqlStore {
                 });
                 let conn = Database::connect(options).await.map_err(store_err)?;
                 checkpoint_in_background(&conn);
+                let queue = Arc::new(QueueLink::default());
+                let writer = sqlite_writer::SqliteWriter::open(&path, *synchronous, queue.clone())?;
                 Ok(Self {
                     conn,
                     replica: None,
+                    writer: Some(Arc::new(writer)),
+                    queue,
+                    enqueued: None,
                 })
             }
             DatabaseConfig::Postgres {
@@ -219,7 +235,13 @@ impl SqlStore {
                     ),
                     None => None,
                 };
-                Ok(Self { conn, replica })
+                Ok(Self {
+                    conn,
+                    replica,
+                    writer: None,
+                    queue: Arc::default(),
+                    enqueued: None,
+                })
             }
         }
     }
@@ -254,6 +276,10 @@ impl SqlStore {
     /// The pool, for adapters that keep their own tables in the same database (the queue).
     pub fn connection(&self) -> DatabaseConnection {
         self.conn.clone()
+    }
+
+    pub(crate) fn queue_link(&self) -> &QueueLink {
+        &self.queue
     }
 }
 
@@ -402,17 +428,29 @@ impl Store for SqlStore {
         Ok(Box::new(Sql {
             conn: tx,
             replica: None,
+            writer: None,
+            queue: self.queue.clone(),
+            enqueued: Some(Mutex::default()),
         }))
     }
     async fn append_messages(&self, batch: &[Append]) -> Result<Vec<Appended>, StoreError> {
-        self.append(batch).await
+        match &self.writer {
+            Some(writer) => writer.append(batch).await,
+            None => self.append(batch).await,
+        }
     }
 }
 
 #[async_trait]
 impl StoreTx for SqlTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        self.conn.commit().await.map_err(store_err)
+        self.conn.commit().await.map_err(store_err)?;
+        let enqueued = self
+            .enqueued
+            .map(|e| e.into_inner().unwrap_or_else(PoisonError::into_inner))
+            .unwrap_or_default();
+        self.queue.committed(enqueued.iter().map(String::as_str));
+        Ok(())
     }
 }
 

@@ -814,3 +814,149 @@ async fn replicate_provider_generates_images() {
         [REPLICATE_VERSION, image_version.as_str()]
     );
 }
+
+/// A text message by the one member of a new group chat, not yet stored.
+async fn a_message_from_a_member(store: &SqlStore) -> confab_core::domain::Message {
+    use confab_core::domain::{
+        ChatId, ChatKind, MemberRole, Message, MessageId, MessageKind, NewChat, NewUser, now,
+    };
+    use confab_core::ports::store::{ChatStore, UserStore};
+    let ann = store
+        .create_user(NewUser {
+            email: format!("{}@example.com", unique("ann")),
+            name: "Ann".into(),
+            password_hash: None,
+        })
+        .await
+        .unwrap();
+    let chat = store
+        .create_chat(NewChat {
+            id: ChatId::new(),
+            kind: ChatKind::Group,
+            name: Some("Team".into()),
+            created_by: ann.id,
+            members: vec![(ann.id, MemberRole::Admin)],
+        })
+        .await
+        .unwrap()
+        .id;
+    Message {
+        id: MessageId::new(),
+        chat_id: chat,
+        sender_id: Some(ann.id),
+        kind: MessageKind::Text,
+        text: Some("hello".into()),
+        client_id: Some("c-1".into()),
+        image: None,
+        created_at: now(),
+        edited_at: None,
+        deleted_at: None,
+    }
+}
+
+/// A store whose database also holds the queue (the embedded default), linked as the
+/// factory links them: outbox entries are on the queue once their transaction commits,
+/// with nothing to relay; an uncommitted one never is.
+async fn the_outbox_is_the_queue(config: &DatabaseConfig) {
+    use confab_core::domain::{ChatKind, EventId, OutboxEntry, now};
+    use confab_core::ports::store::{Append, Appended, OutboxStore};
+    let store = SqlStore::connect(config, std::path::Path::new("."))
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let broker = DbBroker::new(
+        store.connection(),
+        BROKER_SETTINGS.retry,
+        BROKER_SETTINGS.visibility_timeout,
+    );
+    broker.take_outbox_of(&store);
+    let queue = unique("direct");
+    let entry = |kind: &str| OutboxEntry {
+        id: EventId::new(),
+        queue: queue.clone(),
+        kind: kind.into(),
+        payload: serde_json::json!({ "kind": kind }),
+        trace_id: Some("trace-7".into()),
+        created_at: now(),
+    };
+    let received = |max| broker.receive(&queue, max, Duration::from_millis(300));
+
+    // In a transaction: not on the queue before the commit, on it after.
+    let first = entry("first");
+    let tx = store.begin().await.unwrap();
+    tx.enqueue(&first).await.unwrap();
+    // (A read: on SQLite a receive, which writes, would wait for the open transaction.)
+    assert_eq!(
+        broker.depth(&queue).await.unwrap().pending,
+        0,
+        "not before commit"
+    );
+    tx.commit().await.unwrap();
+    let got = received(10).await.unwrap();
+    assert_eq!(got.len(), 1);
+    let envelope = &got[0].envelope;
+    assert_eq!(
+        (envelope.id, envelope.kind.as_str(), envelope.attempt),
+        (first.id, "first", 1)
+    );
+    assert_eq!(envelope.trace_id.as_deref(), Some("trace-7"));
+    assert_eq!(envelope.payload, first.payload);
+    broker.ack(&got[0]).await.unwrap();
+
+    // Rolled back: never on the queue.
+    let tx = store.begin().await.unwrap();
+    tx.enqueue(&entry("rolled back")).await.unwrap();
+    drop(tx);
+    // Outside a transaction: at once. Twice the same entry: once on the queue.
+    let alone = entry("alone");
+    store.enqueue(&alone).await.unwrap();
+    store.enqueue(&alone).await.unwrap();
+
+    // A message's event, through the group commit.
+    let message = a_message_from_a_member(&store).await;
+    let event = entry("message.created");
+    let append = Append {
+        message,
+        event: event.clone(),
+    };
+    let answers = store
+        .append_messages(std::slice::from_ref(&append))
+        .await
+        .unwrap();
+    assert!(matches!(answers[..], [Appended::Stored(ChatKind::Group)]));
+    // A retry of the same message is a duplicate and queues nothing.
+    let again = store.append_messages(&[append]).await.unwrap();
+    assert!(matches!(again[..], [Appended::Duplicate { .. }]));
+
+    let got = received(10).await.unwrap();
+    let kinds: Vec<&str> = got.iter().map(|d| d.envelope.kind.as_str()).collect();
+    assert_eq!(kinds, ["alone", "message.created"]);
+    assert_eq!(got[1].envelope.id, event.id);
+    broker.ack_all(&got).await.unwrap();
+    assert!(
+        store.pending_outbox(10).await.unwrap().is_empty(),
+        "nothing for a relay"
+    );
+    assert_eq!(broker.depth(&queue).await.unwrap().pending, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_the_outbox_is_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    the_outbox_is_the_queue(&DatabaseConfig::Sqlite {
+        path: Some(dir.path().join("direct.db")),
+        synchronous: Synchronous::Normal,
+        pool: PoolConfig::default(),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_the_outbox_is_the_queue() {
+    let Some(admin) = testing::service_url("TEST_DATABASE_URL", "PostgreSQL queue") else {
+        return;
+    };
+    let db = TempDatabase::create(&admin).await;
+    the_outbox_is_the_queue(&postgres_config(&db.url)).await;
+    db.drop().await;
+}

@@ -506,6 +506,7 @@ pub fn spawn_response_consumer(
         state,
         queues::CHAT_RESPONSES,
         64,
+        Duration::ZERO,
         shutdown,
         |state, deliveries| async move {
             for delivery in deliveries {

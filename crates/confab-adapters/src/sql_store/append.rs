@@ -7,7 +7,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use confab_core::domain::{ChatId, ChatKind, Message, MessageId, UserId};
+use confab_core::domain::{ChatId, ChatKind, Message, MessageId, OutboxEntry, UserId};
+use confab_core::ports::broker::Envelope;
 use confab_core::ports::store::{Append, Appended, MessageStore, StoreError};
 use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use sea_orm::{
@@ -17,6 +18,7 @@ use sea_orm::{
 use super::entities::{chat_members, chats, messages, outbox};
 use super::ops::{message_model, outbox_model, to_message, values};
 use super::{SqlStore, store_err};
+use crate::db_broker::insert_envelopes;
 
 impl SqlStore {
     pub(super) async fn append(&self, batch: &[Append]) -> Result<Vec<Appended>, StoreError> {
@@ -207,16 +209,26 @@ impl SqlStore {
             TryInsertResult::Inserted(ids) => ids.into_iter().map(MessageId).collect(),
             TryInsertResult::Empty | TryInsertResult::Conflicted => HashSet::new(),
         };
-        let events = fresh
+        let events: Vec<&OutboxEntry> = fresh
             .iter()
             .filter(|a| stored.contains(&a.message.id))
-            .map(|a| values::<_, outbox::ActiveModel>(outbox_model(&a.event)))
-            .collect::<Vec<_>>();
-        if !events.is_empty() {
-            outbox::Entity::insert_many(events)
-                .exec_without_returning(&tx)
+            .map(|a| &a.event)
+            .collect();
+        if !events.is_empty() && self.queue.direct() {
+            let envelopes: Vec<Envelope> = events.iter().copied().map(Envelope::from).collect();
+            let rows = events.iter().map(|e| e.queue.as_str()).zip(&envelopes);
+            tx.execute_raw(insert_envelopes(tx.get_database_backend(), rows))
                 .await
                 .map_err(store_err)?;
+        } else if !events.is_empty() {
+            outbox::Entity::insert_many(
+                events
+                    .iter()
+                    .map(|e| values::<_, outbox::ActiveModel>(outbox_model(e))),
+            )
+            .exec_without_returning(&tx)
+            .await
+            .map_err(store_err)?;
         }
         // Every chat of the batch points at its newest message: one statement for all.
         let touched: HashSet<uuid::Uuid> = fresh
@@ -242,6 +254,10 @@ impl SqlStore {
             tx.execute(&update).await.map_err(store_err)?;
         }
         tx.commit().await.map_err(store_err)?;
+        if self.queue.direct() {
+            self.queue
+                .committed(events.iter().map(|e| e.queue.as_str()));
+        }
         Ok(stored)
     }
 }

@@ -6,6 +6,7 @@ use confab_core::domain::{
     MessageId, MessageKind, NewChat, NewUser, OutboxEntry, Page, SecurityEvent, SecurityEventId,
     StoredServiceError, Timestamp, User, UserId, now,
 };
+use confab_core::ports::broker::Envelope;
 use confab_core::ports::store::{
     AuditStore, ChatStore, MessageStore, OutboxStore, StoreError, UserStore,
 };
@@ -19,6 +20,7 @@ use super::entities::{
     chat_members, chats, messages, outbox, processed_events, security_events, service_errors, users,
 };
 use super::{Sql, read, store_err};
+use crate::db_broker::insert_envelopes;
 
 /// An insert's values: every field of `model`, as given.
 pub(super) fn values<M, A>(model: M) -> A
@@ -95,7 +97,7 @@ fn member(m: &chat_members::Model) -> Result<Member, StoreError> {
     })
 }
 
-fn message_kind(kind: MessageKind) -> &'static str {
+pub(super) fn message_kind(kind: MessageKind) -> &'static str {
     match kind {
         MessageKind::Text => "text",
         MessageKind::Image => "image",
@@ -635,10 +637,27 @@ where
     C: ConnectionTrait + TransactionTrait + Send + Sync + 'static,
 {
     async fn enqueue(&self, e: &OutboxEntry) -> Result<(), StoreError> {
-        outbox::Entity::insert(values::<_, outbox::ActiveModel>(outbox_model(e)))
-            .exec_without_returning(&self.conn)
-            .await
-            .map_err(store_err)?;
+        if !self.queue.direct() {
+            outbox::Entity::insert(values::<_, outbox::ActiveModel>(outbox_model(e)))
+                .exec_without_returning(&self.conn)
+                .await
+                .map_err(store_err)?;
+            return Ok(());
+        }
+        let envelope = Envelope::from(e);
+        let insert = insert_envelopes(
+            self.conn.get_database_backend(),
+            std::iter::once((e.queue.as_str(), &envelope)),
+        );
+        self.conn.execute_raw(insert).await.map_err(store_err)?;
+        match &self.enqueued {
+            // Told when the transaction commits.
+            Some(enqueued) => enqueued
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(e.queue.clone()),
+            None => self.queue.committed([e.queue.as_str()]),
+        }
         Ok(())
     }
 

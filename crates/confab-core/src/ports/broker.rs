@@ -53,6 +53,20 @@ pub struct Envelope {
     pub payload: serde_json::Value,
 }
 
+impl From<&crate::domain::OutboxEntry> for Envelope {
+    /// The envelope an outbox entry is published as: its id, so a republish is recognised.
+    fn from(entry: &crate::domain::OutboxEntry) -> Self {
+        Self {
+            id: entry.id,
+            kind: entry.kind.clone(),
+            attempt: 0,
+            created_at: entry.created_at,
+            trace_id: entry.trace_id.clone(),
+            payload: entry.payload.clone(),
+        }
+    }
+}
+
 /// A received message and what `ack`/`nack` need to settle it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {

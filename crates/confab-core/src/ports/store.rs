@@ -153,6 +153,10 @@ pub trait MessageStore: Send + Sync {
 
 #[async_trait]
 pub trait OutboxStore: Send + Sync {
+    /// Records the intent to publish `entry`, with the caller's transaction if any. A store
+    /// that shares its database with the queue may put the entry on the queue itself, at
+    /// the commit (the embedded default; `DbBroker::take_outbox_of`): then nothing is ever
+    /// pending for a relay.
     async fn enqueue(&self, entry: &OutboxEntry) -> Result<(), StoreError>;
     /// Unpublished entries, oldest first.
     async fn pending_outbox(&self, limit: u32) -> Result<Vec<OutboxEntry>, StoreError>;

@@ -29,17 +29,7 @@ pub async fn relay_outbox(
     let mut failure = None;
     // Consecutive entries for the same queue go as one batch: order is kept per queue.
     for run in pending.chunk_by(|a, b| a.queue == b.queue) {
-        let envelopes: Vec<Envelope> = run
-            .iter()
-            .map(|entry| Envelope {
-                id: entry.id,
-                kind: entry.kind.clone(),
-                attempt: 0,
-                created_at: entry.created_at,
-                trace_id: entry.trace_id.clone(),
-                payload: entry.payload.clone(),
-            })
-            .collect();
+        let envelopes: Vec<Envelope> = run.iter().map(Envelope::from).collect();
         match broker.publish_all(&run[0].queue, &envelopes).await {
             Ok(()) => published.extend(run.iter().map(|entry| entry.id)),
             Err(e) => {
