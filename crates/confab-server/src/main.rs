@@ -11,7 +11,22 @@ use confab_server::commands::{self, EXIT_CONFIG, Failure};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `purge_delay` (`mi_option_t` in mimalloc v3's `mimalloc.h`; libmimalloc-sys
+/// names no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Memory freed is given back to the OS at once. mimalloc v3 waits 1 s and then purges only
+/// when the thread that freed allocates again: a burst of sign-ups (19 MiB of argon2 memory
+/// per hash, on blocking-pool threads that then idle) stayed resident for good, 55 MiB of a
+/// 90 MiB server (BENCHMARKS.md).
+#[allow(unsafe_code)]
+fn configure_allocator() {
+    // SAFETY: sets a plain integer option; called before any other thread exists.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
+
 fn main() -> ExitCode {
+    configure_allocator();
     // Several crates link rustls; one process-wide crypto provider must be chosen before the
     // first TLS connection (rediss://, amqps://, https), or that connection panics.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

@@ -37,6 +37,9 @@ type Ack = AckSender<Adapter>;
 /// Packets buffered per socket before emits to it fail.
 pub const MAX_BUFFERED_PACKETS: usize = 4096;
 
+/// The websocket read buffer per connection (see `build`).
+const WS_READ_BUFFER: usize = 1024;
+
 /// What the socket handlers reach.
 #[derive(Clone)]
 pub struct Realtime {
@@ -106,6 +109,10 @@ pub async fn build(realtime: Realtime) -> anyhow::Result<(SocketIoLayer<Adapter>
         // socketioxide's default, 128, drops messages when a busy room bursts; the channel
         // grows in blocks as used, so an idle socket costs nothing for the larger bound.
         .max_buffer_size(MAX_BUFFERED_PACKETS)
+        // What each websocket reserves for its next read, per connection for as long as it is
+        // open. Clients send small events (a message is at most 10,000 characters); a larger
+        // frame is read in more steps. socketioxide's default is 4 KiB.
+        .ws_read_buffer_size(WS_READ_BUFFER)
         .with_state(realtime)
         .with_adapter::<Adapter>(adapter)
         .build_layer();
