@@ -41,7 +41,8 @@ use tokio::task::AbortHandle;
 use crate::lock;
 
 const POLL: Duration = Duration::from_millis(50);
-/// After the first message of a receive, how long to wait for the next before returning.
+/// After a receive's consumer is cancelled, how long a message RabbitMQ pushed before the
+/// cancel took effect may take to arrive.
 const BATCH_GAP: Duration = Duration::from_millis(2);
 
 fn unavailable(error: lapin::Error) -> BrokerError {
@@ -412,13 +413,14 @@ impl Broker for RabbitBroker {
             .await
             .map_err(unavailable)?;
         // RabbitMQ pushes a message the moment one is ready: wait for the first, then take
-        // what is already on its way.
+        // what has already arrived with it (no waiting for more: a consumer that wants
+        // batches lingers between receives, and a lone message goes on at once).
         let mut raw = Vec::new();
         if let Ok(Some(first)) = tokio::time::timeout(wait, stream.next()).await {
             raw.push(first.map_err(unavailable)?);
             while raw.len() < max as usize {
-                match tokio::time::timeout(BATCH_GAP, stream.next()).await {
-                    Ok(Some(next)) => raw.push(next.map_err(unavailable)?),
+                match futures_util::FutureExt::now_or_never(stream.next()) {
+                    Some(Some(next)) => raw.push(next.map_err(unavailable)?),
                     _ => break,
                 }
             }
