@@ -204,11 +204,11 @@ impl SqlStore {
                         .synchronous(sqlx_synchronous)
                         .busy_timeout(Duration::from_secs(5))
                         .foreign_keys(true)
-                        // Checkpoints run in `checkpoint_in_background`, not in a commit.
+                        // Checkpoints run on a thread of their own, not in a commit
+                        // (`sqlite_writer::Checkpointer`).
                         .pragma("wal_autocheckpoint", "0")
                 });
                 let conn = Database::connect(options).await.map_err(store_err)?;
-                checkpoint_in_background(&conn);
                 let queue = Arc::new(QueueLink::default());
                 let writer = sqlite_writer::SqliteWriter::open(&path, *synchronous, queue.clone())?;
                 Ok(Self {
@@ -388,28 +388,6 @@ pub(crate) async fn database_health(conn: &DatabaseConnection) -> ComponentHealt
         Err(_) => ComponentHealth::new(HealthStatus::Down, kind)
             .with_error("no answer to SELECT 1 within 2 s"),
     }
-}
-
-/// SQLite's automatic checkpoint runs inside whichever commit crosses the WAL threshold and
-/// puts milliseconds on that commit (and on every message waiting for it). Instead a task
-/// checkpoints twice a second, PASSIVE: it copies what it can without waiting for or blocking
-/// anyone, and the WAL is reused once a checkpoint has caught up. It stops when the pool is
-/// closed.
-fn checkpoint_in_background(conn: &DatabaseConnection) {
-    let pool = conn.get_sqlite_connection_pool().clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        while !pool.is_closed() {
-            tick.tick().await;
-            if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                .execute(&pool)
-                .await
-            {
-                tracing::debug!(%error, "WAL checkpoint failed; the next tick tries again.");
-            }
-        }
-    });
 }
 
 /// `postgres` or `sqlite`, as `/health` names it.
