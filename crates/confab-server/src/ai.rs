@@ -195,40 +195,61 @@ enum Outgoing {
     Error(UserId, AiFailureEvent),
 }
 
-/// [`AiEvents`] over Socket.IO: one task emits everything in order (pieces of an answer
-/// must not overtake each other), to `user:<id>` on every node.
+/// [`AiEvents`] over Socket.IO, to `user:<id>` (or a chat's room) on every node, in the order
+/// things happened (pieces of an answer must not overtake each other).
+///
+/// A node alone emits on the spot, from the task that produced the piece: a local broadcast
+/// completes without waiting, and the piece does not queue behind every other stream's in a
+/// task of its own. With other nodes, a broadcast waits on the cluster channel: one task
+/// then emits everything, in order.
 pub struct SocketEvents {
+    io: Io,
     tx: mpsc::UnboundedSender<Outgoing>,
 }
 
 impl SocketEvents {
     pub fn spawn(io: Io) -> Arc<Self> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+        let emitter = io.clone();
         tokio::spawn(async move {
             while let Some(out) = rx.recv().await {
-                match out {
-                    Outgoing::Token(user, token) => {
-                        emit(&io, user_room(user), "ai:token", &token).await;
-                    }
-                    Outgoing::ChatToken(chat, token) => {
-                        emit(&io, crate::realtime::chat_room(chat), "ai:token", &token).await;
-                    }
-                    Outgoing::Response(user, body) => {
-                        emit(&io, user_room(user), "ai:response", &body).await;
-                    }
-                    Outgoing::Error(user, error) => {
-                        emit(&io, user_room(user), "ai:error", &error).await;
-                    }
-                }
+                out.emit(&emitter).await;
             }
         });
-        Arc::new(Self { tx })
+        Arc::new(Self { io, tx })
+    }
+
+    fn send(&self, out: Outgoing) {
+        if !self.io.alone() {
+            let _ = self.tx.send(out);
+            return;
+        }
+        let io = self.io.clone();
+        let mut emitting = Box::pin(async move { out.emit(&io).await });
+        if futures_util::FutureExt::now_or_never(&mut emitting).is_none() {
+            // Not expected of a local broadcast (nothing in it waits); finished elsewhere
+            // rather than lost.
+            tokio::spawn(emitting);
+        }
+    }
+}
+
+impl Outgoing {
+    async fn emit(self, io: &Io) {
+        match self {
+            Self::Token(user, token) => emit(io, user_room(user), "ai:token", &token).await,
+            Self::ChatToken(chat, token) => {
+                emit(io, crate::realtime::chat_room(chat), "ai:token", &token).await;
+            }
+            Self::Response(user, body) => emit(io, user_room(user), "ai:response", &body).await,
+            Self::Error(user, error) => emit(io, user_room(user), "ai:error", &error).await,
+        }
     }
 }
 
 impl AiEvents for SocketEvents {
     fn token(&self, user: UserId, token: &Token) {
-        let _ = self.tx.send(Outgoing::Token(user, token.clone()));
+        self.send(Outgoing::Token(user, token.clone()));
     }
 
     fn response(&self, user: UserId, message: &AiMessage) {
@@ -237,15 +258,15 @@ impl AiEvents for SocketEvents {
             "requestId": message.request_id,
             "message": crate::http::ai::AiMessageBody::from(message),
         });
-        let _ = self.tx.send(Outgoing::Response(user, body));
+        self.send(Outgoing::Response(user, body));
     }
 
     fn error(&self, user: UserId, error: &AiFailureEvent) {
-        let _ = self.tx.send(Outgoing::Error(user, error.clone()));
+        self.send(Outgoing::Error(user, error.clone()));
     }
 
     fn chat_token(&self, chat: confab_core::domain::ChatId, token: &ChatToken) {
-        let _ = self.tx.send(Outgoing::ChatToken(chat, token.clone()));
+        self.send(Outgoing::ChatToken(chat, token.clone()));
     }
 }
 

@@ -29,8 +29,46 @@ use crate::http::chats::MessageBody;
 mod cluster;
 pub use cluster::{Adapter, CacheDriver};
 
-/// The Socket.IO handle: broadcasts reach every node (see `cluster`).
-pub type Io = socketioxide::SocketIo<Adapter>;
+/// The Socket.IO handle: broadcasts reach every node (see `cluster`). A node alone (no shared
+/// cache) broadcasts locally: the adapter would otherwise encode every broadcast for a
+/// cluster channel nobody listens to (msgpack of the whole packet) before dropping it.
+#[derive(Clone)]
+pub struct Io {
+    io: socketioxide::SocketIo<Adapter>,
+    alone: bool,
+}
+
+impl Io {
+    pub fn new(io: socketioxide::SocketIo<Adapter>, clustered: bool) -> Self {
+        Self {
+            io,
+            alone: !clustered,
+        }
+    }
+
+    /// Whether broadcasts stay on this node (there is no other).
+    pub fn alone(&self) -> bool {
+        self.alone
+    }
+
+    /// The sockets in `rooms`, on every node.
+    pub fn to(&self, rooms: impl socketioxide_core::adapter::RoomParam) -> Broadcast {
+        if self.alone {
+            self.io.local().to(rooms)
+        } else {
+            self.io.to(rooms)
+        }
+    }
+}
+
+impl std::ops::Deref for Io {
+    type Target = socketioxide::SocketIo<Adapter>;
+    fn deref(&self) -> &Self::Target {
+        &self.io
+    }
+}
+
+type Broadcast = socketioxide::operators::BroadcastOperators<Adapter>;
 type Socket = socketioxide::extract::SocketRef<Adapter>;
 type Ack = AckSender<Adapter>;
 
@@ -99,7 +137,8 @@ struct FirstSocket;
 
 /// The Socket.IO layer for the router and the handle that emits from anywhere (REST sends).
 pub async fn build(realtime: Realtime) -> anyhow::Result<(SocketIoLayer<Adapter>, Io)> {
-    let driver = CacheDriver::new(realtime.cache.clone(), realtime.clustered);
+    let clustered = realtime.clustered;
+    let driver = CacheDriver::new(realtime.cache.clone(), clustered);
     let adapter = socketioxide_redis::RedisAdapterCtr::new_with_driver(
         driver,
         socketioxide_redis::RedisAdapterConfig::default(),
@@ -119,7 +158,7 @@ pub async fn build(realtime: Realtime) -> anyhow::Result<(SocketIoLayer<Adapter>
     io.ns("/", on_connect.with(authenticate))
         .await
         .map_err(|e| anyhow::anyhow!("the Socket.IO adapter could not start: {e}"))?;
-    Ok((layer, io))
+    Ok((layer, Io::new(io, clustered)))
 }
 
 /// A refused handshake: the client's `connect_error` says `UNAUTHENTICATED`.
@@ -165,10 +204,11 @@ async fn authenticate(
 
 async fn on_connect(
     socket: Socket,
-    io: Io,
+    io: socketioxide::SocketIo<Adapter>,
     Extension(who): Extension<Principal>,
     State(rt): State<Realtime>,
 ) {
+    let io = Io::new(io, rt.clustered);
     touch(&*rt.cache, who.user_id, confab_core::domain::now()).await;
     // The user's first socket: their partners see them come online.
     if socket.extensions.get::<FirstSocket>().is_some() {
@@ -212,7 +252,12 @@ async fn touch(cache: &dyn Cache, user: UserId, at: confab_core::domain::Timesta
     }
 }
 
-async fn on_disconnect(io: Io, Extension(who): Extension<Principal>, State(rt): State<Realtime>) {
+async fn on_disconnect(
+    io: socketioxide::SocketIo<Adapter>,
+    Extension(who): Extension<Principal>,
+    State(rt): State<Realtime>,
+) {
+    let io = Io::new(io, rt.clustered);
     let last = rt.count(who.user_id, false).await;
     // Last seen now; the window of SPEC §4 (5 minutes) runs from here.
     let closed_at = confab_core::domain::now();
