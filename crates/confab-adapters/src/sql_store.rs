@@ -54,7 +54,7 @@ pub struct PoolConfig {
     /// Connections are recycled after this long, whatever their use.
     #[serde(deserialize_with = "lenient::value")]
     pub max_lifetime_secs: u64,
-    /// Check a connection that sat idle before handing it out (pre-ping).
+    /// Check a connection that sat idle before handing it out (pre-ping; PostgreSQL only).
     #[serde(deserialize_with = "lenient::value")]
     pub test_before_acquire: bool,
 }
@@ -195,6 +195,10 @@ impl SqlStore {
                         .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
                 }
                 let mut options = options(&format!("sqlite://{}?mode=rwc", path.display()), pool);
+                // A SQLite connection is a file handle: nothing between it and the database
+                // can go stale, and a pre-ping is one more round trip through sqlx's worker
+                // thread on every pool checkout (every statement outside a transaction).
+                options.test_before_acquire(false);
                 let sqlx_synchronous = match synchronous {
                     Synchronous::Normal => sqlx::sqlite::SqliteSynchronous::Normal,
                     Synchronous::Full => sqlx::sqlite::SqliteSynchronous::Full,
