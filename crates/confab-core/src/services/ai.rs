@@ -414,16 +414,20 @@ impl AiService {
     pub async fn submit(&self, user: UserId, ask: Ask) -> Result<Submitted, AiError> {
         self.check(&ask)?;
         self.limit(user).await?;
-        let (session, new) = self.session_for(user, &ask).await?;
+        let (mut session, new) = self.session_for(user, &ask).await?;
         let request = AiRequestId::new();
         let at = now();
         let tx = self.store.begin().await?;
         if new {
+            // Born queued: one statement fewer on the way to the answer.
+            session.status = "queued".into();
             tx.create_ai_session(&session).await?;
         }
         tx.insert_ai_message(&Self::user_message(session.id, request, &ask.message, at))
             .await?;
-        tx.set_ai_session_status(session.id, "queued", at).await?;
+        if !new {
+            tx.set_ai_session_status(session.id, "queued", at).await?;
+        }
         let payload = Request {
             request_id: request,
             session_id: session.id,
@@ -500,10 +504,6 @@ impl AiService {
         {
             return Err(AiError::Busy);
         }
-        self.store
-            .set_ai_session_status(request.session_id, "processing", now())
-            .await?;
-        self.remember_status(request.session_id, "processing").await;
         let turns = self.context(&asked).await?;
         let events = Arc::clone(&self.events);
         let mut index = 0u64;
@@ -519,16 +519,31 @@ impl AiService {
             );
             index += 1;
         };
-        let outcome = self
-            .answer(
-                &chain,
-                request.model.as_deref(),
-                &turns,
-                request,
-                true,
-                &mut relay,
-            )
-            .await;
+        // The session shows `processing` while the call runs: the status is written beside
+        // the call, not before it (the provider need not wait for bookkeeping), and both
+        // finish before the answer is published, so the final status cannot be overtaken.
+        // A cancel or a reload reads progress from the cache, not from this status.
+        let processing = async {
+            let written = self
+                .store
+                .set_ai_session_status(request.session_id, "processing", now())
+                .await;
+            self.remember_status(request.session_id, "processing").await;
+            written
+        };
+        let answering = self.answer(
+            &chain,
+            request.model.as_deref(),
+            &turns,
+            request,
+            true,
+            &mut relay,
+        );
+        let (outcome, written) = tokio::join!(answering, processing);
+        if let Err(error) = written {
+            // The answer is kept: storing it sets the session's final status anyway.
+            tracing::warn!(%error, "The session's processing status could not be stored.");
+        }
         Ok(Some(Response::of(request, outcome, started)))
     }
 

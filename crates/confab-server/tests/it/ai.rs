@@ -459,6 +459,18 @@ async fn resume_mid_stream_and_cancel(backend: &Backend) {
     tokio::time::sleep(Duration::from_millis(250)).await;
     let so_far = get_json(app, &format!("/api/v1/ai/requests/{request}"), &ann.token).await;
     assert_eq!(so_far["status"], "streaming", "{so_far}");
+    // The session says so too while the answer streams (its status is written beside the
+    // provider call, not before it).
+    let session = get_json(
+        app,
+        &format!(
+            "/api/v1/ai/sessions/{}",
+            queued["sessionId"].as_str().unwrap()
+        ),
+        &ann.token,
+    )
+    .await;
+    assert_eq!(session["status"], "processing", "{session}");
     let held = usize::try_from(so_far["tokens"].as_u64().unwrap()).unwrap();
     assert!(held >= 6 && held < pieces.len(), "{so_far}");
     assert_eq!(so_far["content"], pieces[..held].concat());
