@@ -165,7 +165,18 @@ macro_rules! read {
 }
 pub(crate) use read;
 
-fn options(url: &str, pool: &PoolConfig) -> ConnectOptions {
+/// Whether a connection is checked before it is handed out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PrePing {
+    /// As `[database.pool] test_before_acquire` says (a network connection can go stale).
+    AsConfigured,
+    /// SQLite: a connection is a file handle, nothing between it and the database can go
+    /// stale, and a ping is one more round trip through sqlx's worker thread on every pool
+    /// checkout (every statement outside a transaction).
+    Never,
+}
+
+fn options(url: &str, pool: &PoolConfig, pre_ping: PrePing) -> ConnectOptions {
     let mut options = ConnectOptions::new(url.to_owned());
     options
         .max_connections(pool.max_connections.max(1))
@@ -174,7 +185,7 @@ fn options(url: &str, pool: &PoolConfig) -> ConnectOptions {
         .acquire_timeout(Duration::from_secs(pool.acquire_timeout_secs.max(1)))
         .idle_timeout(Duration::from_secs(pool.idle_timeout_secs))
         .max_lifetime(Duration::from_secs(pool.max_lifetime_secs))
-        .test_before_acquire(pool.test_before_acquire)
+        .test_before_acquire(pre_ping == PrePing::AsConfigured && pool.test_before_acquire)
         // Statements are not logged: they can carry message text.
         .sqlx_logging(false);
     options
@@ -194,11 +205,11 @@ impl SqlStore {
                     std::fs::create_dir_all(dir)
                         .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
                 }
-                let mut options = options(&format!("sqlite://{}?mode=rwc", path.display()), pool);
-                // A SQLite connection is a file handle: nothing between it and the database
-                // can go stale, and a pre-ping is one more round trip through sqlx's worker
-                // thread on every pool checkout (every statement outside a transaction).
-                options.test_before_acquire(false);
+                let mut options = options(
+                    &format!("sqlite://{}?mode=rwc", path.display()),
+                    pool,
+                    PrePing::Never,
+                );
                 let sqlx_synchronous = match synchronous {
                     Synchronous::Normal => sqlx::sqlite::SqliteSynchronous::Normal,
                     Synchronous::Full => sqlx::sqlite::SqliteSynchronous::Full,
@@ -228,14 +239,19 @@ impl SqlStore {
                 replica_url,
                 pool,
             } => {
-                let conn = Database::connect(options(url.expose().as_str(), pool))
-                    .await
-                    .map_err(store_err)?;
+                let conn =
+                    Database::connect(options(url.expose().as_str(), pool, PrePing::AsConfigured))
+                        .await
+                        .map_err(store_err)?;
                 let replica = match replica_url {
                     Some(url) => Some(
-                        Database::connect(options(url.expose().as_str(), pool))
-                            .await
-                            .map_err(store_err)?,
+                        Database::connect(options(
+                            url.expose().as_str(),
+                            pool,
+                            PrePing::AsConfigured,
+                        ))
+                        .await
+                        .map_err(store_err)?,
                     ),
                     None => None,
                 };

@@ -7,6 +7,7 @@
 pub mod domain;
 pub mod error;
 pub mod ports;
+pub mod priority;
 pub mod services;
 pub mod settings;
 #[cfg(feature = "testing")]

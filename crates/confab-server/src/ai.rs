@@ -204,24 +204,28 @@ enum Outgoing {
 /// then emits everything, in order.
 pub struct SocketEvents {
     io: Io,
-    tx: mpsc::UnboundedSender<Outgoing>,
+    /// With other nodes: the task that emits everything in order.
+    emitter: Option<mpsc::UnboundedSender<Outgoing>>,
 }
 
 impl SocketEvents {
     pub fn spawn(io: Io) -> Arc<Self> {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
-        let emitter = io.clone();
-        tokio::spawn(async move {
-            while let Some(out) = rx.recv().await {
-                out.emit(&emitter).await;
-            }
+        let emitter = (!io.alone()).then(|| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+            let io = io.clone();
+            tokio::spawn(async move {
+                while let Some(out) = rx.recv().await {
+                    out.emit(&io).await;
+                }
+            });
+            tx
         });
-        Arc::new(Self { io, tx })
+        Arc::new(Self { io, emitter })
     }
 
     fn send(&self, out: Outgoing) {
-        if !self.io.alone() {
-            let _ = self.tx.send(out);
+        if let Some(emitter) = &self.emitter {
+            let _ = emitter.send(out);
             return;
         }
         let io = self.io.clone();

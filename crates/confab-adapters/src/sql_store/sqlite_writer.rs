@@ -22,6 +22,7 @@ use std::sync::Arc;
 use chrono::{DateTime, SecondsFormat, Utc};
 use confab_core::domain::{ChatKind, Message, OutboxEntry, UserId, now};
 use confab_core::ports::store::{Append, Appended, StoreError};
+use confab_core::priority::Background;
 use rusqlite::{
     CachedStatement, Connection, OpenFlags, OptionalExtension, Row, Transaction, params,
 };
@@ -90,7 +91,10 @@ impl Checkpointer {
         std::thread::Builder::new()
             .name("confab-sqlite-checkpoint".into())
             .spawn(move || {
-                lowest_priority();
+                let batch = confab_core::priority::lower_this_thread(Background::Batch);
+                if let Err(error) = batch {
+                    tracing::debug!(?error, "WAL checkpoints run at normal priority.");
+                }
                 while let Err(mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(CHECKPOINT_EVERY)
                 {
@@ -105,25 +109,6 @@ impl Checkpointer {
         Ok(Self { _stop: stop })
     }
 }
-
-#[cfg(target_os = "linux")]
-fn lowest_priority() {
-    use thread_priority::{
-        NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
-        set_thread_priority_and_policy, thread_native_id,
-    };
-    let batch = set_thread_priority_and_policy(
-        thread_native_id(),
-        ThreadPriority::Min,
-        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch),
-    );
-    if let Err(error) = batch {
-        tracing::debug!(?error, "WAL checkpoints run at normal priority.");
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn lowest_priority() {}
 
 impl SqliteWriter {
     /// Opens a second connection to the (already created and configured) database file and

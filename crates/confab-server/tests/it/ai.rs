@@ -70,6 +70,12 @@ async fn ask(app: &TestApp, who: &Person, body: Value) -> Value {
     body
 }
 
+/// `GET /ai/sessions/{id}` for the session a request or answer names (`sessionId`).
+async fn session_of(app: &TestApp, who: &Person, named: &Value) -> Value {
+    let id = named["sessionId"].as_str().expect("a sessionId");
+    get_json(app, &format!("/api/v1/ai/sessions/{id}"), &who.token).await
+}
+
 /// What a socket heard of one request: its tokens in arrival order, and how it ended
 /// (`ai:response`, plus `ai:error` when it failed).
 struct Heard {
@@ -413,15 +419,7 @@ async fn retries_fallback_breaker_and_the_friendly_failure(backend: &Backend) {
     assert_eq!(failed["status"], "failed");
     assert_eq!(failed["errorCode"], "API_ERROR");
     assert_eq!(failed["content"], error["message"]);
-    let session = get_json(
-        app,
-        &format!(
-            "/api/v1/ai/sessions/{}",
-            queued["sessionId"].as_str().unwrap()
-        ),
-        &ann.token,
-    )
-    .await;
+    let session = session_of(app, &ann, &queued).await;
     assert_eq!(session["status"], "failed");
     assert_eq!(session["messages"][1]["errorCode"], "API_ERROR");
 }
@@ -461,15 +459,7 @@ async fn resume_mid_stream_and_cancel(backend: &Backend) {
     assert_eq!(so_far["status"], "streaming", "{so_far}");
     // The session says so too while the answer streams (its status is written beside the
     // provider call, not before it).
-    let session = get_json(
-        app,
-        &format!(
-            "/api/v1/ai/sessions/{}",
-            queued["sessionId"].as_str().unwrap()
-        ),
-        &ann.token,
-    )
-    .await;
+    let session = session_of(app, &ann, &queued).await;
     assert_eq!(session["status"], "processing", "{session}");
     let held = usize::try_from(so_far["tokens"].as_u64().unwrap()).unwrap();
     assert!(held >= 6 && held < pieces.len(), "{so_far}");
@@ -644,15 +634,7 @@ async fn redelivered_requests_and_answers_are_stored_once(backend: &Backend) {
         matches!((requests, responses), (Ok(0), Ok(0)))
     })
     .await;
-    let session = get_json(
-        app,
-        &format!(
-            "/api/v1/ai/sessions/{}",
-            queued["sessionId"].as_str().unwrap()
-        ),
-        &ann.token,
-    )
-    .await;
+    let session = session_of(app, &ann, &queued).await;
     let messages = session["messages"].as_array().unwrap();
     assert_eq!(messages.len(), 2, "{session}");
     assert_eq!(messages[1]["content"], heard.response["message"]["content"]);
@@ -718,15 +700,7 @@ async fn the_per_user_limit_and_bad_input(backend: &Backend) {
         .unwrap();
     assert_eq!(ack, json!({ "ok": false, "code": "VALIDATION_ERROR" }));
     confab_core::testing::eventually("the model-named request is answered", WAIT, || async {
-        let got = get_json(
-            app,
-            &format!(
-                "/api/v1/ai/sessions/{}",
-                by_model["sessionId"].as_str().unwrap()
-            ),
-            &ann.token,
-        )
-        .await;
+        let got = session_of(app, &ann, &by_model).await;
         got["messages"][1]["provider"] == "ollama"
     })
     .await;
@@ -779,15 +753,7 @@ async fn synchronous_chat_as_json_and_server_sent_events(backend: &Backend) {
     assert_eq!(last["done"], true);
     assert_eq!(last["message"]["content"], "Un, deux, trois.");
     assert_eq!(last["message"]["usage"]["completionTokens"], 3);
-    let session = get_json(
-        app,
-        &format!(
-            "/api/v1/ai/sessions/{}",
-            message["sessionId"].as_str().unwrap()
-        ),
-        &ann.token,
-    )
-    .await;
+    let session = session_of(app, &ann, &message).await;
     assert_eq!(session["messages"].as_array().unwrap().len(), 4);
 
     // Embeddings: from the first provider that has them (the fake OpenAI lists its vectors

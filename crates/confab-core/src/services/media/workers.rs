@@ -55,7 +55,9 @@ impl ImageWorkers {
 }
 
 fn work(waiting: &Mutex<Receiver<Job>>) {
-    lowest_priority();
+    if let Err(error) = crate::priority::lower_this_thread(crate::priority::Background::Idle) {
+        tracing::warn!(?error, "Image workers run at normal priority.");
+    }
     loop {
         let next = waiting
             .lock()
@@ -70,26 +72,6 @@ fn work(waiting: &Mutex<Receiver<Job>>) {
         }
     }
 }
-
-#[cfg(target_os = "linux")]
-fn lowest_priority() {
-    use thread_priority::{
-        NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
-        set_thread_priority_and_policy, thread_native_id,
-    };
-    let idle = set_thread_priority_and_policy(
-        thread_native_id(),
-        ThreadPriority::Min,
-        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
-    );
-    if let Err(error) = idle {
-        tracing::warn!(?error, "Image workers run at normal priority.");
-    }
-}
-
-/// Elsewhere the workers keep the normal priority.
-#[cfg(not(target_os = "linux"))]
-fn lowest_priority() {}
 
 #[cfg(test)]
 mod tests {
