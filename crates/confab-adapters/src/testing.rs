@@ -1,6 +1,9 @@
 //! Helpers for tests that need a real backend (feature `testing`).
 
 pub mod fake_llm;
+mod proxy;
+
+pub use proxy::Proxy;
 
 use sea_orm::ConnectionTrait;
 

@@ -48,7 +48,8 @@ where
     );
 }
 
-fn envelope(kind: &str, n: u32) -> Envelope {
+/// A test envelope of `kind`, numbered `n` in its payload and trace id.
+pub fn envelope(kind: &str, n: u32) -> Envelope {
     Envelope {
         id: EventId::new(),
         kind: kind.into(),

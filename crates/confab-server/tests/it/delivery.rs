@@ -416,9 +416,9 @@ async fn a_rabbitmq_outage_delays_messages_and_loses_none() {
     proxy.restore();
     let mut arrived = Vec::new();
     let started = std::time::Instant::now();
-    // Recovery takes ~20 s here alone and over a minute while the whole suite runs (lapin's
-    // reconnect; a known defect, see the closing note): the bound is for "never", not speed.
-    let recovery = Duration::from_mins(3);
+    // The broker reconnects on its next use (within a second here); the relay retries with
+    // its own backoff, so the bound leaves room for a loaded machine.
+    let recovery = Duration::from_secs(30);
     while arrived.len() < 3 {
         assert!(
             started.elapsed() < recovery,
