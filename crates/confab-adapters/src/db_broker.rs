@@ -151,6 +151,21 @@ impl DbBroker {
     }
 }
 
+/// How many deliveries one `ack_all` statement settles.
+const ACK_CHUNK: usize = 64;
+
+/// `DELETE … WHERE lock_token = $1 AND id IN ($2 … $65)`, built once.
+fn ack_all_statement() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let ids: Vec<String> = (2..ACK_CHUNK + 2).map(|n| format!("${n}")).collect();
+        format!(
+            "DELETE FROM queue_messages WHERE lock_token = $1 AND id IN ({})",
+            ids.join(", ")
+        )
+    })
+}
+
 /// `sql` with `$1`… placeholders, in `backend`'s dialect.
 fn statement(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
     let sql = if backend == DbBackend::Sqlite {
@@ -350,24 +365,28 @@ impl Broker for DbBroker {
         Ok(())
     }
 
-    /// One statement per 256 deliveries.
+    /// One statement per lease token (one per receive) and `ACK_CHUNK` deliveries, always of
+    /// the same text (the list is padded with its first id): prepared once and cached, where a
+    /// statement shaped by the batch's size was parsed and planned again on every call.
     async fn ack_all(&self, deliveries: &[Delivery]) -> Result<(), BrokerError> {
+        let mut by_token: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
+        for d in deliveries {
+            let (id, token) = receipt(d)?;
+            by_token.entry(token).or_default().push(id);
+        }
+        let sql = ack_all_statement();
         let mut lost = false;
-        for chunk in deliveries.chunks(256) {
-            let mut terms = Vec::with_capacity(chunk.len());
-            let mut values = Vec::with_capacity(chunk.len() * 2);
-            for (i, d) in chunk.iter().enumerate() {
-                let (id, token) = receipt(d)?;
-                terms.push(format!(
-                    "(id = ${} AND lock_token = ${})",
-                    2 * i + 1,
-                    2 * i + 2
-                ));
-                values.extend([id.into(), token.into()]);
+        for (token, mut ids) in by_token {
+            ids.sort_unstable();
+            ids.dedup();
+            for chunk in ids.chunks(ACK_CHUNK) {
+                let mut values = Vec::with_capacity(ACK_CHUNK + 1);
+                values.push(token.into());
+                values.extend(chunk.iter().map(|id| Value::from(*id)));
+                values.extend((chunk.len()..ACK_CHUNK).map(|_| Value::from(chunk[0])));
+                let deleted = self.execute(sql, values).await?;
+                lost |= deleted < chunk.len() as u64;
             }
-            let sql = format!("DELETE FROM queue_messages WHERE {}", terms.join(" OR "));
-            let deleted = self.execute(&sql, values).await?;
-            lost |= deleted < chunk.len() as u64;
         }
         if lost {
             Err(BrokerError::LeaseLost)
