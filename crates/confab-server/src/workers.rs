@@ -169,7 +169,7 @@ const EVENTS_LINGER: Duration = Duration::from_millis(100);
 
 /// Consumes the `events` queue until `shutdown`, a batch at a time: the `message.created`
 /// events of a batch are grouped by chat and each chat's offline digest is worked out once
-/// (`ChatService::offline_digest`, presence read once per batch) and its mails queued; the
+/// (`ChatService::offline_digests`, presence and members read once per batch) and its mails queued; the
 /// batch is then acknowledged at once, except the events of a chat whose digest failed,
 /// which are retried. `media.deleted` and `user.deleted` delete the objects they name
 /// (`delete_media`). Other kinds have no consumer yet and are acknowledged.
@@ -273,9 +273,19 @@ async fn digest_mails(
         return failed;
     }
     let online = state.chats.presence().online().await;
-    for (chat, senders) in chats {
+    let digests = match state.chats.offline_digests(&chats, &online).await {
+        Ok(digests) => digests,
+        Err(error) => {
+            let error = error.to_string();
+            return chats
+                .into_keys()
+                .map(|chat| (chat, error.clone()))
+                .collect();
+        }
+    };
+    for (chat, mails) in digests {
         let queued = async {
-            for mail in state.chats.offline_digest(chat, &senders, &online).await? {
+            for mail in mails? {
                 state
                     .store
                     .enqueue(&mail)

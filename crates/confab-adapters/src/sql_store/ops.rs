@@ -487,6 +487,25 @@ where
             .collect()
     }
 
+    async fn members_of_chats(&self, chats: &[ChatId]) -> Result<Vec<Member>, StoreError> {
+        let mut all = Vec::new();
+        // Bounded by the backends' parameter limits (SQLite's is 32,766).
+        for chunk in chats.chunks(1000) {
+            let ids: Vec<uuid::Uuid> = chunk.iter().map(|c| c.0).collect();
+            let found = read!(self, |c| chat_members::Entity::find()
+                .filter(chat_members::Column::ChatId.is_in(ids.clone()))
+                .order_by_asc(chat_members::Column::ChatId)
+                .order_by_asc(chat_members::Column::JoinedAt)
+                .order_by_asc(chat_members::Column::UserId)
+                .all(c)
+                .await);
+            for m in found.map_err(store_err)? {
+                all.push(member(&m)?);
+            }
+        }
+        Ok(all)
+    }
+
     async fn mark_read(
         &self,
         chat: ChatId,

@@ -106,6 +106,9 @@ pub trait ChatStore: Send + Sync {
     async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<bool, StoreError>;
     async fn member(&self, chat: ChatId, user: UserId) -> Result<Option<Member>, StoreError>;
     async fn members(&self, chat: ChatId) -> Result<Vec<Member>, StoreError>;
+    /// The members of every chat in `chats` (in one round trip, however many chats), each
+    /// chat's in join order; chats that do not exist have none.
+    async fn members_of_chats(&self, chats: &[ChatId]) -> Result<Vec<Member>, StoreError>;
     /// Moves the user's read position forward to `message` (never backwards).
     async fn mark_read(
         &self,

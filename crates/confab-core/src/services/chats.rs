@@ -11,7 +11,7 @@
 //! This is the REST half of the chat issue; the realtime delivery (Socket.IO) builds on the
 //! same operations.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::json;
@@ -361,28 +361,52 @@ impl ChatService {
         Ok(partners.into_iter().collect())
     }
 
-    /// For `message.created` events of one chat: the digest mails to queue (SPEC §9), one per
-    /// member other than the senders who is offline (no socket and no activity for 5 minutes) and was
-    /// not mailed about this chat in the last [`DIGEST_EVERY`]; it counts their unread
-    /// messages. The window is claimed in the cache (an atomic counter), so two nodes
-    /// handling events of one chat still send one mail.
+    /// For a batch of `message.created` events (chat → its messages' senders): the digest
+    /// mails to queue (SPEC §9), one per member other than the senders who is offline (no
+    /// socket and no activity for 5 minutes) and was not mailed about this chat in the last
+    /// [`DIGEST_EVERY`]; it counts their unread messages. The window is claimed in the cache
+    /// (an atomic counter), so two nodes handling events of one chat still send one mail.
     ///
-    /// `online`: [`Presence::online`], read once for a batch of events.
-    pub async fn offline_digest(
+    /// `online`: [`Presence::online`], read once for the batch. The members of every chat come
+    /// in one store call; a chat whose members are all online or senders costs nothing more.
+    /// `Err`: the members could not be read (no chat's digest was worked out); else each chat
+    /// with an offline member and its own outcome.
+    pub async fn offline_digests(
+        &self,
+        batch: &HashMap<ChatId, Vec<UserId>>,
+        online: &HashSet<UserId>,
+    ) -> Result<Vec<(ChatId, Result<Vec<OutboxEntry>, ChatError>)>, ChatError> {
+        let chats: Vec<ChatId> = batch.keys().copied().collect();
+        let mut offline: HashMap<ChatId, Vec<Member>> = HashMap::new();
+        for member in self.store.members_of_chats(&chats).await? {
+            let Some(senders) = batch.get(&member.chat_id) else {
+                continue;
+            };
+            if !senders.contains(&member.user_id) && !online.contains(&member.user_id) {
+                offline.entry(member.chat_id).or_default().push(member);
+            }
+        }
+        let mut digests = Vec::with_capacity(offline.len());
+        for (chat, members) in offline {
+            let senders = batch.get(&chat).map_or(&[][..], Vec::as_slice);
+            digests.push((chat, self.offline_digest(chat, senders, members).await));
+        }
+        Ok(digests)
+    }
+
+    /// The digest mails of one chat, for its `offline` members.
+    async fn offline_digest(
         &self,
         chat: ChatId,
         senders: &[UserId],
-        online: &HashSet<UserId>,
+        offline: Vec<Member>,
     ) -> Result<Vec<OutboxEntry>, ChatError> {
         let Some(found) = self.store.chat_by_id(chat).await? else {
             return Ok(Vec::new());
         };
         let mut mails = Vec::new();
-        for member in self.store.members(chat).await? {
+        for member in offline {
             let user = member.user_id;
-            if senders.contains(&user) || online.contains(&user) {
-                continue;
-            }
             let window = format!("digest:{chat}:{user}");
             match self.cache.incr(&window, 1, DIGEST_EVERY).await {
                 Ok(1) => {}

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::unique;
 use crate::domain::{
     AiFeedback, AiMessage, AiMessageId, AiRequestId, AiSession, AiSessionId, ChatId, ChatKind,
-    EventId, FailedLogin, GenerationId, GenerationJob, LockoutPolicy, MemberRole, Message,
+    EventId, FailedLogin, GenerationId, GenerationJob, LockoutPolicy, Member, MemberRole, Message,
     MessageId, MessageKind, NewChat, NewUser, OneTimeToken, OneTimeTokenId, OutboxEntry, Page,
     RefreshFamily, RefreshFamilyId, RefreshToken, RefreshTokenId, SecurityEvent, SecurityEventId,
     ServiceErrorId, StoredServiceError, TokenPurpose, User, UserId, now,
@@ -39,6 +39,7 @@ where
         users_are_found_by_name_prefix_or_exact_email_only,
         deleting_a_user_keeps_their_messages_without_a_sender,
         chats_have_members_and_a_member_is_added_once,
+        members_of_many_chats_come_in_one_call,
         a_direct_chat_is_unique_per_pair_in_either_order,
         chats_are_listed_most_recently_active_first,
         messages_are_unique_per_sender_and_client_id,
@@ -285,6 +286,42 @@ async fn deleting_a_user_keeps_their_messages_without_a_sender(store: Arc<dyn St
             .iter()
             .any(|c| c.id == chat)
     );
+}
+
+async fn members_of_many_chats_come_in_one_call(store: Arc<dyn Store>) {
+    let (ann, bob, cid) = (
+        user(&*store).await,
+        user(&*store).await,
+        user(&*store).await,
+    );
+    let first = group(&*store, ann.id, &[bob.id]).await;
+    let second = group(&*store, bob.id, &[cid.id]).await;
+    let other = group(&*store, cid.id, &[ann.id]).await;
+    let pairs = |members: Vec<Member>| -> Vec<(ChatId, UserId)> {
+        members.iter().map(|m| (m.chat_id, m.user_id)).collect()
+    };
+    let got = pairs(
+        store
+            .members_of_chats(&[first, second, ChatId::new()])
+            .await
+            .unwrap(),
+    );
+    let mut expected = vec![
+        (first, ann.id),
+        (first, bob.id),
+        (second, bob.id),
+        (second, cid.id),
+    ];
+    let mut sorted = got.clone();
+    sorted.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(sorted, expected, "the chats asked for, not {other}");
+    // Each chat's members in join order, as `members` gives them.
+    for chat in [first, second] {
+        let one: Vec<_> = got.iter().filter(|(c, _)| *c == chat).copied().collect();
+        assert_eq!(one, pairs(store.members(chat).await.unwrap()));
+    }
+    assert!(store.members_of_chats(&[]).await.unwrap().is_empty());
 }
 
 async fn chats_have_members_and_a_member_is_added_once(store: Arc<dyn Store>) {
