@@ -16,6 +16,9 @@
 //! what image processing costs the chat, and each line adds the uploads' p50/p99 (upload →
 //! stored with its thumbnail → 201).
 //!
+//! `--timeline FILE` writes every delivery of the last run as `sent_ms latency_us` lines
+//! (send time from the start of the run), to see when the tail happens (periodic work?).
+//!
 //! `--ramp` raises the rate until delivery p99 exceeds 50 ms or deliveries fall behind, and
 //! reports the highest rate that held.
 
@@ -56,6 +59,8 @@ struct Args {
     server_cpus: String,
     /// Clients uploading 12 MP photos throughout.
     uploads: usize,
+    /// Where to write every delivery's send time and latency (`--timeline FILE`).
+    timeline: Option<String>,
 }
 
 fn args() -> Args {
@@ -70,6 +75,7 @@ fn args() -> Args {
         server_env: Vec::new(),
         server_cpus: "0".into(),
         uploads: 0,
+        timeline: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -89,6 +95,7 @@ fn args() -> Args {
             "--server-threads" => a.server_threads = Some(value()),
             "--server-cpus" => a.server_cpus = value(),
             "--uploads" => a.uploads = value().parse().expect("--uploads N"),
+            "--timeline" => a.timeline = Some(value()),
             "--server-env" => {
                 let pair = value();
                 let (k, v) = pair.split_once('=').expect("--server-env KEY=VALUE");
@@ -160,7 +167,26 @@ async fn main() {
     let seq = Arc::new(AtomicU64::new(0));
     let mut best = None;
     for rate in rates {
+        if args.timeline.is_some() {
+            *TIMELINE
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Vec::new());
+        }
         let r = run(&members, &clock, &seq, rate, args.seconds, pid, args.rooms).await;
+        if let Some(path) = &args.timeline {
+            let timeline = TIMELINE
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+                .unwrap_or_default();
+            let start = timeline.iter().map(|(sent, _)| *sent).min().unwrap_or(0);
+            let mut lines = String::new();
+            for (sent, latency) in &timeline {
+                use std::fmt::Write as _;
+                let _ = writeln!(lines, "{:.3} {latency}", (sent - start) as f64 / 1000.0);
+            }
+            std::fs::write(path, lines).expect("the timeline file can be written");
+        }
         let held = r.delivery_p99 <= Duration::from_millis(50) && r.delivered_ratio > 0.99;
         println!(
             "clients {} rooms {} target {rate} msg/s: sent {:.0}/s, delivered {:.0}/s ({:.1} %), ack p50 {:.2} ms p99 {:.2} ms, delivery p50 {:.2} ms p99 {:.2} ms, server CPU {:.1} µs/delivery, RSS {:.1} MiB{}",
@@ -256,6 +282,8 @@ async fn setup(http: &reqwest::Client, base: &str, args: &Args, pid: u32) -> (Ve
 
 /// Per run: delivery latencies go here (one shared sink; the tool's single thread).
 static DELIVERIES: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+/// With `--timeline`: (sent, in µs from the clock's base; latency in µs) of every delivery.
+static TIMELINE: std::sync::Mutex<Option<Vec<(u64, u32)>>> = std::sync::Mutex::new(None);
 static CLOCK: std::sync::OnceLock<Arc<Clock>> = std::sync::OnceLock::new();
 
 fn spawn_listener(mut events: tokio::sync::mpsc::UnboundedReceiver<sio::Event>) {
@@ -275,6 +303,13 @@ fn spawn_listener(mut events: tokio::sync::mpsc::UnboundedReceiver<sio::Event>) 
             let sent = clock.sent[n].load(Ordering::Relaxed);
             let now = event.at.duration_since(clock.base).as_nanos() as u64;
             let micros = now.saturating_sub(sent) / 1000;
+            if let Some(timeline) = TIMELINE
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_mut()
+            {
+                timeline.push((sent / 1000, u32::try_from(micros).unwrap_or(u32::MAX)));
+            }
             DELIVERIES
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
