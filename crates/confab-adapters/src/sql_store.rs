@@ -92,6 +92,14 @@ pub enum DatabaseConfig {
         path: Option<PathBuf>,
         #[serde(default)]
         synchronous: Synchronous,
+        /// While messages are flowing, how long the group commit lets a commit gather more
+        /// messages after its first, in microseconds (0: never wait). A message on a quiet
+        /// server is committed at once.
+        #[serde(
+            default = "default_commit_linger_us",
+            deserialize_with = "lenient::value"
+        )]
+        commit_linger_us: u64,
         #[serde(default)]
         pool: PoolConfig,
     },
@@ -105,11 +113,19 @@ pub enum DatabaseConfig {
     },
 }
 
+/// The default `commit_linger_us`: latency first (BENCHMARKS.md has the trade).
+pub const DEFAULT_COMMIT_LINGER_US: u64 = 0;
+
+fn default_commit_linger_us() -> u64 {
+    DEFAULT_COMMIT_LINGER_US
+}
+
 impl Default for DatabaseConfig {
     fn default() -> Self {
         Self::Sqlite {
             path: None,
             synchronous: Synchronous::Normal,
+            commit_linger_us: DEFAULT_COMMIT_LINGER_US,
             pool: PoolConfig::default(),
         }
     }
@@ -198,6 +214,7 @@ impl SqlStore {
             DatabaseConfig::Sqlite {
                 path,
                 synchronous,
+                commit_linger_us,
                 pool,
             } => {
                 let path = sqlite_path(path.as_deref(), data_dir);
@@ -225,7 +242,12 @@ impl SqlStore {
                 });
                 let conn = Database::connect(options).await.map_err(store_err)?;
                 let queue = Arc::new(QueueLink::default());
-                let writer = sqlite_writer::SqliteWriter::open(&path, *synchronous, queue.clone())?;
+                let writer = sqlite_writer::SqliteWriter::open(
+                    &path,
+                    *synchronous,
+                    queue.clone(),
+                    Duration::from_micros(*commit_linger_us),
+                )?;
                 Ok(Self {
                     conn,
                     replica: None,

@@ -82,6 +82,8 @@ async fn sqlite_store_passes_the_store_suite() {
             let config = DatabaseConfig::Sqlite {
                 path: Some(path),
                 synchronous: Synchronous::Normal,
+                // Gathering concurrent batches into one commit is exercised.
+                commit_linger_us: 500,
                 pool: PoolConfig::default(),
             };
             migrated(&config, std::path::Path::new(".")).await
@@ -131,6 +133,8 @@ async fn migrations_are_idempotent_and_a_newer_schema_is_refused_by_name() {
     let config = DatabaseConfig::Sqlite {
         path: Some(path.clone()),
         synchronous: Synchronous::Full,
+        // Gathering concurrent batches into one commit is exercised.
+        commit_linger_us: 500,
         pool: PoolConfig::default(),
     };
     let store = SqlStore::connect(&config, dir.path()).await.unwrap();
@@ -230,6 +234,8 @@ async fn sqlite_queue(dir: &std::path::Path) -> DatabaseConfig {
     let config = DatabaseConfig::Sqlite {
         path: Some(dir.join("queue.db")),
         synchronous: Synchronous::Normal,
+        // Gathering concurrent batches into one commit is exercised.
+        commit_linger_us: 500,
         pool: PoolConfig::default(),
     };
     migrated(&config, dir).await;
@@ -1027,6 +1033,8 @@ async fn on_sqlite_the_outbox_is_the_queue() {
     the_outbox_is_the_queue(&DatabaseConfig::Sqlite {
         path: Some(dir.path().join("direct.db")),
         synchronous: Synchronous::Normal,
+        // Gathering concurrent batches into one commit is exercised.
+        commit_linger_us: 500,
         pool: PoolConfig::default(),
     })
     .await;

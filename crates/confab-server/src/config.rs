@@ -905,6 +905,17 @@ impl Config {
                 "a number of milliseconds between 0 and 100",
             ));
         }
+        if let DatabaseConfig::Sqlite {
+            commit_linger_us, ..
+        } = &self.database
+            && *commit_linger_us > 100_000
+        {
+            return Err(ConfigError::invalid(
+                "database.commit_linger_us",
+                format!("{commit_linger_us} is above 100000"),
+                "a number of microseconds between 0 and 100000",
+            ));
+        }
         if !(1..=86_400).contains(&self.chat.presence_window_secs) {
             return Err(ConfigError::invalid(
                 "chat.presence_window_secs",

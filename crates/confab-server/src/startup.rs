@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::Role;
 use confab_adapters::metered_broker::MeteredBroker;
-use confab_adapters::sql_store::SqlStore;
+use confab_adapters::sql_store::{DatabaseConfig, SqlStore};
 use confab_core::ports::blob::BlobStore;
 use confab_core::ports::broker::Broker;
 use confab_core::ports::cache::Cache;
@@ -148,7 +148,15 @@ impl Application {
             ports.store.clone(),
             ports.cache.clone(),
             confab_core::ports::cache::RateLimit::per_second(config.chat.messages_per_second),
-            Duration::from_millis(config.chat.group_commit_wait_ms),
+            confab_core::services::chats::GroupCommit {
+                wait: Duration::from_millis(config.chat.group_commit_wait_ms),
+                // SQLite's writer thread commits batches in the order they come and gathers
+                // those waiting into one commit; PostgreSQL runs concurrent transactions.
+                in_flight: match config.database {
+                    DatabaseConfig::Sqlite { .. } => 4,
+                    DatabaseConfig::Postgres { .. } => 1,
+                },
+            },
             presence,
         ));
         let ai_slot = Arc::new(std::sync::OnceLock::new());

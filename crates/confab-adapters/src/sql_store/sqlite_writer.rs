@@ -15,9 +15,10 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use confab_core::domain::{ChatKind, Message, OutboxEntry, UserId, now};
@@ -38,7 +39,7 @@ type Reply = oneshot::Sender<Result<Vec<Appended>, StoreError>>;
 
 /// The handle: sends batches to the writer thread, which ends when every handle is gone.
 pub(super) struct SqliteWriter {
-    jobs: mpsc::Sender<(Vec<Append>, Reply)>,
+    jobs: mpsc::Sender<Job>,
     _checkpoints: Checkpointer,
 }
 
@@ -73,20 +74,41 @@ fn nap_while_busy(attempt: i32) -> bool {
 
 /// SQLite's automatic checkpoint runs inside whichever commit crosses the WAL threshold and
 /// puts milliseconds on that commit (and on every message waiting for it). Instead a thread
-/// of its own checkpoints twice a second, PASSIVE: it copies what it can without waiting for
-/// or blocking anyone, and the WAL is reused once a checkpoint has caught up. It runs at the
-/// lowest normal priority (`SCHED_BATCH`, nice 19): copying a few thousand pages is
-/// milliseconds of CPU, which on a busy core would otherwise preempt the thread delivering
-/// messages. It stops when the store is dropped.
+/// of its own checkpoints ten times a second, PASSIVE: it copies what it can without waiting
+/// for or blocking anyone. It runs at the lowest normal priority (`SCHED_BATCH`, nice 19):
+/// copying pages is CPU that on a busy core would otherwise preempt the thread delivering
+/// messages. Small, frequent checkpoints keep each one short (at 500 ms intervals, each took
+/// ~30 ms at 2k msg/s and the delivery p99 was twice as long).
+///
+/// The WAL is reused from its start only when a writer begins while every frame in it has
+/// been copied. Under a steady flow of commits that never happens on its own (the writer
+/// appends while the checkpoint copies), and the WAL grew without end: ~800 MB after 20 s at
+/// 2k msg/s. So when a checkpoint has caught up with a WAL of [`RESTART_FRAMES`] or more, it
+/// asks the writer thread (`restart`) to run one itself after its next commit: that one
+/// copies the few frames added meanwhile, with no writer beside it, and the writer's next
+/// commit starts the WAL over. It stops when the store is dropped.
 struct Checkpointer {
     _stop: mpsc::Sender<()>,
 }
 
 /// How often the WAL is checkpointed.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// A WAL this long (in pages: 256 MiB at 4 KiB) is started over. The writer's own checkpoint
+/// holds up commits for a few milliseconds (the fsyncs of the WAL and the database): at 2k
+/// msg/s (~20,000 WAL frames a second) this is one every ~3 s; shorter would show in the p99.
+const RESTART_FRAMES: i64 = 65_536;
+
+/// `PRAGMA wal_checkpoint(PASSIVE)`: whether it copied every frame of the WAL, and how many
+/// frames the WAL holds.
+fn checkpoint(conn: &Connection) -> rusqlite::Result<(bool, i64)> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        let (busy, log, copied): (i64, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        Ok((busy == 0 && log == copied, log))
+    })
+}
 
 impl Checkpointer {
-    fn start(conn: Connection) -> Result<Self, StoreError> {
+    fn start(conn: Connection, restart: Arc<AtomicBool>) -> Result<Self, StoreError> {
         let (stop, stopped) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("confab-sqlite-checkpoint".into())
@@ -98,10 +120,14 @@ impl Checkpointer {
                 while let Err(mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(CHECKPOINT_EVERY)
                 {
-                    if let Err(error) =
-                        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                    {
-                        tracing::debug!(%error, "WAL checkpoint failed; the next one tries again.");
+                    match checkpoint(&conn) {
+                        Ok((true, frames)) if frames >= RESTART_FRAMES => {
+                            restart.store(true, Ordering::Release);
+                        }
+                        Ok(_) => {}
+                        Err(error) => {
+                            tracing::debug!(%error, "WAL checkpoint failed; the next one tries again.");
+                        }
                     }
                 }
             })
@@ -110,39 +136,67 @@ impl Checkpointer {
     }
 }
 
+/// A batch from the store's caller: its messages, whom to answer, when it was handed over.
+struct Job {
+    batch: Vec<Append>,
+    reply: Reply,
+    sent: Instant,
+}
+
+/// The most messages the thread puts in one commit (whole batches: a larger batch goes
+/// alone).
+const MAX_MESSAGES: usize = 512;
+/// A commit this recent means traffic: the next may linger to gather more.
+const BUSY_WITHIN: Duration = Duration::from_millis(20);
+
 impl SqliteWriter {
     /// Opens a second connection to the (already created and configured) database file and
     /// starts the thread that owns it.
     /// `link`: whether events go straight into the database queue, and whom to tell.
+    /// `linger`: see [`gather`].
     pub(super) fn open(
         path: &Path,
         synchronous: Synchronous,
         link: Arc<QueueLink>,
+        linger: Duration,
     ) -> Result<Self, StoreError> {
         let conn = connect(path, synchronous)?;
         // Waiting for another connection's write lock: in short naps, not SQLite's default
         // 1, 2, 5, 10 … ms (every message of the batch waits through the nap).
         conn.busy_handler(Some(nap_while_busy))
             .map_err(unavailable)?;
-        let (jobs, queue) = mpsc::channel::<(Vec<Append>, Reply)>();
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let restart = Arc::new(AtomicBool::new(false));
+        let restart_wal = restart.clone();
         std::thread::Builder::new()
             .name("confab-sqlite-writer".into())
             .spawn(move || {
                 let mut conn = conn;
-                for (batch, reply) in queue {
-                    match append(&mut conn, &batch, link.direct()) {
-                        Ok((answers, queues)) => {
-                            let _ = reply.send(Ok(answers));
-                            link.committed(queues.iter().map(String::as_str));
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(store_err(e)));
-                        }
+                let mut last_commit: Option<Instant> = None;
+                let mut next = None;
+                loop {
+                    let first = match next.take() {
+                        Some(job) => job,
+                        None => match queue.recv() {
+                            Ok(job) => job,
+                            Err(mpsc::RecvError) => return,
+                        },
+                    };
+                    let busy = last_commit.is_some_and(|at| at.elapsed() < BUSY_WITHIN);
+                    let linger = if busy { linger } else { Duration::ZERO };
+                    let (jobs, after) = gather(first, &queue, linger);
+                    next = after;
+                    commit_jobs(&mut conn, jobs, &link);
+                    last_commit = Some(Instant::now());
+                    if restart_wal.swap(false, Ordering::AcqRel)
+                        && let Err(error) = checkpoint(&conn)
+                    {
+                        tracing::debug!(%error, "WAL checkpoint failed; the next one tries again.");
                     }
                 }
             })
             .map_err(unavailable)?;
-        let checkpoints = Checkpointer::start(connect(path, synchronous)?)?;
+        let checkpoints = Checkpointer::start(connect(path, synchronous)?, restart)?;
         Ok(Self {
             jobs,
             _checkpoints: checkpoints,
@@ -152,10 +206,87 @@ impl SqliteWriter {
     pub(super) async fn append(&self, batch: &[Append]) -> Result<Vec<Appended>, StoreError> {
         let stopped = || StoreError::Other("the SQLite writer thread has stopped".into());
         let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send((batch.to_vec(), reply))
-            .map_err(|_| stopped())?;
+        let job = Job {
+            batch: batch.to_vec(),
+            reply,
+            sent: Instant::now(),
+        };
+        self.jobs.send(job).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// The batches for one commit: `first`, every batch already waiting behind it, and (while
+/// messages are flowing) those arriving until `linger` after `first` was handed over, up to
+/// [`MAX_MESSAGES`]. A commit costs about the same for one message as for a few (the WAL
+/// frames of the pages they share, the locks, the thread's wake-up), so under traffic a
+/// fraction of a millisecond's wait divides that cost; timed here, on a thread that does
+/// nothing else, it is exact (Tokio's timer rounds to whole milliseconds). Also returns a
+/// batch that arrived but did not fit, for the next commit.
+fn gather(first: Job, queue: &mpsc::Receiver<Job>, linger: Duration) -> (Vec<Job>, Option<Job>) {
+    let deadline = first.sent + linger;
+    let mut size = first.batch.len();
+    let mut jobs = vec![first];
+    while size < MAX_MESSAGES {
+        let job = match queue.try_recv() {
+            Ok(job) => job,
+            Err(mpsc::TryRecvError::Disconnected) => break,
+            Err(mpsc::TryRecvError::Empty) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                // A nap rather than waiting on the channel: a sender then wakes nobody (one
+                // wake-up of this thread per commit, not per batch sent).
+                std::thread::sleep(left);
+                continue;
+            }
+        };
+        if size + job.batch.len() > MAX_MESSAGES {
+            return (jobs, Some(job));
+        }
+        size += job.batch.len();
+        jobs.push(job);
+    }
+    (jobs, None)
+}
+
+/// Commits the batches in one transaction and answers each. When that fails for another
+/// reason than the database being busy, each batch is tried alone, so that one batch cannot
+/// fail the others (the caller then retries a failed batch message by message).
+fn commit_jobs(conn: &mut Connection, jobs: Vec<Job>, link: &QueueLink) {
+    let all: Vec<&Append> = jobs.iter().flat_map(|j| &j.batch).collect();
+    let outcome = append(conn, &all, link.direct());
+    drop(all);
+    match outcome {
+        Ok((mut answers, queues)) => {
+            // Answers in batch order: split them back.
+            for job in jobs.into_iter().rev() {
+                let own = answers.split_off(answers.len() - job.batch.len());
+                let _ = job.reply.send(Ok(own));
+            }
+            link.committed(queues.iter().map(String::as_str));
+        }
+        Err(e) if jobs.len() == 1 => {
+            if let Some(job) = jobs.into_iter().next() {
+                let _ = job.reply.send(Err(store_err(e)));
+            }
+        }
+        Err(e) => match store_err(e) {
+            StoreError::Unavailable(e) => {
+                let message = e.to_string();
+                for job in jobs {
+                    let _ = job
+                        .reply
+                        .send(Err(StoreError::Unavailable(message.clone().into())));
+                }
+            }
+            _ => {
+                for job in jobs {
+                    commit_jobs(conn, vec![job], link);
+                }
+            }
+        },
     }
 }
 
@@ -304,7 +435,7 @@ impl<'c> Statements<'c> {
 /// Returns the answers and the queues of the events written.
 fn append(
     conn: &mut Connection,
-    batch: &[Append],
+    batch: &[&Append],
     direct: bool,
 ) -> Result<(Vec<Appended>, Vec<String>), WriteError> {
     if batch.is_empty() {

@@ -26,7 +26,7 @@ use crate::ports::store::{Append, Appended, Store, StoreError};
 use crate::services::presence::Presence;
 
 mod writer;
-pub use writer::{Committed, MessageWriter};
+pub use writer::{Committed, GroupCommit, MessageWriter};
 
 /// The longest message text (SPEC issue: 10,000 characters).
 pub const MAX_TEXT_CHARS: usize = 10_000;
@@ -137,16 +137,16 @@ pub fn check_client_id(client_id: &str) -> Result<String, ChatError> {
 }
 
 impl ChatService {
-    /// `commit_wait`: see [`MessageWriter::start`].
+    /// `group_commit`: see [`GroupCommit`].
     pub fn new(
         store: Arc<dyn Store>,
         cache: Arc<dyn Cache>,
         message_rate: RateLimit,
-        commit_wait: std::time::Duration,
+        group_commit: GroupCommit,
         presence: Presence,
     ) -> Self {
         Self {
-            writer: MessageWriter::start(store.clone(), commit_wait),
+            writer: MessageWriter::start(store.clone(), group_commit),
             store,
             cache,
             message_rate,

@@ -45,6 +45,7 @@ where
         messages_are_unique_per_sender_and_client_id,
         a_batch_of_messages_is_appended_in_one_group_commit,
         concurrent_batches_with_the_same_client_id_store_it_once,
+        concurrent_batches_are_answered_each_and_fail_alone,
         a_message_for_a_missing_chat_is_not_found,
         pages_visit_every_message_exactly_once_in_order,
         edits_and_tombstones_are_written,
@@ -615,6 +616,65 @@ async fn concurrent_batches_with_the_same_client_id_store_it_once(store: Arc<dyn
             .as_ref(),
         Some(winner)
     );
+}
+
+/// Several batches at once (a store may gather them into one commit, as SQLite's writer
+/// thread does): each call gets its own answers, in its own order, and a batch that fails
+/// fails alone.
+async fn concurrent_batches_are_answered_each_and_fail_alone(store: Arc<dyn Store>) {
+    let (ann, bob) = (user(&*store).await, user(&*store).await);
+    let chat = group(&*store, ann.id, &[bob.id]).await;
+    // A commit a moment ago: a store that lingers for more batches under traffic does now.
+    let warm_up = text(chat, bob.id, "warm-up", None);
+    store.append_messages(&[append(&warm_up)]).await.unwrap();
+    let mut ghost = text(chat, ann.id, "no sender", None);
+    ghost.sender_id = None;
+    let first = [
+        text(chat, ann.id, "1a", Some("k1")),
+        text(chat, bob.id, "1b", None),
+    ];
+    let failing = [ghost, text(chat, bob.id, "fails with its batch", None)];
+    let third = [text(chat, bob.id, "3a", None)];
+    let fourth = [
+        text(chat, ann.id, "4a", Some("k1")),
+        text(ChatId::new(), ann.id, "nowhere", None),
+        text(chat, ann.id, "4c", None),
+    ];
+    let batches: Vec<Vec<Append>> = [&first[..], &failing, &third, &fourth]
+        .iter()
+        .map(|b| b.iter().map(append).collect())
+        .collect();
+    let (a, failed, c, d) = tokio::join!(
+        store.append_messages(&batches[0]),
+        store.append_messages(&batches[1]),
+        store.append_messages(&batches[2]),
+        store.append_messages(&batches[3]),
+    );
+    assert!(failed.is_err(), "{failed:?}");
+    let (a, c, d) = (a.unwrap(), c.unwrap(), d.unwrap());
+    let winner = match (&a[0], &d[0]) {
+        (Appended::Stored(_), Appended::Duplicate { existing, .. }) => {
+            assert_eq!(**existing, first[0]);
+            &first[0]
+        }
+        (Appended::Duplicate { existing, .. }, Appended::Stored(_)) => {
+            assert_eq!(**existing, fourth[0]);
+            &fourth[0]
+        }
+        other => panic!("exactly one should be stored: {other:?}"),
+    };
+    assert_eq!(a.len(), 2);
+    assert_eq!(a[1], Appended::Stored(ChatKind::Group));
+    assert_eq!(c, vec![Appended::Stored(ChatKind::Group)]);
+    assert_eq!(d.len(), 3);
+    assert_eq!(d[1], Appended::NotMember);
+    assert_eq!(d[2], Appended::Stored(ChatKind::Group));
+    let page = store.messages(chat, Page::newest(50)).await.unwrap();
+    let mut texts: Vec<&str> = page.iter().filter_map(|m| m.text.as_deref()).collect();
+    texts.sort_unstable();
+    let mut expected = vec!["warm-up", "1b", "3a", "4c", winner.text.as_deref().unwrap()];
+    expected.sort_unstable();
+    assert_eq!(texts, expected);
 }
 
 async fn a_message_for_a_missing_chat_is_not_found(store: Arc<dyn Store>) {

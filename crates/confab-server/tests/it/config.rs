@@ -355,6 +355,24 @@ fn bad_values_name_the_setting_the_problem_and_the_fix() {
     assert_eq!(err.setting, "log.level");
     let err = load("", &[("CONFAB__SERVER__REQUEST_TIMEOUT_SECS", "0")]).unwrap_err();
     assert_eq!(err.setting, "server.request_timeout_secs");
+    let err = load("[database]\ncommit_linger_us = 250000\n", &[]).unwrap_err();
+    assert_eq!(err.setting, "database.commit_linger_us");
+    assert!(err.fix.contains("microseconds"), "{err}");
+    // From the environment too (a string there, read as a number).
+    let err = load("", &[("CONFAB__DATABASE__COMMIT_LINGER_US", "250000")]).unwrap_err();
+    assert_eq!(err.setting, "database.commit_linger_us");
+    let ok = load("", &[("CONFAB__DATABASE__COMMIT_LINGER_US", "700")]).unwrap();
+    assert!(
+        matches!(
+            ok.database,
+            DatabaseConfig::Sqlite {
+                commit_linger_us: 700,
+                ..
+            }
+        ),
+        "{:?}",
+        ok.database
+    );
     let err = load("", &[("EMAIL_PORT", "25")]).unwrap_err();
     assert_eq!(
         err.setting, "mail.port",

@@ -2,7 +2,9 @@
 //! transaction ([`Store::append_messages`]), then answers each sender. While a commit is in
 //! flight, new messages queue up and go together in the next one, so the cost of a commit is
 //! shared by everyone who waited for it: under load, batches grow and throughput follows;
-//! alone, a message is committed at once (no timer, no added latency).
+//! alone, a message is committed at once (no timer, no added latency). Where the store keeps
+//! the order of its calls (SQLite's writer thread), several batches may be in flight, and
+//! the store gathers them into one commit ([`GroupCommit::in_flight`]).
 
 use std::sync::{Arc, OnceLock};
 
@@ -24,6 +26,30 @@ const QUEUE: usize = 16 * MAX_BATCH;
 
 type Reply = oneshot::Sender<Result<Appended, StoreError>>;
 
+/// How the writer groups messages into commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupCommit {
+    /// How long a batch may wait for more messages after its first while messages are
+    /// flowing (zero: never wait; Tokio's timer rounds it up to whole milliseconds).
+    pub wait: std::time::Duration,
+    /// Batches committing at once. More than one only for a store that commits its
+    /// `append_messages` calls one after another in the order they were made (SQLite's writer
+    /// thread, which then gathers them into one commit itself): the stream of commits then
+    /// keeps its order. A store running them as concurrent transactions (PostgreSQL) could
+    /// commit a later batch first, so a reader paging `after` the later one's id would skip
+    /// the earlier one.
+    pub in_flight: usize,
+}
+
+impl Default for GroupCommit {
+    fn default() -> Self {
+        Self {
+            wait: std::time::Duration::ZERO,
+            in_flight: 1,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct MessageWriter {
     jobs: mpsc::Sender<(Append, Reply)>,
@@ -32,12 +58,11 @@ pub struct MessageWriter {
 
 impl MessageWriter {
     /// Starts the writer task (it ends when every handle is dropped). Needs a Tokio runtime.
-    /// `wait`: how long a batch may wait for more messages after its first while messages
-    /// are flowing (zero: never wait). A message on a quiet server is committed at once.
-    pub fn start(store: Arc<dyn Store>, wait: std::time::Duration) -> Self {
+    /// A message on a quiet server is committed at once.
+    pub fn start(store: Arc<dyn Store>, group: GroupCommit) -> Self {
         let (jobs, queue) = mpsc::channel(QUEUE);
         let committed = Subscriber::default();
-        tokio::spawn(run(store, queue, committed.clone(), wait));
+        tokio::spawn(run(store, queue, committed.clone(), group));
         Self { jobs, committed }
     }
 
@@ -62,20 +87,43 @@ impl MessageWriter {
     }
 }
 
+/// A batch's messages and each one's answer.
+type Answered = (Vec<Append>, Vec<Result<Appended, StoreError>>);
+
+/// A batch on its way to the store: its commit (a task of its own, so that several can be
+/// in flight), its senders, and its place among the batches in flight.
+struct InFlight {
+    commit: tokio::task::JoinHandle<Answered>,
+    replies: Vec<Reply>,
+    _place: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Gathers batches and starts their commits (up to `group.in_flight` at once); `finish`
+/// answers them in the order they started.
 async fn run(
     store: Arc<dyn Store>,
     mut queue: mpsc::Receiver<(Append, Reply)>,
     committed: Subscriber,
-    wait: std::time::Duration,
+    group: GroupCommit,
 ) {
+    let places = Arc::new(tokio::sync::Semaphore::new(group.in_flight.max(1)));
+    let (started, in_order) = mpsc::unbounded_channel();
+    tokio::spawn(finish(in_order, committed));
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut last_commit: Option<tokio::time::Instant> = None;
-    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        // Gather only under traffic (a commit a moment ago): a message on a quiet server is
+    let mut last_batch: Option<tokio::time::Instant> = None;
+    loop {
+        // A place first: messages arriving meanwhile join this batch.
+        let Ok(place) = places.clone().acquire_owned().await else {
+            return;
+        };
+        if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        // Gather only under traffic (a batch a moment ago): a message on a quiet server is
         // committed at once.
-        let busy = last_commit.is_some_and(|at| at.elapsed() < BUSY_WITHIN);
-        if busy && !wait.is_zero() {
-            let deadline = tokio::time::Instant::now() + wait;
+        let busy = last_batch.is_some_and(|at| at.elapsed() < BUSY_WITHIN);
+        if busy && !group.wait.is_zero() {
+            let deadline = tokio::time::Instant::now() + group.wait;
             while batch.len() < MAX_BATCH {
                 let room = MAX_BATCH - batch.len();
                 let more = queue.recv_many(&mut batch, room);
@@ -85,11 +133,41 @@ async fn run(
                 }
             }
         }
+        last_batch = Some(tokio::time::Instant::now());
         let (appends, replies): (Vec<Append>, Vec<Reply>) = batch.drain(..).unzip();
-        let answers = commit(&*store, &appends).await;
-        last_commit = Some(tokio::time::Instant::now());
+        let store = store.clone();
+        let task = tokio::spawn(async move {
+            let answers = commit(&*store, &appends).await;
+            (appends, answers)
+        });
+        let in_flight = InFlight {
+            commit: task,
+            replies,
+            _place: place,
+        };
+        if started.send(in_flight).is_err() {
+            return;
+        }
+    }
+}
+
+/// Answers each batch's senders and hands its new messages to the subscriber, batch after
+/// batch in the order they started (which, see [`GroupCommit::in_flight`], is commit order).
+async fn finish(mut in_order: mpsc::UnboundedReceiver<InFlight>, committed: Subscriber) {
+    while let Some(batch) = in_order.recv().await {
+        let (appends, answers) = match batch.commit.await {
+            Ok(done) => done,
+            Err(e) => {
+                // The commit task panicked: its outcome is unknown, each sender hears so.
+                let message = format!("the message writer failed: {e}");
+                for reply in batch.replies {
+                    let _ = reply.send(Err(StoreError::Other(message.clone().into())));
+                }
+                continue;
+            }
+        };
         let mut stored = Committed::new();
-        for ((reply, answer), append) in replies.into_iter().zip(answers).zip(appends) {
+        for ((reply, answer), append) in batch.replies.into_iter().zip(answers).zip(appends) {
             if let Ok(Appended::Stored(kind)) = &answer {
                 stored.push((append.message, *kind));
             }
