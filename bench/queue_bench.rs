@@ -65,7 +65,7 @@ async fn main() {
         DatabaseConfig::Sqlite {
             path: Some(dir.path().join("queue.db")),
             synchronous: Synchronous::Normal,
-            commit_linger_us: confab_adapters::sql_store::DEFAULT_COMMIT_LINGER_US,
+            commit_linger_us: 0,
             pool: PoolConfig::default(),
         }
     };

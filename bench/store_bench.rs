@@ -149,7 +149,7 @@ async fn main() {
         _ => DatabaseConfig::Sqlite {
             path: Some(dir.path().join("bench.db")),
             synchronous: Synchronous::Normal,
-            commit_linger_us: confab_adapters::sql_store::DEFAULT_COMMIT_LINGER_US,
+            commit_linger_us: 0,
             pool: PoolConfig::default(),
         },
     };

@@ -95,10 +95,7 @@ pub enum DatabaseConfig {
         /// While messages are flowing, how long the group commit lets a commit gather more
         /// messages after its first, in microseconds (0: never wait). A message on a quiet
         /// server is committed at once.
-        #[serde(
-            default = "default_commit_linger_us",
-            deserialize_with = "lenient::value"
-        )]
+        #[serde(default, deserialize_with = "lenient::value")]
         commit_linger_us: u64,
         #[serde(default)]
         pool: PoolConfig,
@@ -113,19 +110,13 @@ pub enum DatabaseConfig {
     },
 }
 
-/// The default `commit_linger_us`: latency first (BENCHMARKS.md has the trade).
-pub const DEFAULT_COMMIT_LINGER_US: u64 = 0;
-
-fn default_commit_linger_us() -> u64 {
-    DEFAULT_COMMIT_LINGER_US
-}
-
 impl Default for DatabaseConfig {
     fn default() -> Self {
         Self::Sqlite {
             path: None,
             synchronous: Synchronous::Normal,
-            commit_linger_us: DEFAULT_COMMIT_LINGER_US,
+            // Latency first (BENCHMARKS.md has the trade).
+            commit_linger_us: 0,
             pool: PoolConfig::default(),
         }
     }

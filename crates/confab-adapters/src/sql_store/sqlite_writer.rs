@@ -24,6 +24,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use confab_core::domain::{ChatKind, Message, OutboxEntry, UserId, now};
 use confab_core::ports::store::{Append, Appended, StoreError};
 use confab_core::priority::Background;
+use confab_core::services::chats::{BUSY_WITHIN, MAX_BATCH};
 use rusqlite::{
     CachedStatement, Connection, OpenFlags, OptionalExtension, Row, Transaction, params,
 };
@@ -143,12 +144,6 @@ struct Job {
     sent: Instant,
 }
 
-/// The most messages the thread puts in one commit (whole batches: a larger batch goes
-/// alone).
-const MAX_MESSAGES: usize = 512;
-/// A commit this recent means traffic: the next may linger to gather more.
-const BUSY_WITHIN: Duration = Duration::from_millis(20);
-
 impl SqliteWriter {
     /// Opens a second connection to the (already created and configured) database file and
     /// starts the thread that owns it.
@@ -218,7 +213,7 @@ impl SqliteWriter {
 
 /// The batches for one commit: `first`, every batch already waiting behind it, and (while
 /// messages are flowing) those arriving until `linger` after `first` was handed over, up to
-/// [`MAX_MESSAGES`]. A commit costs about the same for one message as for a few (the WAL
+/// [`MAX_BATCH`] messages (whole batches: a larger one goes alone). A commit costs about the same for one message as for a few (the WAL
 /// frames of the pages they share, the locks, the thread's wake-up), so under traffic a
 /// fraction of a millisecond's wait divides that cost; timed here, on a thread that does
 /// nothing else, it is exact (Tokio's timer rounds to whole milliseconds). Also returns a
@@ -227,7 +222,7 @@ fn gather(first: Job, queue: &mpsc::Receiver<Job>, linger: Duration) -> (Vec<Job
     let deadline = first.sent + linger;
     let mut size = first.batch.len();
     let mut jobs = vec![first];
-    while size < MAX_MESSAGES {
+    while size < MAX_BATCH {
         let job = match queue.try_recv() {
             Ok(job) => job,
             Err(mpsc::TryRecvError::Disconnected) => break,
@@ -242,7 +237,7 @@ fn gather(first: Job, queue: &mpsc::Receiver<Job>, linger: Duration) -> (Vec<Job
                 continue;
             }
         };
-        if size + job.batch.len() > MAX_MESSAGES {
+        if size + job.batch.len() > MAX_BATCH {
             return (jobs, Some(job));
         }
         size += job.batch.len();
@@ -257,7 +252,6 @@ fn gather(first: Job, queue: &mpsc::Receiver<Job>, linger: Duration) -> (Vec<Job
 fn commit_jobs(conn: &mut Connection, jobs: Vec<Job>, link: &QueueLink) {
     let all: Vec<&Append> = jobs.iter().flat_map(|j| &j.batch).collect();
     let outcome = append(conn, &all, link.direct());
-    drop(all);
     match outcome {
         Ok((mut answers, queues)) => {
             // Answers in batch order: split them back.

@@ -26,7 +26,7 @@ use crate::ports::store::{Append, Appended, Store, StoreError};
 use crate::services::presence::Presence;
 
 mod writer;
-pub use writer::{Committed, GroupCommit, MessageWriter};
+pub use writer::{BUSY_WITHIN, Committed, GroupCommit, MAX_BATCH, MessageWriter};
 
 /// The longest message text (SPEC issue: 10,000 characters).
 pub const MAX_TEXT_CHARS: usize = 10_000;

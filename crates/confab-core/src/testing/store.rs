@@ -563,6 +563,22 @@ async fn a_batch_of_messages_is_appended_in_one_group_commit(store: Arc<dyn Stor
 
 /// Two nodes' writers committing the same `(sender, client_id)` at once: one message stands,
 /// the other batch answers `Duplicate` with it and still stores the rest of its batch.
+/// Two messages with one client id sent at once, with their answers: exactly one is stored
+/// and the other's answer is a duplicate of it. Returns the one stored.
+fn stored_once<'m>(x: (&Appended, &'m Message), y: (&Appended, &'m Message)) -> &'m Message {
+    match (x.0, y.0) {
+        (Appended::Stored(_), Appended::Duplicate { existing, .. }) => {
+            assert_eq!(**existing, *x.1);
+            x.1
+        }
+        (Appended::Duplicate { existing, .. }, Appended::Stored(_)) => {
+            assert_eq!(**existing, *y.1);
+            y.1
+        }
+        other => panic!("exactly one should be stored: {other:?}"),
+    }
+}
+
 async fn concurrent_batches_with_the_same_client_id_store_it_once(store: Arc<dyn Store>) {
     let (ann, bob) = (user(&*store).await, user(&*store).await);
     let chat = group(&*store, ann.id, &[bob.id]).await;
@@ -585,17 +601,7 @@ async fn concurrent_batches_with_the_same_client_id_store_it_once(store: Arc<dyn
         store.append_messages(&second_batch),
     );
     let (a, b) = (a.unwrap(), b.unwrap());
-    let winner = match (&a[0], &b[0]) {
-        (Appended::Stored(_), Appended::Duplicate { existing, .. }) => {
-            assert_eq!(**existing, first[0]);
-            &first[0]
-        }
-        (Appended::Duplicate { existing, .. }, Appended::Stored(_)) => {
-            assert_eq!(**existing, second[0]);
-            &second[0]
-        }
-        other => panic!("exactly one should be stored: {other:?}"),
-    };
+    let winner = stored_once((&a[0], &first[0]), (&b[0], &second[0]));
     assert_eq!(a[1], Appended::Stored(ChatKind::Group));
     assert_eq!(b[1], Appended::Stored(ChatKind::Group));
     // The repeat answers with the message that stands, whichever batch won.
@@ -652,17 +658,7 @@ async fn concurrent_batches_are_answered_each_and_fail_alone(store: Arc<dyn Stor
     );
     assert!(failed.is_err(), "{failed:?}");
     let (a, c, d) = (a.unwrap(), c.unwrap(), d.unwrap());
-    let winner = match (&a[0], &d[0]) {
-        (Appended::Stored(_), Appended::Duplicate { existing, .. }) => {
-            assert_eq!(**existing, first[0]);
-            &first[0]
-        }
-        (Appended::Duplicate { existing, .. }, Appended::Stored(_)) => {
-            assert_eq!(**existing, fourth[0]);
-            &fourth[0]
-        }
-        other => panic!("exactly one should be stored: {other:?}"),
-    };
+    let winner = stored_once((&a[0], &first[0]), (&d[0], &fourth[0]));
     assert_eq!(a.len(), 2);
     assert_eq!(a[1], Appended::Stored(ChatKind::Group));
     assert_eq!(c, vec![Appended::Stored(ChatKind::Group)]);

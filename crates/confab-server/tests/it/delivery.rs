@@ -136,7 +136,7 @@ async fn a_broker_outage_delays_outbox_messages_and_loses_none() {
     let config = DatabaseConfig::Sqlite {
         path: Some(dir.path().join("outage.db")),
         synchronous: Synchronous::Normal,
-        commit_linger_us: confab_adapters::sql_store::DEFAULT_COMMIT_LINGER_US,
+        commit_linger_us: 0,
         pool: PoolConfig::default(),
     };
     let sql = SqlStore::connect(&config, dir.path()).await.unwrap();

@@ -19,8 +19,9 @@ type Subscriber = Arc<OnceLock<mpsc::UnboundedSender<Committed>>>;
 
 /// The most messages in one transaction.
 pub const MAX_BATCH: usize = 512;
-/// A commit this recent means traffic: the next batch may wait to gather more.
-const BUSY_WITHIN: std::time::Duration = std::time::Duration::from_millis(20);
+/// A commit this recent means traffic: the next batch may wait to gather more (here, and in
+/// a store that gathers batches itself).
+pub const BUSY_WITHIN: std::time::Duration = std::time::Duration::from_millis(20);
 /// Messages waiting for the writer before senders wait for room (backpressure).
 const QUEUE: usize = 16 * MAX_BATCH;
 
@@ -39,15 +40,6 @@ pub struct GroupCommit {
     /// commit a later batch first, so a reader paging `after` the later one's id would skip
     /// the earlier one.
     pub in_flight: usize,
-}
-
-impl Default for GroupCommit {
-    fn default() -> Self {
-        Self {
-            wait: std::time::Duration::ZERO,
-            in_flight: 1,
-        }
-    }
 }
 
 #[derive(Clone)]
