@@ -86,6 +86,16 @@ fn micros_since_epoch() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+/// `at` as microseconds since the Unix epoch (the fake provider's clock in the pieces).
+fn epoch_micros(at: Instant) -> u64 {
+    static BASE: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
+    let (instant, micros) = *BASE.get_or_init(|| (Instant::now(), micros_since_epoch()));
+    match at.checked_duration_since(instant) {
+        Some(after) => micros + after.as_micros() as u64,
+        None => micros.saturating_sub(instant.duration_since(at).as_micros() as u64),
+    }
+}
+
 fn report(what: &str, mut samples: Vec<Duration>) {
     samples.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -269,7 +279,8 @@ async fn main() {
                 else {
                     break;
                 };
-                let now = micros_since_epoch();
+                // When the frame was read off the socket, not when this task got to it.
+                let now = epoch_micros(event.at);
                 let request = event.data["requestId"].as_str().unwrap_or("").to_owned();
                 match event.name.as_str() {
                     "ai:token" => {

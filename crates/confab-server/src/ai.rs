@@ -252,8 +252,8 @@ impl Outgoing {
 }
 
 impl AiEvents for SocketEvents {
-    fn token(&self, user: UserId, token: &Token) {
-        self.send(Outgoing::Token(user, token.clone()));
+    fn token(&self, user: UserId, token: Token) {
+        self.send(Outgoing::Token(user, token));
     }
 
     fn response(&self, user: UserId, message: &AiMessage) {
@@ -269,8 +269,8 @@ impl AiEvents for SocketEvents {
         self.send(Outgoing::Error(user, error.clone()));
     }
 
-    fn chat_token(&self, chat: confab_core::domain::ChatId, token: &ChatToken) {
-        self.send(Outgoing::ChatToken(chat, token.clone()));
+    fn chat_token(&self, chat: confab_core::domain::ChatId, token: ChatToken) {
+        self.send(Outgoing::ChatToken(chat, token));
     }
 }
 

@@ -12,7 +12,9 @@ use confab_core::ports::llm::{
 use confab_core::settings::Secret;
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
+use serde::Deserialize;
 use serde_json::{Value, json};
+use std::borrow::Cow;
 
 use super::{invalid, json, send, transport_error};
 
@@ -73,7 +75,101 @@ struct Streamed {
     finished: bool,
 }
 
+/// A streamed chunk as most servers send it, read without building a `Value` (a chunk per
+/// token: this parse is on every token's path). Anything else (an `error`, a piece that is
+/// not a string, a chunk that is not an object …) goes the lenient way, [`Streamed::take`].
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    usage: Option<ChunkUsage>,
+    #[serde(borrow, default)]
+    choices: Option<Vec<Choice<'a>>>,
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct ChunkUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<Piece<'a>>,
+    #[serde(borrow, default)]
+    message: Option<Piece<'a>>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Piece<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+}
+
 impl Streamed {
+    /// Takes one chunk of a stream: typed when it has the usual shape, else as a `Value`.
+    fn take_data(
+        &mut self,
+        provider: &str,
+        data: &str,
+        on_delta: &mut OnDelta<'_>,
+    ) -> Result<(), ServiceError> {
+        // Only an object: serde would also read a struct from a JSON array.
+        let typed = data
+            .starts_with('{')
+            .then(|| serde_json::from_str::<Chunk<'_>>(data).ok())
+            .flatten();
+        match typed {
+            Some(chunk) if chunk.error.is_none() => {
+                self.take_typed(chunk, on_delta);
+                Ok(())
+            }
+            _ => {
+                let chunk: Value = serde_json::from_str(data)
+                    .map_err(|e| invalid(provider, format!("a chunk that is not JSON: {e}")))?;
+                self.take(provider, &chunk, on_delta)
+            }
+        }
+    }
+
+    /// [`Streamed::take`] for a chunk of the usual shape.
+    fn take_typed(&mut self, chunk: Chunk<'_>, on_delta: &mut OnDelta<'_>) {
+        if let Some(model) = chunk.model
+            && self.model.is_none()
+        {
+            self.model = Some(model.into_owned());
+        }
+        if let Some(usage) = chunk.usage {
+            let count = |n: Option<u64>| n.and_then(|n| u32::try_from(n).ok());
+            self.usage = Usage {
+                prompt_tokens: count(usage.prompt_tokens),
+                completion_tokens: count(usage.completion_tokens),
+            };
+        }
+        if let Some(choice) = chunk.choices.and_then(|c| c.into_iter().next()) {
+            let piece = choice
+                .delta
+                .and_then(|d| d.content)
+                .or_else(|| choice.message.and_then(|m| m.content))
+                .or(choice.text);
+            if let Some(piece) = piece.filter(|p| !p.is_empty()) {
+                self.content.push_str(&piece);
+                on_delta(&piece);
+            }
+            if choice.finish_reason.is_some() {
+                self.finished = true;
+            }
+        }
+    }
+
     /// Takes one chunk (or a whole non-streamed answer: `message` instead of `delta`).
     fn take(
         &mut self,
@@ -185,9 +281,7 @@ impl LlmProvider for OpenAiProvider {
                 if data.is_empty() {
                     continue;
                 }
-                let chunk: Value = serde_json::from_str(data)
-                    .map_err(|e| invalid(NAME, format!("a chunk that is not JSON: {e}")))?;
-                got.take(NAME, &chunk, on_delta)?;
+                got.take_data(NAME, data, on_delta)?;
             }
             if !done && !got.finished {
                 return Err(ServiceError::new(
@@ -332,6 +426,63 @@ pub(crate) fn vector(value: Option<&Value>) -> Option<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pieces, content, model, usage, finished.
+    type Told = (Vec<String>, String, Option<String>, Usage, bool);
+
+    /// What a stream of chunks told, or the kind of error it ended with.
+    fn told(chunks: &[&str], typed: bool) -> Result<Told, String> {
+        let mut got = Streamed::default();
+        let mut pieces = Vec::new();
+        let mut on_delta = |p: &str| pieces.push(p.to_owned());
+        for data in chunks {
+            let taken = if typed {
+                got.take_data(NAME, data, &mut on_delta)
+            } else {
+                serde_json::from_str::<Value>(data)
+                    .map_err(|e| invalid(NAME, e.to_string()))
+                    .and_then(|v| got.take(NAME, &v, &mut on_delta))
+            };
+            taken.map_err(|e| format!("{:?}", e.kind))?;
+        }
+        Ok((pieces, got.content, got.model, got.usage, got.finished))
+    }
+
+    #[test]
+    fn typed_chunks_tell_what_the_lenient_reading_tells() {
+        let streams: &[&[&str]] = &[
+            &[
+                r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#,
+                r#"{"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"Hel\u00e9"},"finish_reason":null}]}"#,
+                r#"{"id":"c","model":"other","choices":[{"index":0,"delta":{"content":"lo \"x\""},"logprobs":null}]}"#,
+                r#"{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+                r#"{"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+            ],
+            &[r#"{"choices":[{"text":"legacy","finish_reason":"length"}]}"#],
+            &[r#"{"choices":[{"message":{"role":"assistant","content":"whole"}}],"usage":null}"#],
+            &[r#"{"choices":[{"delta":{"content":null}}],"usage":{"prompt_tokens":99999999999}}"#],
+            &[r#"{"choices":[{"delta":{"content":["odd"]},"finish_reason":7}]}"#],
+            &[r#"{"model":5,"choices":"none"}"#],
+            &[r#"{"error":{"message":"overloaded"}}"#],
+            &["[]"],
+            &["\"text\""],
+            &["{not json"],
+        ];
+        for chunks in streams {
+            assert_eq!(told(chunks, true), told(chunks, false), "{chunks:?}");
+        }
+        let (pieces, content, model, usage, finished) =
+            told(streams[0], true).expect("the usual stream");
+        assert_eq!(pieces, ["Helé", "lo \"x\""]);
+        assert_eq!(content, "Helélo \"x\"");
+        assert_eq!(model.as_deref(), Some("m"));
+        assert_eq!(
+            (usage.prompt_tokens, usage.completion_tokens),
+            (Some(3), Some(2))
+        );
+        assert!(finished);
+        assert_eq!(told(&["[]"], true), Err("Validation".into()));
+    }
 
     #[test]
     fn images_are_read_as_bytes_or_urls() {

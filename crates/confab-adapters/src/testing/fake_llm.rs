@@ -164,6 +164,12 @@ impl FakeLlm {
                 .route("/files/{name}", get(file)),
         }
         .with_state((wire, script.clone()));
+        // Each piece is written when it is due, as a provider does: Nagle's algorithm would
+        // hold a piece back until the previous one is acknowledged (the relay's figures
+        // then show the client's delayed ACK, up to 40 ms).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
