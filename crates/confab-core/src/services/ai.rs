@@ -256,11 +256,29 @@ const STREAM_TICK: Duration = Duration::from_millis(200);
 /// How long the answer so far and a cancel request are kept.
 const STREAM_TTL: Duration = Duration::from_hours(1);
 
-/// The answer so far as kept under [`stream_key`].
+/// The answer so far as kept under [`stream_key`]: `saves` counts the saves, so a reader
+/// can tell a save made after it looked.
 #[derive(Serialize)]
 struct Progress<'a> {
     content: &'a str,
     tokens: u64,
+    saves: u64,
+}
+
+/// [`Progress`] as read back.
+#[derive(serde::Deserialize)]
+struct SavedProgress {
+    content: String,
+    tokens: u64,
+    #[serde(default)]
+    saves: u64,
+}
+
+/// What an answering task saved so far: the piece count and how many saves.
+#[derive(Clone, Copy)]
+struct Saved {
+    tokens: Option<u64>,
+    saves: u64,
 }
 
 fn stream_key(request: AiRequestId) -> String {
@@ -654,7 +672,12 @@ impl AiService {
         let call = chain.complete(&links, turns, self.settings.max_tokens, &mut on_delta);
         let result = if live {
             tokio::pin!(call);
-            let mut saved = 0u64;
+            // The first tick saves at once, before any piece: a request without a save has
+            // not started, so a client that finds none misses nothing it can hear live.
+            let mut saved = Saved {
+                tokens: None,
+                saves: 0,
+            };
             let mut tick = tokio::time::interval(STREAM_TICK);
             // A late tick keeps the stream's own phase: with `Delay`, every tick held up by
             // one busy moment was rescheduled from that same moment, so the streams' ticks
@@ -707,31 +730,43 @@ impl AiService {
         }
     }
 
-    /// Keeps the answer so far for a client that reloads; returns the piece count saved.
+    /// Keeps the answer so far for a client that reloads, unless nothing came since the last
+    /// save; returns what is saved now.
     async fn save_progress(
         &self,
         request: AiRequestId,
         progress: &Mutex<(String, u64)>,
-        saved: u64,
-    ) -> u64 {
-        let (bytes, count) = {
+        saved: Saved,
+    ) -> Saved {
+        let (bytes, now_saved) = {
             let p = progress
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if p.1 == saved {
+            if saved.tokens == Some(p.1) {
                 return saved;
             }
+            let now_saved = Saved {
+                tokens: Some(p.1),
+                saves: saved.saves + 1,
+            };
             let so_far = Progress {
                 content: &p.0,
                 tokens: p.1,
+                saves: now_saved.saves,
             };
-            (serde_json::to_vec(&so_far).unwrap_or_default(), p.1)
+            (serde_json::to_vec(&so_far).unwrap_or_default(), now_saved)
         };
         let _ = self
             .cache
             .set(&stream_key(request), &bytes, Some(STREAM_TTL))
             .await;
-        count
+        now_saved
+    }
+
+    /// The answer so far as last saved, if a save is there.
+    async fn saved_progress(&self, request: AiRequestId) -> Option<SavedProgress> {
+        let bytes = self.cache.get(&stream_key(request)).await.ok()??;
+        serde_json::from_slice(&bytes).ok()
     }
 
     async fn cancelled(&self, request: AiRequestId) -> bool {
@@ -1218,23 +1253,52 @@ impl AiService {
                 tokens: None,
             });
         }
-        let (status, content, tokens) = match self.cache.get(&stream_key(request)).await {
-            Ok(Some(bytes)) => {
-                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-                (
-                    "streaming",
-                    v["content"].as_str().unwrap_or_default().to_owned(),
-                    v["tokens"].as_u64().unwrap_or(0),
-                )
-            }
-            _ => ("queued", String::new(), 0),
+        let Some(mut so_far) = self.saved_progress(request).await else {
+            // Not started: its first save comes before its first piece.
+            return Ok(StreamState {
+                request_id: request,
+                session_id: asked.session_id,
+                status: "queued".into(),
+                content: String::new(),
+                tokens: Some(0),
+            });
         };
+        // A save can be up to a tick old, and a client that connected its socket just before
+        // asking would miss the pieces sent in between: wait for a save made after this
+        // call began. A tick that finds nothing new does not save, and then the save there
+        // is already complete; so two ticks at most. The answer may end meanwhile.
+        let looked = so_far.saves;
+        let until = tokio::time::Instant::now() + STREAM_TICK * 2 + STREAM_TICK / 4;
+        while tokio::time::Instant::now() < until {
+            tokio::time::sleep(STREAM_TICK / 8).await;
+            if let Some(answer) = self
+                .store
+                .ai_message_for_request(request, "assistant")
+                .await?
+            {
+                return Ok(StreamState {
+                    request_id: request,
+                    session_id: asked.session_id,
+                    status: answer.status,
+                    content: answer.content,
+                    tokens: None,
+                });
+            }
+            match self.saved_progress(request).await {
+                Some(now) if now.saves > looked => {
+                    so_far = now;
+                    break;
+                }
+                Some(now) => so_far = now,
+                None => break,
+            }
+        }
         Ok(StreamState {
             request_id: request,
             session_id: asked.session_id,
-            status: status.into(),
-            content,
-            tokens: Some(tokens),
+            status: "streaming".into(),
+            content: so_far.content,
+            tokens: Some(so_far.tokens),
         })
     }
 

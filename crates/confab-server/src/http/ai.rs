@@ -318,7 +318,10 @@ impl From<StreamState> for StreamBody {
 }
 
 /// The answer to a request so far: what a client that reloads or opens a second tab shows
-/// before following the rest through `ai:token`.
+/// before following the rest through `ai:token`. Connect the socket first, then fetch:
+/// while the answer streams, this waits for a save of it made after the call began (the
+/// answer so far is saved every 200 ms), so it holds every piece sent before the socket
+/// was there, and the socket hears the rest.
 #[utoipa::path(get, path = "/api/v1/ai/requests/{id}", tag = "ai",
     security(("bearerAuth" = [])),
     params(("id" = String, Path, description = "A request id")),

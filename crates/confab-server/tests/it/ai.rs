@@ -451,10 +451,10 @@ async fn resume_mid_stream_and_cancel(backend: &Backend) {
         early += 1;
     }
     tokio::time::sleep(Duration::from_millis(250)).await;
-    // The reload: connect first, then fetch. The answer so far is saved every 200 ms, so a
-    // fetch one save after connecting holds every piece sent before the socket was there.
+    // The reload: connect first, then fetch at once. The answer so far is saved every
+    // 200 ms; the fetch waits for a save made after it began, so it holds every piece sent
+    // before the socket was there (a fetch of the last save would miss those).
     let (_second, mut second_events) = connect(app, &ann).await;
-    tokio::time::sleep(Duration::from_millis(250)).await;
     let so_far = get_json(app, &format!("/api/v1/ai/requests/{request}"), &ann.token).await;
     assert_eq!(so_far["status"], "streaming", "{so_far}");
     // The session says so too while the answer streams (its status is written beside the
