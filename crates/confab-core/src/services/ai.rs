@@ -1240,18 +1240,8 @@ impl AiService {
             .await?
             .ok_or(AiError::NotFound)?;
         self.owned_session(user, asked.session_id).await?;
-        if let Some(answer) = self
-            .store
-            .ai_message_for_request(request, "assistant")
-            .await?
-        {
-            return Ok(StreamState {
-                request_id: request,
-                session_id: asked.session_id,
-                status: answer.status,
-                content: answer.content,
-                tokens: None,
-            });
+        if let Some(finished) = self.finished_state(request, asked.session_id).await? {
+            return Ok(finished);
         }
         let Some(mut so_far) = self.saved_progress(request).await else {
             // Not started: its first save comes before its first piece.
@@ -1271,18 +1261,8 @@ impl AiService {
         let until = tokio::time::Instant::now() + STREAM_TICK * 2 + STREAM_TICK / 4;
         while tokio::time::Instant::now() < until {
             tokio::time::sleep(STREAM_TICK / 8).await;
-            if let Some(answer) = self
-                .store
-                .ai_message_for_request(request, "assistant")
-                .await?
-            {
-                return Ok(StreamState {
-                    request_id: request,
-                    session_id: asked.session_id,
-                    status: answer.status,
-                    content: answer.content,
-                    tokens: None,
-                });
+            if let Some(finished) = self.finished_state(request, asked.session_id).await? {
+                return Ok(finished);
             }
             match self.saved_progress(request).await {
                 Some(now) if now.saves > looked => {
@@ -1300,6 +1280,25 @@ impl AiService {
             content: so_far.content,
             tokens: Some(so_far.tokens),
         })
+    }
+
+    /// How a request ended, once its answer is stored.
+    async fn finished_state(
+        &self,
+        request: AiRequestId,
+        session: AiSessionId,
+    ) -> Result<Option<StreamState>, AiError> {
+        let answer = self
+            .store
+            .ai_message_for_request(request, "assistant")
+            .await?;
+        Ok(answer.map(|answer| StreamState {
+            request_id: request,
+            session_id: session,
+            status: answer.status,
+            content: answer.content,
+            tokens: None,
+        }))
     }
 
     /// `POST /ai/requests/{id}/cancel`: the worker stops at its next look (within 200 ms),
