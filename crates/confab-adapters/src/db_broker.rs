@@ -12,7 +12,10 @@
 //!
 //! When the queue lives in the store's own database ([`DbBroker::take_outbox_of`]), the
 //! store writes outbox entries straight into `queue_messages` in the caller's transaction
-//! ([`QueueLink`]): the relay then has nothing to move.
+//! ([`QueueLink`]): the relay then has nothing to move. On SQLite the queue's claims and
+//! settlements are then made by the store's writer thread (`on_writer`).
+
+mod on_writer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -30,6 +33,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, QueryResult, State
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use crate::sql_store::sqlite_writer::SqliteWriter;
 use crate::sql_store::{SqlStore, database_health, store_err};
 
 /// How often a receiver looks for messages published by other processes.
@@ -40,6 +44,11 @@ pub struct DbBroker {
     retry: RetryPolicy,
     visibility_timeout: Duration,
     published: Arc<Wakes>,
+    /// SQLite, the queue in the store's database: the store's writer thread, which makes the
+    /// claims, acks and nacks. Made on a pooled connection, each was a write transaction
+    /// beside the writer's (the message commits waited for its lock) and a hand-off to
+    /// sqlx's worker thread per statement.
+    writer: OnceLock<Arc<SqliteWriter>>,
 }
 
 /// One wake-up per queue: a publish wakes only the receivers of its own queue (a commit per
@@ -74,7 +83,11 @@ impl Wakes {
 }
 
 fn broker_err(error: sea_orm::DbErr) -> BrokerError {
-    match store_err(error) {
+    from_store(store_err(error))
+}
+
+fn from_store(error: StoreError) -> BrokerError {
+    match error {
         StoreError::Unavailable(e) => BrokerError::Unavailable(e),
         other => BrokerError::Other(Box::new(other)),
     }
@@ -91,6 +104,7 @@ impl DbBroker {
             retry,
             visibility_timeout,
             published: Arc::default(),
+            writer: OnceLock::new(),
         }
     }
 
@@ -103,6 +117,9 @@ impl DbBroker {
     /// one database) and wakes this broker's receivers when they are committed.
     pub fn take_outbox_of(&self, store: &SqlStore) {
         store.queue_link().attach(self.published.clone());
+        if let Some(writer) = store.sqlite_writer() {
+            let _ = self.writer.set(writer);
+        }
     }
 
     async fn execute(&self, sql: &str, values: Vec<Value>) -> Result<u64, BrokerError> {
@@ -114,42 +131,92 @@ impl DbBroker {
         Ok(result.rows_affected())
     }
 
+    /// Deletes the rows of `receipts` on a pooled connection; whether a lease was lost.
+    async fn ack_pooled(&self, receipts: Vec<(Uuid, Uuid)>) -> Result<bool, BrokerError> {
+        let mut by_token: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
+        for (id, token) in receipts {
+            by_token.entry(token).or_default().push(id);
+        }
+        let sql = ack_all_statement();
+        let mut lost = false;
+        for (token, mut ids) in by_token {
+            ids.sort_unstable();
+            ids.dedup();
+            for chunk in ids.chunks(ACK_CHUNK) {
+                let mut values = Vec::with_capacity(ACK_CHUNK + 1);
+                values.push(token.into());
+                values.extend(chunk.iter().map(|id| Value::from(*id)));
+                values.extend((chunk.len()..ACK_CHUNK).map(|_| Value::from(chunk[0])));
+                let deleted = self.execute(sql, values).await?;
+                lost |= deleted < chunk.len() as u64;
+            }
+        }
+        Ok(lost)
+    }
+
     async fn claim(&self, queue: &str, max: u32) -> Result<Vec<Delivery>, BrokerError> {
-        let at = now();
-        let token = Uuid::now_v7();
-        let skip_locked = if self.db.get_database_backend() == DbBackend::Postgres {
-            "FOR UPDATE SKIP LOCKED"
+        let backend = self.db.get_database_backend();
+        let sql = claim_statement(backend, max);
+        let lease = span(self.visibility_timeout);
+        let mut claimed = if let Some(writer) = self.writer.get() {
+            let queue = queue.to_owned();
+            writer
+                .run(move |conn| on_writer::claim(conn, &sql, &queue, lease))
+                .await
+                .map_err(from_store)??
         } else {
-            ""
+            let at = now();
+            let token = Uuid::now_v7();
+            let values = vec![(at + lease).into(), token.into(), queue.into(), at.into()];
+            let rows = self
+                .db
+                .query_all_raw(statement(backend, &sql, values))
+                .await
+                .map_err(broker_err)?;
+            rows.iter()
+                .map(|row| delivery(queue, token, row))
+                .collect::<Result<Vec<_>, _>>()?
         };
-        let sql = format!(
-            "UPDATE queue_messages SET attempt = attempt + 1, locked_until = $1, lock_token = $2 \
-             WHERE id IN (SELECT id FROM queue_messages WHERE queue = $3 AND dead_at IS NULL \
-             AND available_at <= $4 AND (locked_until IS NULL OR locked_until <= $4) \
-             ORDER BY available_at, id LIMIT $5 {skip_locked}) \
-             RETURNING id, envelope_id, kind, payload, trace_id, created_at, attempt, available_at"
-        );
-        let values = vec![
-            (at + span(self.visibility_timeout)).into(),
-            token.into(),
-            queue.into(),
-            at.into(),
-            i64::from(max.max(1)).into(),
-        ];
-        let rows = self
-            .db
-            .query_all_raw(self.statement(&sql, values))
-            .await
-            .map_err(broker_err)?;
-        let mut claimed = rows
-            .iter()
-            .map(|row| delivery(queue, token, row))
-            .collect::<Result<Vec<_>, _>>()?;
         // RETURNING does not promise the subquery's order.
         claimed.sort_by_key(|(order, _)| *order);
         Ok(claimed.into_iter().map(|(_, d)| d).collect())
     }
 }
+
+/// Claims up to `max` messages of queue `$3` available at `$4`, leasing them to `$2` until
+/// `$1`. The limit is in the text, not a parameter: SQLite compiles a `LIMIT` it can read
+/// from a bound parameter into the plan, and then prepares the statement again whenever that
+/// parameter is bound, that is on every claim (with few distinct limits, few texts).
+fn claim_statement(backend: DbBackend, max: u32) -> String {
+    let skip_locked = if backend == DbBackend::Postgres {
+        "FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
+    let max = max.max(1);
+    format!(
+        "UPDATE queue_messages SET attempt = attempt + 1, locked_until = $1, lock_token = $2 \
+         WHERE id IN (SELECT id FROM queue_messages WHERE queue = $3 AND dead_at IS NULL \
+         AND available_at <= $4 AND (locked_until IS NULL OR locked_until <= $4) \
+         ORDER BY available_at, id LIMIT {max} {skip_locked}) \
+         RETURNING {CLAIMED_COLUMNS}"
+    )
+}
+
+/// The columns a claim returns, in this order.
+const CLAIMED_COLUMNS: &str =
+    "id, envelope_id, kind, payload, trace_id, created_at, attempt, available_at";
+
+/// Settles one delivery: `$1` the row, `$2` the lease token.
+const ACK: &str = "DELETE FROM queue_messages WHERE id = $1 AND lock_token = $2";
+
+/// A nack past the last attempt: `$1` now, `$2` the error, `$3` the row, `$4` the lease.
+const NACK_DEAD: &str = "UPDATE queue_messages SET dead_at = $1, last_error = $2, locked_until = NULL, lock_token = NULL \
+     WHERE id = $3 AND lock_token = $4";
+
+/// A nack to retry: `$1` when, `$2` the error, `$3` the row, `$4` the lease.
+const NACK_RETRY: &str = "UPDATE queue_messages SET available_at = $1, last_error = $2, locked_until = NULL, lock_token = NULL \
+     WHERE id = $3 AND lock_token = $4";
 
 /// How many deliveries one `ack_all` statement settles.
 const ACK_CHUNK: usize = 64;
@@ -262,11 +329,10 @@ impl QueueLink {
     }
 }
 
-fn delivery(
-    queue: &str,
-    token: Uuid,
-    row: &QueryResult,
-) -> Result<((Timestamp, Uuid), Delivery), BrokerError> {
+/// A claimed delivery, with what orders it among those of its claim (`available_at`, id).
+type Claimed = ((Timestamp, Uuid), Delivery);
+
+fn delivery(queue: &str, token: Uuid, row: &QueryResult) -> Result<Claimed, BrokerError> {
     let get = |e: sea_orm::DbErr| BrokerError::Other(Box::new(e));
     let id: Uuid = row.try_get("", "id").map_err(get)?;
     let attempt: i32 = row.try_get("", "attempt").map_err(get)?;
@@ -290,7 +356,7 @@ fn delivery(
 }
 
 /// The row id and lease token a receipt names.
-fn receipt(delivery: &Delivery) -> Result<(Uuid, Uuid), BrokerError> {
+pub(crate) fn receipt(delivery: &Delivery) -> Result<(Uuid, Uuid), BrokerError> {
     let parse = || -> Option<(Uuid, Uuid)> {
         let (id, token) = delivery.receipt.split_once('/')?;
         Some((Uuid::parse_str(id).ok()?, Uuid::parse_str(token).ok()?))
@@ -352,42 +418,26 @@ impl Broker for DbBroker {
     }
 
     async fn ack(&self, d: &Delivery) -> Result<(), BrokerError> {
-        let (id, token) = receipt(d)?;
-        let deleted = self
-            .execute(
-                "DELETE FROM queue_messages WHERE id = $1 AND lock_token = $2",
-                vec![id.into(), token.into()],
-            )
-            .await?;
-        if deleted == 0 {
-            return Err(BrokerError::LeaseLost);
-        }
-        Ok(())
+        self.ack_all(std::slice::from_ref(d)).await
     }
 
-    /// One statement per lease token (one per receive) and `ACK_CHUNK` deliveries, always of
+    /// On the writer thread: one statement per delivery, all in one transaction. Else one
+    /// statement per lease token (one per receive) and `ACK_CHUNK` deliveries, always of
     /// the same text (the list is padded with its first id): prepared once and cached, where a
     /// statement shaped by the batch's size was parsed and planned again on every call.
     async fn ack_all(&self, deliveries: &[Delivery]) -> Result<(), BrokerError> {
-        let mut by_token: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
-        for d in deliveries {
-            let (id, token) = receipt(d)?;
-            by_token.entry(token).or_default().push(id);
-        }
-        let sql = ack_all_statement();
-        let mut lost = false;
-        for (token, mut ids) in by_token {
-            ids.sort_unstable();
-            ids.dedup();
-            for chunk in ids.chunks(ACK_CHUNK) {
-                let mut values = Vec::with_capacity(ACK_CHUNK + 1);
-                values.push(token.into());
-                values.extend(chunk.iter().map(|id| Value::from(*id)));
-                values.extend((chunk.len()..ACK_CHUNK).map(|_| Value::from(chunk[0])));
-                let deleted = self.execute(sql, values).await?;
-                lost |= deleted < chunk.len() as u64;
-            }
-        }
+        let receipts = deliveries
+            .iter()
+            .map(receipt)
+            .collect::<Result<Vec<_>, _>>()?;
+        let lost = if let Some(writer) = self.writer.get() {
+            writer
+                .run(move |conn| on_writer::ack_all(conn, &receipts))
+                .await
+                .map_err(from_store)??
+        } else {
+            self.ack_pooled(receipts).await?
+        };
         if lost {
             Err(BrokerError::LeaseLost)
         } else {
@@ -398,19 +448,24 @@ impl Broker for DbBroker {
     async fn nack(&self, d: &Delivery, error: &str) -> Result<(), BrokerError> {
         let (id, token) = receipt(d)?;
         let at = now();
-        let settled = if d.envelope.attempt >= self.retry.max_attempts {
-            self.execute(
-                "UPDATE queue_messages SET dead_at = $1, last_error = $2, locked_until = NULL, lock_token = NULL \
-                 WHERE id = $3 AND lock_token = $4",
-                vec![at.into(), error.into(), id.into(), token.into()],
-            )
-            .await?
+        let (sql, when) = if d.envelope.attempt >= self.retry.max_attempts {
+            (NACK_DEAD, at)
         } else {
-            let retry_at = at + span(self.retry.delay_after(d.envelope.attempt));
+            (
+                NACK_RETRY,
+                at + span(self.retry.delay_after(d.envelope.attempt)),
+            )
+        };
+        let settled = if let Some(writer) = self.writer.get() {
+            let error = error.to_owned();
+            writer
+                .run(move |conn| on_writer::nack(conn, sql, when, &error, id, token))
+                .await
+                .map_err(from_store)??
+        } else {
             self.execute(
-                "UPDATE queue_messages SET available_at = $1, last_error = $2, locked_until = NULL, lock_token = NULL \
-                 WHERE id = $3 AND lock_token = $4",
-                vec![retry_at.into(), error.into(), id.into(), token.into()],
+                sql,
+                vec![when.into(), error.into(), id.into(), token.into()],
             )
             .await?
         };

@@ -15,7 +15,7 @@ mod auth_ai;
 mod entities;
 mod migrations;
 mod ops;
-mod sqlite_writer;
+pub(crate) mod sqlite_writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -139,6 +139,9 @@ fn sqlite_path(path: Option<&Path>, data_dir: &Path) -> PathBuf {
     path.map_or_else(|| data_dir.join("confab.db"), Path::to_owned)
 }
 
+/// SQLite: how many rows of a result sqlx's worker thread may send ahead of the caller.
+const ROW_BUFFER: usize = 1024;
+
 /// The store over a connection `C`: the pool, or a transaction.
 pub struct Sql<C> {
     conn: C,
@@ -230,6 +233,10 @@ impl SqlStore {
                         // Checkpoints run on a thread of their own, not in a commit
                         // (`sqlite_writer::Checkpointer`).
                         .pragma("wal_autocheckpoint", "0")
+                        // sqlx's worker thread sends a result's rows through a channel of
+                        // this many; past it, each row the caller takes wakes the worker for
+                        // the next one (the `events` worker reads ~200 members a batch).
+                        .row_buffer_size(ROW_BUFFER)
                 });
                 let conn = Database::connect(options).await.map_err(store_err)?;
                 let queue = Arc::new(QueueLink::default());
@@ -313,6 +320,11 @@ impl SqlStore {
 
     pub(crate) fn queue_link(&self) -> &QueueLink {
         &self.queue
+    }
+
+    /// SQLite: the thread that owns the write connection (see `sqlite_writer`).
+    pub(crate) fn sqlite_writer(&self) -> Option<Arc<sqlite_writer::SqliteWriter>> {
+        self.writer.clone()
     }
 }
 

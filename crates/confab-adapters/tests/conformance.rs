@@ -229,6 +229,21 @@ async fn db_broker(config: &DatabaseConfig) -> Arc<dyn Broker> {
     ))
 }
 
+/// A broker sharing the store's database, linked as `broker::build` links them: on SQLite its
+/// claims, acks and nacks are made by the store's writer thread.
+async fn linked_db_broker(config: &DatabaseConfig) -> Arc<dyn Broker> {
+    let store = SqlStore::connect(config, std::path::Path::new("."))
+        .await
+        .unwrap();
+    let broker = DbBroker::new(
+        store.connection(),
+        BROKER_SETTINGS.retry,
+        BROKER_SETTINGS.visibility_timeout,
+    );
+    broker.take_outbox_of(&store);
+    Arc::new(broker)
+}
+
 /// A migrated SQLite database for the queue, in `dir`.
 async fn sqlite_queue(dir: &std::path::Path) -> DatabaseConfig {
     let config = DatabaseConfig::Sqlite {
@@ -247,6 +262,16 @@ async fn sqlite_queue_passes_the_broker_suite() {
     let dir = tempfile::tempdir().unwrap();
     let config = sqlite_queue(dir.path()).await;
     testing::broker::run_all(BROKER_SETTINGS, || db_broker(&config)).await;
+}
+
+/// The embedded default: the queue in the store's database, written by its writer thread.
+/// Each broker of the suite has a store (and writer thread) of its own, so competing
+/// consumers are also competing writer connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_queue_on_the_writer_thread_passes_the_broker_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = sqlite_queue(dir.path()).await;
+    testing::broker::run_all(BROKER_SETTINGS, || linked_db_broker(&config)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

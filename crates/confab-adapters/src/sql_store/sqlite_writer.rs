@@ -38,8 +38,8 @@ use crate::db_broker::{INSERT_COLUMNS, QueueLink};
 
 type Reply = oneshot::Sender<Result<Vec<Appended>, StoreError>>;
 
-/// The handle: sends batches to the writer thread, which ends when every handle is gone.
-pub(super) struct SqliteWriter {
+/// The handle: sends work to the writer thread, which ends when every handle is gone.
+pub(crate) struct SqliteWriter {
     jobs: mpsc::Sender<Job>,
     _checkpoints: Checkpointer,
 }
@@ -137,9 +137,20 @@ impl Checkpointer {
     }
 }
 
+/// Work for the writer thread, done in the order it was handed over.
+enum Job {
+    /// Messages to append: gathered with the batches behind it into one commit.
+    Append(Batch),
+    /// Anything else to write (the database queue's claims and settlements): run alone, on
+    /// the writer's connection, between two commits. Under the write lock of this thread,
+    /// such a write no longer makes the message commits wait for it on another connection,
+    /// and costs no hand-off to sqlx's worker thread per statement.
+    Run(Box<dyn FnOnce(&mut Connection) + Send>),
+}
+
 /// A batch from the store's caller: its messages, whom to answer, when it was handed over.
-struct Job {
-    batch: Vec<Append>,
+struct Batch {
+    messages: Vec<Append>,
     reply: Reply,
     sent: Instant,
 }
@@ -166,6 +177,12 @@ impl SqliteWriter {
         std::thread::Builder::new()
             .name("confab-sqlite-writer".into())
             .spawn(move || {
+                if let Err(error) = confab_core::priority::lower_this_thread(Background::Deferred) {
+                    tracing::debug!(
+                        ?error,
+                        "The SQLite writer preempts the thread that wakes it."
+                    );
+                }
                 let mut conn = conn;
                 let mut last_commit: Option<Instant> = None;
                 let mut next = None;
@@ -177,12 +194,17 @@ impl SqliteWriter {
                             Err(mpsc::RecvError) => return,
                         },
                     };
-                    let busy = last_commit.is_some_and(|at| at.elapsed() < BUSY_WITHIN);
-                    let linger = if busy { linger } else { Duration::ZERO };
-                    let (jobs, after) = gather(first, &queue, linger);
-                    next = after;
-                    commit_jobs(&mut conn, jobs, &link);
-                    last_commit = Some(Instant::now());
+                    match first {
+                        Job::Run(work) => work(&mut conn),
+                        Job::Append(first) => {
+                            let busy = last_commit.is_some_and(|at| at.elapsed() < BUSY_WITHIN);
+                            let linger = if busy { linger } else { Duration::ZERO };
+                            let (batches, after) = gather(first, &queue, linger);
+                            next = after;
+                            commit_jobs(&mut conn, batches, &link);
+                            last_commit = Some(Instant::now());
+                        }
+                    }
                     if restart_wal.swap(false, Ordering::AcqRel)
                         && let Err(error) = checkpoint(&conn)
                     {
@@ -199,16 +221,34 @@ impl SqliteWriter {
     }
 
     pub(super) async fn append(&self, batch: &[Append]) -> Result<Vec<Appended>, StoreError> {
-        let stopped = || StoreError::Other("the SQLite writer thread has stopped".into());
         let (reply, answer) = oneshot::channel();
-        let job = Job {
-            batch: batch.to_vec(),
+        let job = Job::Append(Batch {
+            messages: batch.to_vec(),
             reply,
             sent: Instant::now(),
-        };
+        });
         self.jobs.send(job).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
+
+    /// Runs `work` on the writer's connection, between two commits, and returns what it
+    /// returned. `work` makes its own transaction, if it needs one; the connection waits for
+    /// other connections' write locks in short naps (see [`nap_while_busy`]).
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job::Run(Box::new(move |conn: &mut Connection| {
+            let _ = reply.send(work(conn));
+        }));
+        self.jobs.send(job).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Other("the SQLite writer thread has stopped".into())
 }
 
 /// The batches for one commit: `first`, every batch already waiting behind it, and (while
@@ -217,14 +257,20 @@ impl SqliteWriter {
 /// frames of the pages they share, the locks, the thread's wake-up), so under traffic a
 /// fraction of a millisecond's wait divides that cost; timed here, on a thread that does
 /// nothing else, it is exact (Tokio's timer rounds to whole milliseconds). Also returns a
-/// batch that arrived but did not fit, for the next commit.
-fn gather(first: Job, queue: &mpsc::Receiver<Job>, linger: Duration) -> (Vec<Job>, Option<Job>) {
+/// job that arrived but is not part of this commit (a batch that did not fit, other work),
+/// for after it.
+fn gather(
+    first: Batch,
+    queue: &mpsc::Receiver<Job>,
+    linger: Duration,
+) -> (Vec<Batch>, Option<Job>) {
     let deadline = first.sent + linger;
-    let mut size = first.batch.len();
-    let mut jobs = vec![first];
+    let mut size = first.messages.len();
+    let mut batches = vec![first];
     while size < MAX_BATCH {
         let job = match queue.try_recv() {
-            Ok(job) => job,
+            Ok(Job::Append(batch)) => batch,
+            Ok(other) => return (batches, Some(other)),
             Err(mpsc::TryRecvError::Disconnected) => break,
             Err(mpsc::TryRecvError::Empty) => {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -237,26 +283,26 @@ fn gather(first: Job, queue: &mpsc::Receiver<Job>, linger: Duration) -> (Vec<Job
                 continue;
             }
         };
-        if size + job.batch.len() > MAX_BATCH {
-            return (jobs, Some(job));
+        if size + job.messages.len() > MAX_BATCH {
+            return (batches, Some(Job::Append(job)));
         }
-        size += job.batch.len();
-        jobs.push(job);
+        size += job.messages.len();
+        batches.push(job);
     }
-    (jobs, None)
+    (batches, None)
 }
 
 /// Commits the batches in one transaction and answers each. When that fails for another
 /// reason than the database being busy, each batch is tried alone, so that one batch cannot
 /// fail the others (the caller then retries a failed batch message by message).
-fn commit_jobs(conn: &mut Connection, jobs: Vec<Job>, link: &QueueLink) {
-    let all: Vec<&Append> = jobs.iter().flat_map(|j| &j.batch).collect();
+fn commit_jobs(conn: &mut Connection, jobs: Vec<Batch>, link: &QueueLink) {
+    let all: Vec<&Append> = jobs.iter().flat_map(|j| &j.messages).collect();
     let outcome = append(conn, &all, link.direct());
     match outcome {
         Ok((mut answers, queues)) => {
             // Answers in batch order: split them back.
             for job in jobs.into_iter().rev() {
-                let own = answers.split_off(answers.len() - job.batch.len());
+                let own = answers.split_off(answers.len() - job.messages.len());
                 let _ = job.reply.send(Ok(own));
             }
             link.committed(queues.iter().map(String::as_str));
@@ -293,18 +339,23 @@ enum WriteError {
     Store(#[from] StoreError),
 }
 
-fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+pub(crate) fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Unavailable(Box::new(e))
 }
 
 fn store_err(error: WriteError) -> StoreError {
-    use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
     match error {
         WriteError::Store(e) => e,
-        WriteError::Sqlite(e) => match e.sqlite_error_code() {
-            Some(DatabaseBusy | DatabaseLocked) => StoreError::Unavailable(Box::new(e)),
-            _ => StoreError::Other(Box::new(e)),
-        },
+        WriteError::Sqlite(e) => sqlite_err(e),
+    }
+}
+
+/// SQLite's error as the store's: busy or locked is `Unavailable` (worth retrying).
+pub(crate) fn sqlite_err(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
+    match e.sqlite_error_code() {
+        Some(DatabaseBusy | DatabaseLocked) => StoreError::Unavailable(Box::new(e)),
+        _ => StoreError::Other(Box::new(e)),
     }
 }
 
@@ -499,18 +550,18 @@ fn append(
 }
 
 /// A time as sqlx writes it on SQLite.
-fn time(at: DateTime<Utc>) -> String {
+pub(crate) fn time(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::AutoSi, false)
 }
 
-fn parse_time(text: &str) -> Result<DateTime<Utc>, StoreError> {
+pub(crate) fn parse_time(text: &str) -> Result<DateTime<Utc>, StoreError> {
     DateTime::parse_from_rfc3339(text)
         .or_else(|_| DateTime::parse_from_str(text, "%F %T%.f%:z"))
         .map(|t| t.with_timezone(&Utc))
         .map_err(|_| StoreError::Other(format!("unexpected time {text:?} in the database").into()))
 }
 
-fn uuid(bytes: &[u8]) -> Result<Uuid, StoreError> {
+pub(crate) fn uuid(bytes: &[u8]) -> Result<Uuid, StoreError> {
     Uuid::from_slice(bytes).map_err(|e| StoreError::Other(Box::new(e)))
 }
 
