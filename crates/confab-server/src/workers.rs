@@ -162,12 +162,13 @@ pub fn spawn_mail_worker(
 }
 
 /// How long the `events` worker lets a batch gather under a steady flow (one
-/// `message.created` per chat message): at 2,000 messages/s, batches of ~40 instead of a
+/// `message.created` per chat message): at 2,000 messages/s, batches of ~100 instead of a
 /// receive and an ack per commit. Nothing waiting on an event is in a hurry: digests go out
-/// after minutes, an `@assistant` answer starts this much later at most. Each batch is a
-/// burst of work beside delivery: at 100 ms (batches of ~200) those bursts were the chat
-/// p99 at 2k msg/s (6 ms; 3 ms at 20 ms); shorter costs CPU (5 ms: +25 %, BENCHMARKS.md).
-const EVENTS_LINGER: Duration = Duration::from_millis(20);
+/// after minutes, an `@assistant` answer starts this much later at most (a lone event is
+/// received at once). Each batch is a burst of work beside delivery and each has a fixed
+/// cost (claim, members, ack): at 2k msg/s, 20 ms cost ~1 µs more per delivery than 50 ms,
+/// and 100 ms put the chat p99 at 3 ms (BENCHMARKS.md).
+const EVENTS_LINGER: Duration = Duration::from_millis(50);
 
 /// Consumes the `events` queue until `shutdown`, a batch at a time: the `message.created`
 /// events of a batch are grouped by chat and each chat's offline digest is worked out once
