@@ -356,7 +356,7 @@ fn delivery(queue: &str, token: Uuid, row: &QueryResult) -> Result<Claimed, Brok
 }
 
 /// The row id and lease token a receipt names.
-pub(crate) fn receipt(delivery: &Delivery) -> Result<(Uuid, Uuid), BrokerError> {
+fn receipt(delivery: &Delivery) -> Result<(Uuid, Uuid), BrokerError> {
     let parse = || -> Option<(Uuid, Uuid)> {
         let (id, token) = delivery.receipt.split_once('/')?;
         Some((Uuid::parse_str(id).ok()?, Uuid::parse_str(token).ok()?))
