@@ -585,33 +585,45 @@ fn end(wire: Wire, model: &str, (prompt, completion): (u32, u32)) -> String {
 
 /// A streamed body: each write after its pause, cut into `cut`-byte pieces. `{now}` in a
 /// write becomes the microseconds since the Unix epoch as it is sent, so a client can time
-/// the relay of each piece.
+/// the relay of each piece: stamped when hyper's connection task takes the write from the
+/// body to put it on the wire, not where the pause ends (a hop to that task later, which
+/// under load put the fake's own scheduling into the figure).
 fn stream(content_type: &'static str, writes: Vec<(Duration, String)>, cut: usize) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(16);
     tokio::spawn(async move {
         for (pause, text) in writes {
             if !pause.is_zero() {
                 tokio::time::sleep(pause).await;
             }
-            let text = if text.contains("{now}") {
-                let micros = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_micros());
-                text.replace("{now}", &micros.to_string())
-            } else {
-                text
-            };
-            for part in text.as_bytes().chunks(cut) {
-                if tx.send(Ok(Bytes::copy_from_slice(part))).await.is_err() {
-                    return;
-                }
+            if tx.send(text).await.is_err() {
+                return;
             }
         }
     });
-    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }));
+    let parts = VecDeque::<Bytes>::new();
+    let body = Body::from_stream(futures_util::stream::unfold(
+        (rx, parts),
+        move |(mut rx, mut parts)| async move {
+            while parts.is_empty() {
+                let text = stamped(rx.recv().await?);
+                parts.extend(text.as_bytes().chunks(cut).map(Bytes::copy_from_slice));
+            }
+            let part = parts.pop_front()?;
+            Some((Ok::<_, std::io::Error>(part), (rx, parts)))
+        },
+    ));
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+/// `text` with `{now}` replaced by the microseconds since the Unix epoch.
+fn stamped(text: String) -> String {
+    if !text.contains("{now}") {
+        return text;
+    }
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    text.replace("{now}", &micros.to_string())
 }
 
 /// A deterministic vector per text: its length and first byte.
