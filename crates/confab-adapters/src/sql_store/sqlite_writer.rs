@@ -194,16 +194,23 @@ impl SqliteWriter {
                             Err(mpsc::RecvError) => return,
                         },
                     };
-                    match first {
-                        Job::Run(work) => work(&mut conn),
-                        Job::Append(first) => {
-                            let busy = last_commit.is_some_and(|at| at.elapsed() < BUSY_WITHIN);
-                            let linger = if busy { linger } else { Duration::ZERO };
-                            let (batches, after) = gather(first, &queue, linger);
-                            next = after;
-                            commit_jobs(&mut conn, batches, &link);
-                            last_commit = Some(Instant::now());
-                        }
+                    // A panic fails the job it happened in (its caller's reply is dropped:
+                    // "stopped"), not every write after it; an open transaction was rolled
+                    // back as it unwound.
+                    let done =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match first {
+                            Job::Run(work) => work(&mut conn),
+                            Job::Append(first) => {
+                                let busy = last_commit.is_some_and(|at| at.elapsed() < BUSY_WITHIN);
+                                let linger = if busy { linger } else { Duration::ZERO };
+                                let (batches, after) = gather(first, &queue, linger);
+                                next = after;
+                                commit_jobs(&mut conn, batches, &link);
+                                last_commit = Some(Instant::now());
+                            }
+                        }));
+                    if done.is_err() {
+                        tracing::error!("A job of the SQLite writer panicked; it failed alone.");
                     }
                     if restart_wal.swap(false, Ordering::AcqRel)
                         && let Err(error) = checkpoint(&conn)
@@ -595,4 +602,36 @@ fn row_message(r: &Row<'_>) -> rusqlite::Result<Result<messages::Model, StoreErr
             deleted_at: deleted_at.as_deref().map(parse_time).transpose()?,
         })
     })())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::SqliteWriter;
+    use crate::db_broker::QueueLink;
+    use crate::sql_store::Synchronous;
+
+    #[tokio::test]
+    async fn work_that_panics_fails_alone_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("writer.db");
+        rusqlite::Connection::open(&path).unwrap();
+        let writer = SqliteWriter::open(
+            &path,
+            Synchronous::Normal,
+            Arc::new(QueueLink::default()),
+            Duration::ZERO,
+        )
+        .unwrap();
+        let failed = writer.run(|_| -> i64 { panic!("a bug in a job") }).await;
+        assert!(failed.is_err(), "its caller hears of it");
+        let answer = writer
+            .run(|conn| conn.query_row("SELECT 6 * 7", [], |r| r.get::<_, i64>(0)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer, 42, "the next job runs");
+    }
 }
