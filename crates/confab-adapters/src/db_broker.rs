@@ -236,11 +236,16 @@ fn ack_all_statement() -> &'static str {
 /// `sql` with `$1`… placeholders, in `backend`'s dialect.
 fn statement(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
     let sql = if backend == DbBackend::Sqlite {
-        sql.replace('$', "?")
+        numbered(sql)
     } else {
         sql.to_owned()
     };
     Statement::from_sql_and_values(backend, sql, values)
+}
+
+/// `$1`… placeholders as SQLite's numbered `?1`….
+fn numbered(sql: &str) -> String {
+    sql.replace('$', "?")
 }
 
 /// The columns a published message is inserted with (`attempt` is 0).
@@ -345,14 +350,26 @@ fn delivery(queue: &str, token: Uuid, row: &QueryResult) -> Result<Claimed, Brok
         trace_id: row.try_get("", "trace_id").map_err(get)?,
         payload: row.try_get("", "payload").map_err(get)?,
     };
-    Ok((
+    Ok(claimed(queue, token, id, available_at, envelope))
+}
+
+/// Row `id` of `queue`, leased to `token`, as a delivery (its receipt names both, as
+/// [`receipt`] reads them) with what orders it in its claim.
+fn claimed(
+    queue: &str,
+    token: Uuid,
+    id: Uuid,
+    available_at: Timestamp,
+    envelope: Envelope,
+) -> Claimed {
+    (
         (available_at, id),
         Delivery {
             queue: queue.to_owned(),
             envelope,
             receipt: format!("{id}/{token}"),
         },
-    ))
+    )
 }
 
 /// The row id and lease token a receipt names.

@@ -217,21 +217,8 @@ const BROKER_SETTINGS: testing::broker::Settings = testing::broker::Settings {
     },
 };
 
-/// A broker on its own connection pool, as another process would have.
-async fn db_broker(config: &DatabaseConfig) -> Arc<dyn Broker> {
-    let store = SqlStore::connect(config, std::path::Path::new("."))
-        .await
-        .unwrap();
-    Arc::new(DbBroker::new(
-        store.connection(),
-        BROKER_SETTINGS.retry,
-        BROKER_SETTINGS.visibility_timeout,
-    ))
-}
-
-/// A broker sharing the store's database, linked as `broker::build` links them: on SQLite its
-/// claims, acks and nacks are made by the store's writer thread.
-async fn linked_db_broker(config: &DatabaseConfig) -> Arc<dyn Broker> {
+/// A store on `config` and a broker on its connection pool.
+async fn store_and_broker(config: &DatabaseConfig) -> (SqlStore, DbBroker) {
     let store = SqlStore::connect(config, std::path::Path::new("."))
         .await
         .unwrap();
@@ -240,6 +227,18 @@ async fn linked_db_broker(config: &DatabaseConfig) -> Arc<dyn Broker> {
         BROKER_SETTINGS.retry,
         BROKER_SETTINGS.visibility_timeout,
     );
+    (store, broker)
+}
+
+/// A broker on its own connection pool, as another process would have.
+async fn db_broker(config: &DatabaseConfig) -> Arc<dyn Broker> {
+    Arc::new(store_and_broker(config).await.1)
+}
+
+/// A broker sharing the store's database, linked as `broker::build` links them: on SQLite its
+/// claims, acks and nacks are made by the store's writer thread.
+async fn linked_db_broker(config: &DatabaseConfig) -> Arc<dyn Broker> {
+    let (store, broker) = store_and_broker(config).await;
     broker.take_outbox_of(&store);
     Arc::new(broker)
 }
@@ -972,15 +971,8 @@ async fn a_message_from_a_member(store: &SqlStore) -> confab_core::domain::Messa
 async fn the_outbox_is_the_queue(config: &DatabaseConfig) {
     use confab_core::domain::{ChatKind, EventId, OutboxEntry, now};
     use confab_core::ports::store::{Append, Appended, OutboxStore};
-    let store = SqlStore::connect(config, std::path::Path::new("."))
-        .await
-        .unwrap();
+    let (store, broker) = store_and_broker(config).await;
     store.migrate().await.unwrap();
-    let broker = DbBroker::new(
-        store.connection(),
-        BROKER_SETTINGS.retry,
-        BROKER_SETTINGS.visibility_timeout,
-    );
     broker.take_outbox_of(&store);
     let queue = unique("direct");
     let entry = |kind: &str| OutboxEntry {

@@ -5,14 +5,14 @@
 
 use chrono::TimeDelta;
 use confab_core::domain::{EventId, Timestamp, now};
-use confab_core::ports::broker::{BrokerError, Delivery, Envelope};
+use confab_core::ports::broker::{BrokerError, Envelope};
 use confab_core::ports::store::StoreError;
 use rusqlite::{Connection, Row, TransactionBehavior, params};
 use uuid::Uuid;
 
 use crate::sql_store::sqlite_writer::{parse_time, sqlite_err, time, uuid};
 
-use super::{ACK, Claimed, from_store};
+use super::{ACK, Claimed, claimed, from_store, numbered};
 
 fn failed(e: rusqlite::Error) -> BrokerError {
     from_store(sqlite_err(e))
@@ -20,11 +20,6 @@ fn failed(e: rusqlite::Error) -> BrokerError {
 
 fn undecodable(e: StoreError) -> BrokerError {
     BrokerError::Other(Box::new(e))
-}
-
-/// `$1`… placeholders as SQLite's numbered `?1`….
-fn numbered(sql: &str) -> String {
-    sql.replace('$', "?")
 }
 
 /// Runs `claim_sql` (see `claim_statement`): the claimed deliveries, each with its order.
@@ -74,14 +69,7 @@ fn delivery(queue: &str, token: Uuid, row: &Row<'_>) -> Result<Claimed, BrokerEr
         trace_id: row.get(4).map_err(failed)?,
         payload,
     };
-    Ok((
-        (at(7)?, id),
-        Delivery {
-            queue: queue.to_owned(),
-            envelope,
-            receipt: format!("{id}/{token}"),
-        },
-    ))
+    Ok(claimed(queue, token, id, at(7)?, envelope))
 }
 
 /// Deletes the rows of `receipts` (row id, lease token), in one transaction; whether any of
