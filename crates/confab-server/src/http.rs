@@ -242,7 +242,9 @@ pub fn router(
     // After the fallbacks: a layer wraps only what the router already has, and /socket.io
     // matches no route.
     if matches!(role, Role::All | Role::Api) {
-        router = router.layer(socket_io);
+        router = router
+            .layer(socket_io)
+            .layer(axum::middleware::from_fn(middleware::own_socket_io_head));
     }
     router
         .layer(DefaultBodyLimit::max(config.json_body_limit_bytes))

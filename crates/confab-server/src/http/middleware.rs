@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::extract::{MatchedPath, OriginalUri, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use confab_core::error::ErrorCode;
@@ -59,6 +59,42 @@ fn method_label(method: &Method) -> &'static str {
         Method::OPTIONS => "OPTIONS",
         _ => "OTHER",
     }
+}
+
+/// Where Socket.IO is served (socketioxide's default path).
+const SOCKET_IO_PATH: &str = "/socket.io/";
+
+/// Gives a `/socket.io/` request a head of its own before socketioxide keeps it.
+///
+/// socketioxide keeps each session's request head (URI, headers, extensions) for as long as
+/// the socket is open. hyper parses the URI and the header values as slices of the
+/// connection's read buffer, so a kept head kept that whole buffer alive: 16 KiB per open
+/// socket, the largest part of what a connection costs (BENCHMARKS.md). Copied here, the
+/// buffer is freed once the request is parsed. The router's `OriginalUri` is a clone of the
+/// same URI and is replaced too; other extensions hold no slice of it.
+pub async fn own_socket_io_head(mut req: Request, next: Next) -> Response {
+    if req.uri().path().starts_with(SOCKET_IO_PATH) {
+        let uri = owned_uri(req.uri());
+        if let Some(original) = req.extensions_mut().get_mut::<OriginalUri>() {
+            original.0 = uri.clone();
+        }
+        *req.uri_mut() = uri;
+        let headers = req.headers();
+        let mut owned = HeaderMap::with_capacity(headers.len());
+        for (name, value) in headers {
+            let mut copy =
+                HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            copy.set_sensitive(value.is_sensitive());
+            owned.append(name.clone(), copy);
+        }
+        *req.headers_mut() = owned;
+    }
+    next.run(req).await
+}
+
+/// `uri` in memory of its own.
+fn owned_uri(uri: &Uri) -> Uri {
+    Uri::try_from(uri.to_string()).unwrap_or_else(|_| uri.clone())
 }
 
 /// Gives the request its id and span, bounds its time, and records it: one access-log line and
@@ -165,4 +201,63 @@ pub async fn security_headers(
         );
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::Router;
+    use axum::body::{Body, Bytes};
+    use axum::http::StatusCode;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// A request as hyper parses one: its URI and header value are slices of `buffer`.
+    fn parsed(buffer: &Bytes, path_len: usize) -> Request {
+        let mut req = Request::new(Body::empty());
+        *req.uri_mut() = Uri::from_maybe_shared(buffer.slice(..path_len)).unwrap();
+        req.headers_mut().insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_maybe_shared(buffer.slice(path_len..)).unwrap(),
+        );
+        req
+    }
+
+    /// What the handler behind the middleware gets: whether its URI, `OriginalUri` and
+    /// header value still point into `buffer`, as 200 (none does) or 409 (one does).
+    async fn served(buffer: &Bytes, path_len: usize) -> StatusCode {
+        let kept = buffer.clone();
+        let app = Router::new()
+            .fallback(move |req: Request| async move {
+                let inside = |part: &[u8]| kept.as_ptr_range().contains(&part.as_ptr());
+                let original = req.extensions().get::<OriginalUri>().unwrap();
+                let auth = req.headers().get(header::AUTHORIZATION).unwrap();
+                if inside(req.uri().path().as_bytes())
+                    || inside(original.0.path().as_bytes())
+                    || inside(auth.as_bytes())
+                {
+                    StatusCode::CONFLICT
+                } else {
+                    assert_eq!(auth.as_bytes(), b"Bearer abc");
+                    StatusCode::OK
+                }
+            })
+            .layer(axum::middleware::from_fn(own_socket_io_head));
+        app.oneshot(parsed(buffer, path_len))
+            .await
+            .unwrap()
+            .status()
+    }
+
+    #[test]
+    fn a_socket_io_head_no_longer_holds_the_read_buffer_other_requests_are_left_alone() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let socket_io = Bytes::from(b"/socket.io/?EIO=4&transport=websocketBearer abc".to_vec());
+        assert_eq!(runtime.block_on(served(&socket_io, 37)), StatusCode::OK);
+        // Not Socket.IO: nothing is copied (so the check above can tell).
+        let other = Bytes::from(b"/ai/modelsBearer abc".to_vec());
+        assert_eq!(runtime.block_on(served(&other, 10)), StatusCode::CONFLICT);
+    }
 }
