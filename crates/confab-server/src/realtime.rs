@@ -135,6 +135,9 @@ impl Realtime {
 #[derive(Clone, Copy)]
 struct FirstSocket;
 
+/// Where Socket.IO is served (and below).
+pub const SOCKET_IO_PATH: &str = "/socket.io";
+
 /// The Socket.IO layer for the router and the handle that emits from anywhere (REST sends).
 pub async fn build(realtime: Realtime) -> anyhow::Result<(SocketIoLayer<Adapter>, Io)> {
     let clustered = realtime.clustered;
@@ -144,6 +147,7 @@ pub async fn build(realtime: Realtime) -> anyhow::Result<(SocketIoLayer<Adapter>
         socketioxide_redis::RedisAdapterConfig::default(),
     );
     let (layer, io) = socketioxide::SocketIo::builder()
+        .req_path(SOCKET_IO_PATH)
         // Packets waiting for one slow socket before emits to it fail (and are lost to it).
         // socketioxide's default, 128, drops messages when a busy room bursts; the channel
         // grows in blocks as used, so an idle socket costs nothing for the larger bound.

@@ -61,9 +61,6 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// Where Socket.IO is served (socketioxide's default path).
-const SOCKET_IO_PATH: &str = "/socket.io/";
-
 /// Gives a `/socket.io/` request a head of its own before socketioxide keeps it.
 ///
 /// socketioxide keeps each session's request head (URI, headers, extensions) for as long as
@@ -73,7 +70,7 @@ const SOCKET_IO_PATH: &str = "/socket.io/";
 /// buffer is freed once the request is parsed. The router's `OriginalUri` is a clone of the
 /// same URI and is replaced too; other extensions hold no slice of it.
 pub async fn own_socket_io_head(mut req: Request, next: Next) -> Response {
-    if req.uri().path().starts_with(SOCKET_IO_PATH) {
+    if is_socket_io(req.uri().path()) {
         let uri = owned_uri(req.uri());
         if let Some(original) = req.extensions_mut().get_mut::<OriginalUri>() {
             original.0 = uri.clone();
@@ -90,6 +87,12 @@ pub async fn own_socket_io_head(mut req: Request, next: Next) -> Response {
         *req.headers_mut() = owned;
     }
     next.run(req).await
+}
+
+/// Whether socketioxide serves `path`: its path, or below it (as engineioxide matches).
+fn is_socket_io(path: &str) -> bool {
+    path.strip_prefix(crate::realtime::SOCKET_IO_PATH)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// `uri` in memory of its own.
@@ -256,8 +259,15 @@ mod tests {
             .unwrap();
         let socket_io = Bytes::from(b"/socket.io/?EIO=4&transport=websocketBearer abc".to_vec());
         assert_eq!(runtime.block_on(served(&socket_io, 37)), StatusCode::OK);
+        let bare = Bytes::from(b"/socket.io?EIO=4Bearer abc".to_vec());
+        assert_eq!(runtime.block_on(served(&bare, 16)), StatusCode::OK);
         // Not Socket.IO: nothing is copied (so the check above can tell).
         let other = Bytes::from(b"/ai/modelsBearer abc".to_vec());
         assert_eq!(runtime.block_on(served(&other, 10)), StatusCode::CONFLICT);
+        let lookalike = Bytes::from(b"/socket.iox/Bearer abc".to_vec());
+        assert_eq!(
+            runtime.block_on(served(&lookalike, 12)),
+            StatusCode::CONFLICT
+        );
     }
 }

@@ -23,7 +23,7 @@ impl JsClient {
     fn start(app: &TestApp, mut config: Value) -> Option<Self> {
         let modules = confab_core::testing::service_url(
             "TEST_SOCKETIO_NODE_MODULES",
-            "the official Socket.IO client",
+            "official Socket.IO client",
         )?;
         config["url"] = json!(app.url(""));
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/js/socket_client.cjs");
