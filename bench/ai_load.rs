@@ -14,7 +14,13 @@
 //! cargo build --release -p confab-server --example ai_load --bin confab
 //! target/release/examples/ai_load [--requests 200] [--streams 1000 --users 100]
 //!     [--tokens-per-second 20] [--seconds 10] [--binary target/release/confab]
-//!     [--server-env KEY=VALUE ...] [--server-cpus 0|all]
+//!     [--server-env KEY=VALUE ...] [--server-cpus 0|all] [--timeline FILE] [--in-step]
+//!
+//! The relay's streams begin at phases of their own (`FakeLlm::spread_streams`), as
+//! independent answers do; `--in-step` lets every batch of calls the server makes pace in
+//! step, so their pieces come as one burst per gap.
+//! `--timeline FILE` writes every relayed piece as `sent_ms latency_us` lines (sent: ms
+//! since the first piece), to see when the tail happens.
 
 #![allow(
     clippy::cast_possible_truncation,
@@ -45,6 +51,8 @@ struct Args {
     seconds: u64,
     server_env: Vec<(String, String)>,
     server_cpus: String,
+    timeline: Option<String>,
+    in_step: bool,
 }
 
 fn args() -> Args {
@@ -57,6 +65,8 @@ fn args() -> Args {
         seconds: 10,
         server_env: Vec::new(),
         server_cpus: "0".into(),
+        timeline: None,
+        in_step: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -69,6 +79,8 @@ fn args() -> Args {
             "--tokens-per-second" => a.tokens_per_second = value().parse().unwrap(),
             "--seconds" => a.seconds = value().parse().unwrap(),
             "--server-cpus" => a.server_cpus = value(),
+            "--timeline" => a.timeline = Some(value()),
+            "--in-step" => a.in_step = true,
             "--server-env" => {
                 let kv = value();
                 let (k, v) = kv.split_once('=').expect("KEY=VALUE");
@@ -240,6 +252,9 @@ async fn main() {
     // 3. Token relay: many answers streaming at once.
     let gap = Duration::from_micros(1_000_000 / args.tokens_per_second.max(1));
     let pieces = (args.tokens_per_second * args.seconds) as usize;
+    if !args.in_step {
+        fake.spread_streams();
+    }
     fake.set_fallback(Step::Stream {
         pieces: vec!["{now} ".to_owned(); pieces],
         gap,
@@ -371,6 +386,20 @@ async fn main() {
         ),
         steady,
     );
+    if let Some(path) = &args.timeline {
+        let start = seen.iter().map(|(_, sent, _)| *sent).min().unwrap_or(0);
+        let mut lines = String::with_capacity(seen.len() * 16);
+        for (_, sent, read) in &seen {
+            use std::fmt::Write as _;
+            let _ = writeln!(
+                lines,
+                "{:.3} {}",
+                sent.saturating_sub(start) as f64 / 1e3,
+                read.saturating_sub(*sent)
+            );
+        }
+        std::fs::write(path, lines).expect("the timeline file can be written");
+    }
     let _ = child.kill();
     let _ = child.wait();
 }
