@@ -387,18 +387,11 @@ async fn main() {
         steady,
     );
     if let Some(path) = &args.timeline {
-        let start = seen.iter().map(|(_, sent, _)| *sent).min().unwrap_or(0);
-        let mut lines = String::with_capacity(seen.len() * 16);
-        for (_, sent, read) in &seen {
-            use std::fmt::Write as _;
-            let _ = writeln!(
-                lines,
-                "{:.3} {}",
-                sent.saturating_sub(start) as f64 / 1e3,
-                read.saturating_sub(*sent)
-            );
-        }
-        std::fs::write(path, lines).expect("the timeline file can be written");
+        server::write_timeline(
+            path,
+            seen.iter()
+                .map(|(_, sent, read)| (*sent, read.saturating_sub(*sent))),
+        );
     }
     let _ = child.kill();
     let _ = child.wait();

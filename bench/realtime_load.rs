@@ -179,13 +179,12 @@ async fn main() {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .take()
                 .unwrap_or_default();
-            let start = timeline.iter().map(|(sent, _)| *sent).min().unwrap_or(0);
-            let mut lines = String::new();
-            for (sent, latency) in &timeline {
-                use std::fmt::Write as _;
-                let _ = writeln!(lines, "{:.3} {latency}", (sent - start) as f64 / 1000.0);
-            }
-            std::fs::write(path, lines).expect("the timeline file can be written");
+            server::write_timeline(
+                path,
+                timeline
+                    .into_iter()
+                    .map(|(sent, latency)| (sent, u64::from(latency))),
+            );
         }
         let held = r.delivery_p99 <= Duration::from_millis(50) && r.delivered_ratio > 0.99;
         println!(

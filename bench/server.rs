@@ -1,5 +1,6 @@
 //! What the load tools share: a release `confab serve` on a fresh data dir (pinned to CPUs
-//! with `taskset` where there is one), its CPU time and RSS from /proc, and registering users.
+//! with `taskset` where there is one), its CPU time and RSS from /proc, registering users,
+//! and writing a `--timeline` file.
 
 #![allow(dead_code)]
 
@@ -124,4 +125,17 @@ pub async fn register(http: &reqwest::Client, base: &str, email: String) -> (Str
         r["user"]["id"].as_str().expect("user id").to_owned(),
         r["accessToken"].as_str().expect("token").to_owned(),
     )
+}
+
+/// Writes `points` (sent, µs on any clock; latency, µs) to `path` as `sent_ms latency_us`
+/// lines, sent counted from the earliest point (`--timeline FILE`).
+pub fn write_timeline(path: &str, points: impl IntoIterator<Item = (u64, u64)>) {
+    use std::fmt::Write as _;
+    let points: Vec<(u64, u64)> = points.into_iter().collect();
+    let start = points.iter().map(|(sent, _)| *sent).min().unwrap_or(0);
+    let mut lines = String::with_capacity(points.len() * 16);
+    for (sent, latency) in points {
+        let _ = writeln!(lines, "{:.3} {latency}", (sent - start) as f64 / 1000.0);
+    }
+    std::fs::write(path, lines).expect("the timeline file can be written");
 }

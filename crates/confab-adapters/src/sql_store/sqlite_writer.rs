@@ -346,7 +346,7 @@ enum WriteError {
     Store(#[from] StoreError),
 }
 
-pub(crate) fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Unavailable(Box::new(e))
 }
 
