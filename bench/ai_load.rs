@@ -344,13 +344,13 @@ async fn main() {
     let seen = std::mem::take(&mut *pieces_seen.lock().unwrap());
     let tokens = seen.len();
     println!(
-        "token relay: {} streams × {pieces} tokens at {} tokens/s over {} users: {tokens} tokens in {:.1} s, server CPU {:.1} µs/token, RSS {:.1} MiB",
+        "token relay: {} streams × {pieces} tokens at {} tokens/s over {} users: {tokens} tokens in {:.1} s, server CPU {:.1} µs/token, RSS {}",
         per_user * args.users,
         args.tokens_per_second,
         args.users,
         elapsed.as_secs_f64(),
         cpu * 1e6 / tokens.max(1) as f64,
-        server::rss_mib(pid)
+        server::rss(pid)
     );
     // While every stream runs: after the last one's first piece, before the first answer
     // ends. Outside that window the server is also starting (or storing) 1,000 answers.

@@ -146,10 +146,10 @@ async fn main() {
     let http = reqwest::Client::new();
     let (members, rss_idle) = setup(&http, &base, &args, pid).await;
     eprintln!(
-        "{} clients in {} rooms connected and joined; server RSS {:.1} MiB (idle before: {rss_idle:.1} MiB)",
+        "{} clients in {} rooms connected and joined; server RSS {} (idle before: {rss_idle})",
         members.len(),
         args.rooms,
-        server::rss_mib(pid)
+        server::rss(pid)
     );
     if args.uploads > 0 {
         start_uploads(&http, &base, args.uploads).await;
@@ -188,7 +188,7 @@ async fn main() {
         }
         let held = r.delivery_p99 <= Duration::from_millis(50) && r.delivered_ratio > 0.99;
         println!(
-            "clients {} rooms {} target {rate} msg/s: sent {:.0}/s, delivered {:.0}/s ({:.1} %), ack p50 {:.2} ms p99 {:.2} ms, delivery p50 {:.2} ms p99 {:.2} ms, server CPU {:.1} µs/delivery, RSS {:.1} MiB{}",
+            "clients {} rooms {} target {rate} msg/s: sent {:.0}/s, delivered {:.0}/s ({:.1} %), ack p50 {:.2} ms p99 {:.2} ms, delivery p50 {:.2} ms p99 {:.2} ms, server CPU {:.1} µs/delivery, RSS {}{}",
             args.clients,
             args.rooms,
             r.sent_per_sec,
@@ -199,7 +199,7 @@ async fn main() {
             ms(r.delivery_p50),
             ms(r.delivery_p99),
             r.cpu_us_per_delivery,
-            server::rss_mib(pid),
+            server::rss(pid),
             r.uploads,
         );
         if args.ramp {
@@ -237,7 +237,12 @@ async fn create_chat(http: &reqwest::Client, base: &str, token: &str, body: &Val
         .expect("chat body")
 }
 
-async fn setup(http: &reqwest::Client, base: &str, args: &Args, pid: u32) -> (Vec<Member>, f64) {
+async fn setup(
+    http: &reqwest::Client,
+    base: &str,
+    args: &Args,
+    pid: u32,
+) -> (Vec<Member>, server::Rss) {
     // Users, a few at a time.
     let mut tokens: Vec<(String, String)> = Vec::with_capacity(args.clients);
     for chunk in (0..args.clients).collect::<Vec<_>>().chunks(16) {
@@ -257,7 +262,7 @@ async fn setup(http: &reqwest::Client, base: &str, args: &Args, pid: u32) -> (Ve
         let chat = create_chat(http, base, &tokens[r].1, &body).await;
         rooms.push(chat["id"].clone());
     }
-    let rss_idle = server::rss_mib(pid);
+    let rss_idle = server::rss(pid);
     let mut members = Vec::with_capacity(args.clients);
     for (i, (_, token)) in tokens.iter().enumerate() {
         let (client, events) = sio::connect(base, &json!({ "token": token }))

@@ -101,13 +101,40 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-pub fn rss_mib(pid: u32) -> f64 {
+/// A process's resident memory from `/proc/<pid>/status`, in MiB: the total, and its anonymous
+/// (heap, stacks: what the process itself holds) and file-backed (mostly the binary's code,
+/// mapped by the kernel ahead of use: shared and reclaimable) parts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Rss {
+    pub total: f64,
+    pub anon: f64,
+    pub file: f64,
+}
+
+impl std::fmt::Display for Rss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1} MiB (anon {:.1}, file {:.1})",
+            self.total, self.anon, self.file
+        )
+    }
+}
+
+pub fn rss(pid: u32) -> Rss {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
+    let mib = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0)
+    };
+    Rss {
+        total: mib("VmRSS:"),
+        anon: mib("RssAnon:"),
+        file: mib("RssFile:"),
+    }
 }
 
 /// Registers `email`: its user id and access token.
