@@ -29,11 +29,12 @@ use axum::serve::ListenerExt;
 use serde_json::{Value, json};
 use socketioxide::extract::{AckSender, Data, SocketRef, State as Io, TryData};
 
-/// Users by token, and the members of each chat: all the state there is.
+/// Users by token, the members of each chat, answers by question: all the state there is.
 #[derive(Default)]
 struct Directory {
     users: HashMap<String, String>,
     members: HashMap<String, HashSet<String>>,
+    answers: HashMap<String, String>,
 }
 
 type Shared = Arc<Mutex<Directory>>;
@@ -46,8 +47,6 @@ struct App {
     http: reqwest::Client,
     /// `OPENAI_BASE_URL` and `OPENAI_MODEL`.
     provider: Arc<(String, String)>,
-    /// Answers by question.
-    answers: Arc<Mutex<HashMap<String, String>>>,
 }
 
 /// The user of a request's bearer token.
@@ -198,20 +197,12 @@ async fn ai_message(
 /// Answers from the kept answers or the provider, streaming each piece to `user:<id>`.
 async fn answer(app: App, user: String, question: String, ids: Value) {
     let room = format!("user:{user}");
-    let kept = app
-        .answers
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(&question)
-        .cloned();
+    let kept = lock(&app.dir).answers.get(&question).cloned();
     let (content, cached) = match kept {
         Some(content) => (content, true),
         None => match stream(&app, &room, &question, &ids).await {
             Ok(content) => {
-                app.answers
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(question, content.clone());
+                lock(&app.dir).answers.insert(question, content.clone());
                 (content, false)
             }
             Err(error) => {
@@ -304,7 +295,6 @@ async fn main() {
         io,
         http: reqwest::Client::new(),
         provider: Arc::new(provider),
-        answers: Arc::default(),
     };
     let app = axum::Router::new()
         .route("/ready", get(|| async { "ok" }))
