@@ -41,6 +41,7 @@ use crate::db_broker::QueueLink;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PoolConfig {
+    /// 0: the backend's own default ([`PoolConfig::SQLITE_MAX`], [`PoolConfig::POSTGRES_MAX`]).
     #[serde(deserialize_with = "lenient::value")]
     pub max_connections: u32,
     #[serde(deserialize_with = "lenient::value")]
@@ -62,12 +63,29 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         Self {
-            max_connections: 10,
+            max_connections: 0,
             min_connections: 1,
             acquire_timeout_secs: 5,
             idle_timeout_secs: 600,
             max_lifetime_secs: 1800,
             test_before_acquire: true,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// SQLite takes one write at a time whatever the pool (messages go through the one
+    /// writer), and each pooled connection is a thread with its own caches: past a few, more
+    /// connections add memory (~0.9 MiB each, BENCHMARKS.md), not throughput.
+    pub const SQLITE_MAX: u32 = 4;
+    /// What sqlx and most PostgreSQL users expect per node.
+    pub const POSTGRES_MAX: u32 = 10;
+
+    /// The pool's size: as configured, or `default` when `max_connections` is 0.
+    fn max_or(&self, default: u32) -> u32 {
+        match self.max_connections {
+            0 => default,
+            n => n,
         }
     }
 }
@@ -186,11 +204,12 @@ enum PrePing {
     Never,
 }
 
-fn options(url: &str, pool: &PoolConfig, pre_ping: PrePing) -> ConnectOptions {
+fn options(url: &str, pool: &PoolConfig, max_default: u32, pre_ping: PrePing) -> ConnectOptions {
+    let max = pool.max_or(max_default);
     let mut options = ConnectOptions::new(url.to_owned());
     options
-        .max_connections(pool.max_connections.max(1))
-        .min_connections(pool.min_connections.min(pool.max_connections.max(1)))
+        .max_connections(max)
+        .min_connections(pool.min_connections.min(max))
         .connect_timeout(Duration::from_secs(pool.acquire_timeout_secs.max(1)))
         .acquire_timeout(Duration::from_secs(pool.acquire_timeout_secs.max(1)))
         .idle_timeout(Duration::from_secs(pool.idle_timeout_secs))
@@ -219,6 +238,7 @@ impl SqlStore {
                 let mut options = options(
                     &format!("sqlite://{}?mode=rwc", path.display()),
                     pool,
+                    PoolConfig::SQLITE_MAX,
                     PrePing::Never,
                 );
                 let sqlx_synchronous = match synchronous {
@@ -259,15 +279,20 @@ impl SqlStore {
                 replica_url,
                 pool,
             } => {
-                let conn =
-                    Database::connect(options(url.expose().as_str(), pool, PrePing::AsConfigured))
-                        .await
-                        .map_err(store_err)?;
+                let conn = Database::connect(options(
+                    url.expose().as_str(),
+                    pool,
+                    PoolConfig::POSTGRES_MAX,
+                    PrePing::AsConfigured,
+                ))
+                .await
+                .map_err(store_err)?;
                 let replica = match replica_url {
                     Some(url) => Some(
                         Database::connect(options(
                             url.expose().as_str(),
                             pool,
+                            PoolConfig::POSTGRES_MAX,
                             PrePing::AsConfigured,
                         ))
                         .await
@@ -479,7 +504,26 @@ impl StoreTx for SqlTx {
 
 #[cfg(test)]
 mod tests {
-    use super::check_not_newer;
+    use super::{PoolConfig, PrePing, check_not_newer, options};
+
+    #[test]
+    fn a_pool_size_of_zero_takes_the_backends_default_and_any_other_is_kept() {
+        let size = |max_connections, default| {
+            let pool = PoolConfig {
+                max_connections,
+                min_connections: 8,
+                ..PoolConfig::default()
+            };
+            let o = options("sqlite::memory:", &pool, default, PrePing::Never);
+            (o.get_max_connections(), o.get_min_connections())
+        };
+        assert_eq!(PoolConfig::default().max_connections, 0);
+        // The minimum never exceeds the maximum.
+        assert_eq!(size(0, PoolConfig::SQLITE_MAX), (Some(4), Some(4)));
+        assert_eq!(size(0, PoolConfig::POSTGRES_MAX), (Some(10), Some(8)));
+        assert_eq!(size(2, PoolConfig::POSTGRES_MAX), (Some(2), Some(2)));
+        assert_eq!(size(16, PoolConfig::SQLITE_MAX), (Some(16), Some(8)));
+    }
 
     #[test]
     fn a_schema_with_unknown_migrations_is_refused_by_name() {
