@@ -61,6 +61,9 @@ struct Args {
     uploads: usize,
     /// Where to write every delivery's send time and latency (`--timeline FILE`).
     timeline: Option<String>,
+    /// Seconds to wait with every client connected before sending, then print the RSS again
+    /// (`--settle N`): the steady state rather than the moments after 1,000 sign-ups.
+    settle: u64,
 }
 
 fn args() -> Args {
@@ -76,6 +79,7 @@ fn args() -> Args {
         server_cpus: "0".into(),
         uploads: 0,
         timeline: None,
+        settle: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -96,6 +100,7 @@ fn args() -> Args {
             "--server-cpus" => a.server_cpus = value(),
             "--uploads" => a.uploads = value().parse().expect("--uploads N"),
             "--timeline" => a.timeline = Some(value()),
+            "--settle" => a.settle = value().parse().expect("--settle SECONDS"),
             "--server-env" => {
                 let pair = value();
                 let (k, v) = pair.split_once('=').expect("--server-env KEY=VALUE");
@@ -151,6 +156,14 @@ async fn main() {
         args.rooms,
         server::rss(pid)
     );
+    if args.settle > 0 {
+        tokio::time::sleep(Duration::from_secs(args.settle)).await;
+        eprintln!(
+            "after {} s connected and quiet: server RSS {}",
+            args.settle,
+            server::rss(pid)
+        );
+    }
     if args.uploads > 0 {
         start_uploads(&http, &base, args.uploads).await;
     }
