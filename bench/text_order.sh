@@ -22,30 +22,37 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # The binary as `cargo run --release` builds it, alone: built together with the examples, the
 # dependencies' features unify differently and many symbols get other names.
-cargo build --release --locked -p confab-server --bin confab
-cp "$CARGO_TARGET_DIR/release/confab" "$work/confab"
-cargo build --release --locked -p confab-server --example realtime_load --example ai_load
-# The load tools kill what they started; valgrind must outlive that to write its profile (the
-# wrapper is killed; valgrind, its child, is then stopped with SIGTERM).
-cat >"$work/under-callgrind" <<EOF
-#!/usr/bin/env bash
-valgrind --tool=callgrind --callgrind-out-file=$work/callgrind.%p --dump-instr=no \
-  --compress-strings=no --compress-pos=no --demangle=no "$work/confab" "\$@" 2>>"$work/valgrind.log" &
-wait
-EOF
-chmod +x "$work/under-callgrind"
-stop_valgrind() {
+build_server() {
+  cargo build --release --locked -p confab-server --bin confab
+  cp "$CARGO_TARGET_DIR/release/confab" "$work/confab"
+}
+# The load tools kill the server they started. The profiler must outlive that to write its
+# profile: `wrapper NAME TOOL…` writes a script that runs `TOOL… $work/confab ARGS` in the
+# background and waits (the script is killed, the profiler is its child), and
+# `stop SIGNAL PATTERN` then stops the profiler and waits for it to finish writing.
+wrapper() {
+  local name=$1
+  shift
+  printf '#!/usr/bin/env bash\n%s "%s" "$@" 2>>"%s" &\nwait\n' \
+    "$*" "$work/confab" "$work/$name.log" >"$work/$name"
+  chmod +x "$work/$name"
+}
+stop() {
   local pid
-  for pid in $(pgrep -f "valgrind.* $work/confab" || true); do
-    kill -TERM "$pid"
+  for pid in $(pgrep -f "$2" || true); do
+    kill "-$1" "$pid"
     while kill -0 "$pid" 2>/dev/null; do sleep 0.5; done
   done
 }
+build_server
+cargo build --release --locked -p confab-server --example realtime_load --example ai_load
+wrapper under-callgrind valgrind --tool=callgrind "--callgrind-out-file=$work/callgrind.%p" \
+  --dump-instr=no --compress-strings=no --compress-pos=no --demangle=no
 tools="$CARGO_TARGET_DIR/release/examples"
 "$tools/realtime_load" --binary "$work/under-callgrind" --clients 50 --rooms 5 --rates 100 --seconds 5 >/dev/null
-stop_valgrind
+stop TERM "valgrind.* $work/confab"
 "$tools/ai_load" --binary "$work/under-callgrind" --requests 5 --streams 20 --users 5 --seconds 5 >/dev/null
-stop_valgrind
+stop TERM "valgrind.* $work/confab"
 python3 - "$work" "$out" <<'EOF'
 import os, re, sys
 work, out = sys.argv[1], sys.argv[2]
@@ -75,20 +82,11 @@ print(f"{out}: {len(cost)} functions")
 EOF
 
 command -v perf >/dev/null || { echo "perf not found: no native rounds"; exit 0; }
-cat >"$work/under-perf" <<EOF
-#!/usr/bin/env bash
-perf record -q -e minor-faults,major-faults -c 1 -d -o $work/perf.data -- "$work/confab" "\$@" 2>>"$work/perf.log" &
-wait
-EOF
-chmod +x "$work/under-perf"
+wrapper under-perf perf record -q -e minor-faults,major-faults -c 1 -d -o "$work/perf.data" --
 for round in 1 2 3; do
-  cargo build --release --locked -p confab-server --bin confab
-  cp "$CARGO_TARGET_DIR/release/confab" "$work/confab"
+  build_server
   "$tools/realtime_load" --binary "$work/under-perf" --clients 1000 --rooms 100 --rates 1000 --seconds 10 >/dev/null
-  for pid in $(pgrep -f "perf record -q .* -o $work/perf.data" || true); do
-    kill -INT "$pid"
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.5; done
-  done
+  stop INT "perf record -q .* -o $work/perf.data"
   # A fault on fetching an instruction has its address equal to the instruction pointer.
   perf script -i "$work/perf.data" --no-demangle -F ip,addr,sym,dso 2>/dev/null |
     awk -v dso="($work/confab)" '$1 == $4 && $3 == dso && $2 !~ /^(\[unknown\]|_init|_start)$/ { print $2 }' |

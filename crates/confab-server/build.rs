@@ -1,5 +1,5 @@
 //! How release builds of the `confab` binary on x86_64 Linux are linked (see ARCHITECTURE.md,
-//! "Memory"):
+//! "The release binary's layout"):
 //! - The functions the server actually runs are laid out side by side at the start of its code
 //!   (`text-order.txt`, made by `bench/text_order.sh`). The kernel maps a binary's code in
 //!   64 KiB blocks around each page it runs; scattered over the whole text, the ~6 MiB the

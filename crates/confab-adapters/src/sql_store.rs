@@ -80,14 +80,6 @@ impl PoolConfig {
     pub const SQLITE_MAX: u32 = 4;
     /// What sqlx and most PostgreSQL users expect per node.
     pub const POSTGRES_MAX: u32 = 10;
-
-    /// The pool's size: as configured, or `default` when `max_connections` is 0.
-    fn max_or(&self, default: u32) -> u32 {
-        match self.max_connections {
-            0 => default,
-            n => n,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,19 +185,23 @@ macro_rules! read {
 }
 pub(crate) use read;
 
-/// Whether a connection is checked before it is handed out.
+/// Which database a pool is for: what `[database.pool]` leaves to the backend.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum PrePing {
-    /// As `[database.pool] test_before_acquire` says (a network connection can go stale).
-    AsConfigured,
-    /// SQLite: a connection is a file handle, nothing between it and the database can go
-    /// stale, and a ping is one more round trip through sqlx's worker thread on every pool
-    /// checkout (every statement outside a transaction).
-    Never,
+enum Backend {
+    /// A connection is a file handle: nothing between it and the database can go stale, and
+    /// a ping would be one more round trip through sqlx's worker thread on every pool
+    /// checkout (every statement outside a transaction), so it is never pinged.
+    Sqlite,
+    /// Pinged as `test_before_acquire` says (a network connection can go stale).
+    Postgres,
 }
 
-fn options(url: &str, pool: &PoolConfig, max_default: u32, pre_ping: PrePing) -> ConnectOptions {
-    let max = pool.max_or(max_default);
+fn options(url: &str, pool: &PoolConfig, backend: Backend) -> ConnectOptions {
+    let max = match (pool.max_connections, backend) {
+        (0, Backend::Sqlite) => PoolConfig::SQLITE_MAX,
+        (0, Backend::Postgres) => PoolConfig::POSTGRES_MAX,
+        (n, _) => n,
+    };
     let mut options = ConnectOptions::new(url.to_owned());
     options
         .max_connections(max)
@@ -214,7 +210,7 @@ fn options(url: &str, pool: &PoolConfig, max_default: u32, pre_ping: PrePing) ->
         .acquire_timeout(Duration::from_secs(pool.acquire_timeout_secs.max(1)))
         .idle_timeout(Duration::from_secs(pool.idle_timeout_secs))
         .max_lifetime(Duration::from_secs(pool.max_lifetime_secs))
-        .test_before_acquire(pre_ping == PrePing::AsConfigured && pool.test_before_acquire)
+        .test_before_acquire(backend == Backend::Postgres && pool.test_before_acquire)
         // Statements are not logged: they can carry message text.
         .sqlx_logging(false);
     options
@@ -238,8 +234,7 @@ impl SqlStore {
                 let mut options = options(
                     &format!("sqlite://{}?mode=rwc", path.display()),
                     pool,
-                    PoolConfig::SQLITE_MAX,
-                    PrePing::Never,
+                    Backend::Sqlite,
                 );
                 let sqlx_synchronous = match synchronous {
                     Synchronous::Normal => sqlx::sqlite::SqliteSynchronous::Normal,
@@ -279,24 +274,15 @@ impl SqlStore {
                 replica_url,
                 pool,
             } => {
-                let conn = Database::connect(options(
-                    url.expose().as_str(),
-                    pool,
-                    PoolConfig::POSTGRES_MAX,
-                    PrePing::AsConfigured,
-                ))
-                .await
-                .map_err(store_err)?;
+                let conn =
+                    Database::connect(options(url.expose().as_str(), pool, Backend::Postgres))
+                        .await
+                        .map_err(store_err)?;
                 let replica = match replica_url {
                     Some(url) => Some(
-                        Database::connect(options(
-                            url.expose().as_str(),
-                            pool,
-                            PoolConfig::POSTGRES_MAX,
-                            PrePing::AsConfigured,
-                        ))
-                        .await
-                        .map_err(store_err)?,
+                        Database::connect(options(url.expose().as_str(), pool, Backend::Postgres))
+                            .await
+                            .map_err(store_err)?,
                     ),
                     None => None,
                 };
@@ -504,25 +490,25 @@ impl StoreTx for SqlTx {
 
 #[cfg(test)]
 mod tests {
-    use super::{PoolConfig, PrePing, check_not_newer, options};
+    use super::{Backend, PoolConfig, check_not_newer, options};
 
     #[test]
     fn a_pool_size_of_zero_takes_the_backends_default_and_any_other_is_kept() {
-        let size = |max_connections, default| {
+        let size = |max_connections, backend| {
             let pool = PoolConfig {
                 max_connections,
                 min_connections: 8,
                 ..PoolConfig::default()
             };
-            let o = options("sqlite::memory:", &pool, default, PrePing::Never);
+            let o = options("sqlite::memory:", &pool, backend);
             (o.get_max_connections(), o.get_min_connections())
         };
         assert_eq!(PoolConfig::default().max_connections, 0);
         // The minimum never exceeds the maximum.
-        assert_eq!(size(0, PoolConfig::SQLITE_MAX), (Some(4), Some(4)));
-        assert_eq!(size(0, PoolConfig::POSTGRES_MAX), (Some(10), Some(8)));
-        assert_eq!(size(2, PoolConfig::POSTGRES_MAX), (Some(2), Some(2)));
-        assert_eq!(size(16, PoolConfig::SQLITE_MAX), (Some(16), Some(8)));
+        assert_eq!(size(0, Backend::Sqlite), (Some(4), Some(4)));
+        assert_eq!(size(0, Backend::Postgres), (Some(10), Some(8)));
+        assert_eq!(size(2, Backend::Postgres), (Some(2), Some(2)));
+        assert_eq!(size(16, Backend::Sqlite), (Some(16), Some(8)));
     }
 
     #[test]
