@@ -12,7 +12,7 @@
 //! sqlx's, which the rest of the store reads: UUIDs as 16-byte blobs, times as RFC 3339
 //! text, JSON as text.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -498,7 +498,8 @@ fn append(
     let mut earlier: HashMap<(UserId, String), Message> = HashMap::new();
     let mut answers = Vec::with_capacity(batch.len());
     let mut queues = Vec::new();
-    let mut touched: HashSet<Uuid> = HashSet::new();
+    // Each touched chat's newest message of the batch.
+    let mut touched: HashMap<Uuid, &Message> = HashMap::new();
     {
         let mut statements = Statements::prepare(&tx, direct)?;
         for append in batch {
@@ -537,19 +538,29 @@ fn append(
             statements.insert(m, sender)?;
             statements.event(&append.event, direct)?;
             queues.push(append.event.queue.clone());
-            touched.insert(m.chat_id.0);
+            touched
+                .entry(m.chat_id.0)
+                .and_modify(|newest| {
+                    if m.id.0 > newest.id.0 {
+                        *newest = m;
+                    }
+                })
+                .or_insert(m);
             answers.push(Appended::Stored(kind));
         }
-        // Every touched chat points at its newest message, never backwards.
+        // Every touched chat points at its newest message, never backwards. Under the write
+        // lock the pointer is the chat's newest message so far: comparing with it replaces
+        // looking the newest up again in `messages` (ids are UUIDv7, whose bytes sort by time).
         let mut pointer = tx.prepare_cached(
-            "UPDATE chats SET \
-               last_message_id = (SELECT m.id FROM messages m WHERE m.chat_id = chats.id ORDER BY m.id DESC LIMIT 1), \
-               last_message_at = (SELECT m.created_at FROM messages m WHERE m.chat_id = chats.id ORDER BY m.id DESC LIMIT 1), \
-               activity_at = (SELECT m.created_at FROM messages m WHERE m.chat_id = chats.id ORDER BY m.id DESC LIMIT 1) \
-             WHERE id = ?1",
+            "UPDATE chats SET last_message_id = ?2, last_message_at = ?3, activity_at = ?3 \
+             WHERE id = ?1 AND (last_message_id IS NULL OR last_message_id < ?2)",
         )?;
-        for chat in &touched {
-            pointer.execute(params![chat.as_bytes()])?;
+        for (chat, newest) in &touched {
+            pointer.execute(params![
+                chat.as_bytes(),
+                newest.id.0.as_bytes(),
+                time(newest.created_at)
+            ])?;
         }
     }
     tx.commit()?;

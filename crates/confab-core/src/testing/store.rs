@@ -498,6 +498,8 @@ async fn a_batch_of_messages_is_appended_in_one_group_commit(store: Arc<dyn Stor
         .id;
     let before = text(team, ann.id, "stored before", Some("earlier"));
     store.insert_message(&before).await.unwrap();
+    // Made (its id and time taken) before the batch, appended after it.
+    let late = text(team, bob.id, "late", None);
 
     let batch = [
         text(team, ann.id, "one", Some("c1")),
@@ -542,8 +544,15 @@ async fn a_batch_of_messages_is_appended_in_one_group_commit(store: Arc<dyn Stor
     // Each chat points at its newest; one outbox entry per stored message.
     let team_chat = store.chat_by_id(team).await.unwrap().unwrap();
     assert_eq!(team_chat.last_message_id, Some(batch[1].id));
+    assert_eq!(team_chat.last_message_at, Some(batch[1].created_at));
     let direct_chat = store.chat_by_id(direct).await.unwrap().unwrap();
     assert_eq!(direct_chat.last_message_id, Some(batch[7].id));
+    // A message older than the chat's newest is stored, and the chat's pointer stays.
+    assert_eq!(
+        store.append_messages(&[append(&late)]).await.unwrap(),
+        vec![Appended::Stored(ChatKind::Group)]
+    );
+    assert_eq!(store.chat_by_id(team).await.unwrap().unwrap(), team_chat);
     let events: HashSet<_> = store
         .pending_outbox(100)
         .await
@@ -555,6 +564,7 @@ async fn a_batch_of_messages_is_appended_in_one_group_commit(store: Arc<dyn Stor
     let expected: HashSet<_> = [0, 1, 6, 7]
         .iter()
         .map(|i| batch[*i].id.to_string())
+        .chain([late.id.to_string()])
         .collect();
     assert_eq!(events, expected);
     // An empty batch is no work.
