@@ -6,10 +6,13 @@
 //! p50/p99 (send → `message:new` read by each member, sender included), server CPU per
 //! delivery (from /proc/<pid>/stat) and server RSS.
 //!
-//! cargo build --release -p confab-server --example realtime_load --bin confab
+//! cargo build --release -p confab-server --bin confab
+//! cargo build --release -p confab-server --example realtime_load
+//! (Two commands: built with an example, the server's dependencies get their `testing`
+//! feature and its code a different layout, ~6 MiB more resident; ARCHITECTURE.md.)
 //! target/release/examples/realtime_load [--clients 200 --rooms 20 --rates 1000,2000,5000]
 //!     [--seconds 10] [--ramp] [--binary target/release/confab] [--server-threads N]
-//!     [--server-env KEY=VALUE ...] [--server-cpus 0|all] [--uploads N]
+//!     [--server-env KEY=VALUE ...] [--server-cpus 0|all] [--uploads N] [--client-ids]
 //!
 //! `--uploads N` keeps N clients uploading a 12 MP photo (JPEG, ~4 MB) as image messages into a
 //! chat of their own, one after another, for the whole run: the delivery figures then show
@@ -21,6 +24,8 @@
 //!
 //! `--ramp` raises the rate until delivery p99 exceeds 50 ms or deliveries fall behind, and
 //! reports the highest rate that held.
+//!
+//! `--client-ids` gives each message a `clientId` (unique), as clients that retry sends do.
 
 // A measuring tool: figures are converted between integer and float freely.
 #![allow(
@@ -64,6 +69,9 @@ struct Args {
     /// Seconds to wait with every client connected before sending, then print the RSS again
     /// (`--settle N`): the steady state rather than the moments after 1,000 sign-ups.
     settle: u64,
+    /// Each message carries a `clientId` (`--client-ids`), as clients that retry send them:
+    /// the store then checks each for a repeat.
+    client_ids: bool,
 }
 
 fn args() -> Args {
@@ -80,6 +88,7 @@ fn args() -> Args {
         uploads: 0,
         timeline: None,
         settle: 0,
+        client_ids: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -96,6 +105,7 @@ fn args() -> Args {
             }
             "--seconds" => a.seconds = value().parse().expect("--seconds N"),
             "--ramp" => a.ramp = true,
+            "--client-ids" => a.client_ids = true,
             "--server-threads" => a.server_threads = Some(value()),
             "--server-cpus" => a.server_cpus = value(),
             "--uploads" => a.uploads = value().parse().expect("--uploads N"),
@@ -185,7 +195,7 @@ async fn main() {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Vec::new());
         }
-        let r = run(&members, &clock, &seq, rate, args.seconds, pid, args.rooms).await;
+        let r = run(&members, &clock, &seq, rate, &args, pid).await;
         if let Some(path) = &args.timeline {
             let timeline = TIMELINE
                 .lock()
@@ -404,9 +414,8 @@ async fn run(
     clock: &Arc<Clock>,
     seq: &Arc<AtomicU64>,
     rate: u64,
-    seconds: u64,
+    args: &Args,
     pid: u32,
-    rooms: usize,
 ) -> Report {
     let _ = CLOCK.set(clock.clone());
     DELIVERIES
@@ -424,7 +433,7 @@ async fn run(
     // Every millisecond, the messages due by then (round-robin over the clients).
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let total = rate * seconds;
+    let total = rate * args.seconds;
     let mut sent = 0u64;
     let mut next_client = 0usize;
     while sent < total {
@@ -439,10 +448,11 @@ async fn run(
                 at.duration_since(clock.base).as_nanos() as u64,
                 Ordering::Relaxed,
             );
-            let ack = member.client.call_later(
-                "message:send",
-                &json!({ "chatId": member.room, "text": n.to_string() }),
-            );
+            let mut message = json!({ "chatId": member.room, "text": n.to_string() });
+            if args.client_ids {
+                message["clientId"] = json!(format!("c{n}"));
+            }
+            let ack = member.client.call_later("message:send", &message);
             let acks = acks.clone();
             tokio::spawn(async move {
                 if let Ok(answer) = ack.await
@@ -459,7 +469,7 @@ async fn run(
     }
     let send_time = started.elapsed();
     // Wait for the stragglers (up to 5 s), then read the server's CPU.
-    let per_room = members.len() as f64 / rooms as f64;
+    let per_room = members.len() as f64 / args.rooms as f64;
     let expected = (total as f64 * per_room).round() as usize;
     let waited = Instant::now();
     while DELIVERIES

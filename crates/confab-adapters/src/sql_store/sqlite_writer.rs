@@ -436,7 +436,9 @@ impl<'c> Statements<'c> {
         Ok(found.map(|row| to_message(row?)).transpose()?)
     }
 
-    fn insert(&mut self, m: &Message, sender: UserId) -> Result<(), WriteError> {
+    /// Stores `m`; `false` when the sender already has a message with its client id (stored
+    /// earlier, or earlier in this transaction), which then stays as it is.
+    fn insert(&mut self, m: &Message, sender: UserId) -> rusqlite::Result<bool> {
         let inserted = self.insert.execute(params![
             m.id.0.as_bytes(),
             m.chat_id.0.as_bytes(),
@@ -449,11 +451,7 @@ impl<'c> Statements<'c> {
             m.edited_at.map(time),
             m.deleted_at.map(time),
         ])?;
-        if inserted == 0 {
-            // Unreachable under the write lock: the client id was checked before.
-            return Err(StoreError::Conflict("messages.sender_id, client_id".into()).into());
-        }
-        Ok(())
+        Ok(inserted == 1)
     }
 
     fn event(&mut self, e: &OutboxEntry, direct: bool) -> rusqlite::Result<()> {
@@ -495,7 +493,6 @@ fn append(
     }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut kinds: HashMap<(Uuid, Uuid), Option<ChatKind>> = HashMap::new();
-    let mut earlier: HashMap<(UserId, String), Message> = HashMap::new();
     let mut answers = Vec::with_capacity(batch.len());
     let mut queues = Vec::new();
     // Each touched chat's newest message of the batch.
@@ -519,23 +516,22 @@ fn append(
                 answers.push(Appended::NotMember);
                 continue;
             };
-            if let Some(client_id) = &m.client_id {
-                let key = (sender, client_id.clone());
-                if !earlier.contains_key(&key)
-                    && let Some(found) = statements.by_client_id(sender, client_id)?
-                {
-                    earlier.insert(key.clone(), found);
-                }
-                if let Some(existing) = earlier.get(&key) {
-                    answers.push(Appended::Duplicate {
-                        existing: Box::new(existing.clone()),
-                        kind,
-                    });
-                    continue;
-                }
-                earlier.insert(key, m.clone());
+            // The insert checks the client id itself (its unique index): a repeat of one stored
+            // earlier, or earlier in this batch, is looked up only when it is one.
+            if !statements.insert(m, sender)? {
+                let existing = match &m.client_id {
+                    Some(client_id) => statements.by_client_id(sender, client_id)?,
+                    None => None,
+                };
+                let Some(existing) = existing else {
+                    return Err(StoreError::Conflict("messages.sender_id, client_id".into()).into());
+                };
+                answers.push(Appended::Duplicate {
+                    existing: Box::new(existing),
+                    kind,
+                });
+                continue;
             }
-            statements.insert(m, sender)?;
             statements.event(&append.event, direct)?;
             queues.push(append.event.queue.clone());
             touched
