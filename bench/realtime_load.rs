@@ -8,8 +8,8 @@
 //!
 //! cargo build --release -p confab-server --bin confab
 //! cargo build --release -p confab-server --example realtime_load
-//! (Two commands: built with an example, the server's dependencies get their `testing`
-//! feature and its code a different layout, ~6 MiB more resident; ARCHITECTURE.md.)
+//! (Two commands, so that the server is the binary `cargo run --release` builds: ARCHITECTURE.md,
+//! "The release binary's layout".)
 //! target/release/examples/realtime_load [--clients 200 --rooms 20 --rates 1000,2000,5000]
 //!     [--seconds 10] [--ramp] [--binary target/release/confab] [--server-threads N]
 //!     [--server-env KEY=VALUE ...] [--server-cpus 0|all] [--uploads N] [--client-ids]
