@@ -497,16 +497,23 @@ async fn known_and_unknown_emails_get_identical_answers_and_similar_timing(backe
     let unknown = unique_email("unknown");
     register(&app, &known).await;
 
-    let mut known_times = Vec::new();
+    // One password check at the server's cost, timed here between the sign-ins (so under the
+    // same load): what an unknown email must cost at least.
+    let passwords = std::sync::Arc::new(app.state.config.auth.passwords().unwrap());
+    let mut hash_times = Vec::new();
     let mut unknown_times = Vec::new();
     for _ in 0..4 {
-        let started = Instant::now();
         let a = comparable(login(&app, &known, "wrong password").await).await;
-        known_times.push(started.elapsed());
         let started = Instant::now();
         let b = comparable(login(&app, &unknown, "wrong password").await).await;
         unknown_times.push(started.elapsed());
         assert_eq!(a, b, "a wrong password and an unknown email look the same");
+        let reference = passwords.clone();
+        let started = Instant::now();
+        tokio::task::spawn_blocking(move || reference.decoy_verify("wrong password"))
+            .await
+            .unwrap();
+        hash_times.push(started.elapsed());
     }
     // The fifth failure locks both alike: locking does not reveal which address exists.
     let a = comparable(login(&app, &known, "wrong password").await).await;
@@ -540,11 +547,16 @@ async fn known_and_unknown_emails_get_identical_answers_and_similar_timing(backe
         assert_eq!(a, b, "{path}");
         assert_eq!(a.0, 202);
     }
-    // An unknown email costs a password hash too: no timing shortcut.
-    known_times.sort();
+    // An unknown email costs a password hash too: no timing shortcut. (Compared with a known
+    // email's sign-in instead, the ratio measured the load: the known one's extra database
+    // round trips waited 60 ms on CI's two busy cores, 38 against 125 ms.)
+    hash_times.sort();
     unknown_times.sort();
-    let (k, u) = (known_times[2], unknown_times[2]);
-    assert!(u * 3 > k, "unknown {u:?} vs known {k:?} (median)");
+    let (h, u) = (hash_times[2], unknown_times[2]);
+    assert!(
+        u * 2 > h,
+        "unknown {u:?} vs one password check {h:?} (median)"
+    );
     nth_mail(&app, &known, "Reset your password", 1).await;
     assert!(
         mails_to(&app, &unknown)
