@@ -12,12 +12,18 @@
 //! "The release binary's layout".)
 //! target/release/examples/realtime_load [--clients 200 --rooms 20 --rates 1000,2000,5000]
 //!     [--seconds 10] [--ramp] [--binary target/release/confab] [--server-threads N]
-//!     [--server-env KEY=VALUE ...] [--server-cpus 0|all] [--uploads N] [--client-ids]
+//!     [--server-env KEY=VALUE ...] [--server-cpus 0|all] [--uploads N] [--readers N]
+//!     [--client-ids]
 //!
 //! `--uploads N` keeps N clients uploading a 12 MP photo (JPEG, ~4 MB) as image messages into a
 //! chat of their own, one after another, for the whole run: the delivery figures then show
 //! what image processing costs the chat, and each line adds the uploads' p50/p99 (upload →
 //! stored with its thumbnail → 201).
+//!
+//! `--readers N` makes N of the clients mark their chat read ten times a second throughout, as
+//! clients do while messages arrive: `GET …/messages?limit=1`, then `POST …/read` with its id.
+//! Each line adds the marks' p50/p99 (the `POST` alone): a write the store makes through its
+//! pool, beside the message commits.
 //!
 //! `--timeline FILE` writes every delivery of the last run as `sent_ms latency_us` lines
 //! (send time from the start of the run), to see when the tail happens (periodic work?).
@@ -64,6 +70,8 @@ struct Args {
     server_cpus: String,
     /// Clients uploading 12 MP photos throughout.
     uploads: usize,
+    /// Clients marking their chat read ten times a second throughout.
+    readers: usize,
     /// Where to write every delivery's send time and latency (`--timeline FILE`).
     timeline: Option<String>,
     /// Seconds to wait with every client connected before sending, then print the RSS again
@@ -86,6 +94,7 @@ fn args() -> Args {
         server_env: Vec::new(),
         server_cpus: "0".into(),
         uploads: 0,
+        readers: 0,
         timeline: None,
         settle: 0,
         client_ids: false,
@@ -109,6 +118,7 @@ fn args() -> Args {
             "--server-threads" => a.server_threads = Some(value()),
             "--server-cpus" => a.server_cpus = value(),
             "--uploads" => a.uploads = value().parse().expect("--uploads N"),
+            "--readers" => a.readers = value().parse().expect("--readers N"),
             "--timeline" => a.timeline = Some(value()),
             "--settle" => a.settle = value().parse().expect("--settle SECONDS"),
             "--server-env" => {
@@ -144,6 +154,7 @@ struct Clock {
 struct Member {
     client: sio::Client,
     room: Value,
+    token: String,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -177,6 +188,7 @@ async fn main() {
     if args.uploads > 0 {
         start_uploads(&http, &base, args.uploads).await;
     }
+    start_readers(&http, &base, &members[..args.readers.min(members.len())]);
     let members = Arc::new(members);
     let mut rates = args.rates.clone();
     if args.ramp {
@@ -211,7 +223,7 @@ async fn main() {
         }
         let held = r.delivery_p99 <= Duration::from_millis(50) && r.delivered_ratio > 0.99;
         println!(
-            "clients {} rooms {} target {rate} msg/s: sent {:.0}/s, delivered {:.0}/s ({:.1} %), ack p50 {:.2} ms p99 {:.2} ms, delivery p50 {:.2} ms p99 {:.2} ms, server CPU {:.1} µs/delivery, RSS {}{}",
+            "clients {} rooms {} target {rate} msg/s: sent {:.0}/s, delivered {:.0}/s ({:.1} %), ack p50 {:.2} ms p99 {:.2} ms, delivery p50 {:.2} ms p99 {:.2} ms, server CPU {:.1} µs/delivery, RSS {}{}{}",
             args.clients,
             args.rooms,
             r.sent_per_sec,
@@ -223,7 +235,8 @@ async fn main() {
             ms(r.delivery_p99),
             r.cpu_us_per_delivery,
             server::rss(pid),
-            r.uploads,
+            UPLOADS.report(),
+            READS.report(),
         );
         if args.ramp {
             if !held {
@@ -287,8 +300,8 @@ async fn setup(
     }
     let rss_idle = server::rss(pid);
     let mut members = Vec::with_capacity(args.clients);
-    for (i, (_, token)) in tokens.iter().enumerate() {
-        let (client, events) = sio::connect(base, &json!({ "token": token }))
+    for (i, (_, token)) in tokens.into_iter().enumerate() {
+        let (client, events) = sio::connect(base, &json!({ "token": &token }))
             .await
             .expect("socket.io connect");
         let room = rooms[i % args.rooms].clone();
@@ -302,7 +315,11 @@ async fn setup(
             .expect("join");
         assert_eq!(joined["ok"], true, "{joined}");
         spawn_listener(events);
-        members.push(Member { client, room });
+        members.push(Member {
+            client,
+            room,
+            token,
+        });
     }
     (members, rss_idle)
 }
@@ -354,13 +371,116 @@ struct Report {
     delivery_p50: Duration,
     delivery_p99: Duration,
     cpu_us_per_delivery: f64,
-    /// `, uploads …` when uploads ran, else empty.
-    uploads: String,
 }
 
-/// Upload round trips of the current run, in µs; and refused uploads.
-static UPLOADS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
-static UPLOAD_ERRORS: AtomicU64 = AtomicU64::new(0);
+/// A side load's requests in the current run: round trips in µs, and how many were refused.
+struct SideLoad {
+    name: &'static str,
+    done: std::sync::Mutex<Vec<u32>>,
+    refused: AtomicU64,
+}
+
+impl SideLoad {
+    const fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            done: std::sync::Mutex::new(Vec::new()),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    fn done(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        self.done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// One request that began `at`: done (the expected status) or refused.
+    fn record(&self, at: Instant, ok: bool) {
+        if ok {
+            let micros = u32::try_from(at.elapsed().as_micros()).unwrap_or(u32::MAX);
+            self.done().push(micros);
+        } else {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn clear(&self) {
+        self.done().clear();
+        self.refused.store(0, Ordering::Relaxed);
+    }
+
+    /// `, uploads N done (M refused), upload p50 … p99 …` when any ran, else empty.
+    fn report(&self) -> String {
+        let mut done = self.done().clone();
+        done.sort_unstable();
+        match (done.len(), self.refused.load(Ordering::Relaxed)) {
+            (0, 0) => String::new(),
+            (n, refused) => format!(
+                ", {name}s {n} done ({refused} refused), {name} p50 {:.2} ms p99 {:.2} ms",
+                ms(quantile(&done, 0.5)),
+                ms(quantile(&done, 0.99)),
+                name = self.name,
+            ),
+        }
+    }
+}
+
+static UPLOADS: SideLoad = SideLoad::new("upload");
+static READS: SideLoad = SideLoad::new("mark-read");
+
+/// The `p` quantile of sorted `v` (µs); `Duration::MAX` when empty.
+fn quantile(v: &[u32], p: f64) -> Duration {
+    match v {
+        [] => Duration::MAX,
+        v => Duration::from_micros(u64::from(v[((v.len() as f64 - 1.0) * p).round() as usize])),
+    }
+}
+
+/// Starts the `readers`' loops: ten times a second, the chat's latest message, then marking
+/// it read.
+fn start_readers(http: &reqwest::Client, base: &str, readers: &[Member]) {
+    if !readers.is_empty() {
+        eprintln!(
+            "{} reader(s), each marking its chat read ten times a second",
+            readers.len()
+        );
+    }
+    // Spread over the 100 ms, not all at once: a burst of every reader's requests would
+    // measure the queue behind it.
+    let spacing = Duration::from_millis(100) / u32::try_from(readers.len().max(1)).unwrap_or(1);
+    for (i, reader) in readers.iter().enumerate() {
+        let chat = reader.room.as_str().expect("chat id");
+        let latest = format!("{base}/api/v1/chats/{chat}/messages?limit=1");
+        let read = format!("{base}/api/v1/chats/{chat}/read");
+        let (http, token) = (http.clone(), reader.token.clone());
+        tokio::spawn(async move {
+            let first = tokio::time::Instant::now() + spacing * u32::try_from(i).unwrap_or(0);
+            let mut tick = tokio::time::interval_at(first, Duration::from_millis(100));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let page: Option<Value> = match http.get(&latest).bearer_auth(&token).send().await {
+                    Ok(r) => r.json().await.ok(),
+                    Err(_) => None,
+                };
+                let Some(id) = page.as_ref().and_then(|p| p["items"][0]["id"].as_str()) else {
+                    continue;
+                };
+                let at = Instant::now();
+                let status = http
+                    .post(&read)
+                    .bearer_auth(&token)
+                    .json(&json!({ "messageId": id }))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .ok();
+                READS.record(at, status == Some(204));
+            }
+        });
+    }
+}
 
 /// Starts `n` uploaders, each sending a 12 MP photo into its own chat, one after another.
 async fn start_uploads(http: &reqwest::Client, base: &str, n: usize) {
@@ -395,13 +515,8 @@ async fn start_uploads(http: &reqwest::Client, base: &str, n: usize) {
                     .await
                     .map(|r| r.status().as_u16())
                     .ok();
-                if status == Some(201) {
-                    UPLOADS
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push(u32::try_from(at.elapsed().as_micros()).unwrap_or(u32::MAX));
-                } else {
-                    UPLOAD_ERRORS.fetch_add(1, Ordering::Relaxed);
+                UPLOADS.record(at, status == Some(201));
+                if status != Some(201) {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
@@ -422,11 +537,8 @@ async fn run(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clear();
-    UPLOADS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clear();
-    UPLOAD_ERRORS.store(0, Ordering::Relaxed);
+    UPLOADS.clear();
+    READS.clear();
     let acks = Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
     let cpu_before = server::cpu_seconds(pid);
     let started = Instant::now();
@@ -492,34 +604,16 @@ async fn run(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
-    let mut uploads = std::mem::take(
-        &mut *UPLOADS
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    );
     deliveries.sort_unstable();
     acks.sort_unstable();
-    uploads.sort_unstable();
-    let q = |v: &[u32], p: f64| match v {
-        [] => Duration::MAX,
-        v => Duration::from_micros(u64::from(v[((v.len() as f64 - 1.0) * p).round() as usize])),
-    };
     Report {
         sent_per_sec: total as f64 / send_time.as_secs_f64(),
         delivered_per_sec: deliveries.len() as f64 / send_time.as_secs_f64(),
         delivered_ratio: deliveries.len() as f64 / expected.max(1) as f64,
-        ack_p50: q(&acks, 0.5),
-        ack_p99: q(&acks, 0.99),
-        delivery_p50: q(&deliveries, 0.5),
-        delivery_p99: q(&deliveries, 0.99),
+        ack_p50: quantile(&acks, 0.5),
+        ack_p99: quantile(&acks, 0.99),
+        delivery_p50: quantile(&deliveries, 0.5),
+        delivery_p99: quantile(&deliveries, 0.99),
         cpu_us_per_delivery: cpu * 1e6 / deliveries.len().max(1) as f64,
-        uploads: match (uploads.len(), UPLOAD_ERRORS.load(Ordering::Relaxed)) {
-            (0, 0) => String::new(),
-            (done, refused) => format!(
-                ", uploads {done} done ({refused} refused), upload p50 {:.0} ms p99 {:.0} ms",
-                ms(q(&uploads, 0.5)),
-                ms(q(&uploads, 0.99))
-            ),
-        },
     }
 }
