@@ -462,10 +462,19 @@ impl ChatService {
 
     /// The chat's kind and members, for a member (`NotFound` for anyone else).
     pub async fn audience(&self, who: UserId, chat: ChatId) -> Result<Audience, ChatError> {
-        let (chat, _) = self.membership(who, chat).await?;
+        let chat = self
+            .store
+            .chat_by_id(chat)
+            .await?
+            .ok_or(ChatError::NotFound)?;
+        // The members, read anyway, say whether the caller is one: no query of its own.
+        let members = self.store.members(chat.id).await?;
+        if !members.iter().any(|m| m.user_id == who) {
+            return Err(ChatError::NotFound);
+        }
         Ok(Audience {
             kind: chat.kind,
-            members: self.store.members(chat.id).await?,
+            members,
         })
     }
 
@@ -610,7 +619,7 @@ impl ChatService {
         chat: ChatId,
         message: MessageId,
     ) -> Result<Message, ChatError> {
-        self.membership(who, chat).await?;
+        self.check_member(who, chat).await?;
         let message = self
             .store
             .message_by_id(message)
@@ -675,7 +684,7 @@ impl ChatService {
         chat: ChatId,
         message: MessageId,
     ) -> Result<(), ChatError> {
-        self.membership(who, chat).await?;
+        self.check_member(who, chat).await?;
         self.store
             .message_by_id(message)
             .await?
