@@ -152,6 +152,57 @@ fn sqlite_path(path: Option<&Path>, data_dir: &Path) -> PathBuf {
 /// SQLite: how many rows of a result sqlx's worker thread may send ahead of the caller.
 const ROW_BUFFER: usize = 1024;
 
+/// Turns on SQLite's query planner stability guarantee (QPSG) for a pooled connection: plans
+/// that do not depend on the values bound.
+///
+/// Without it SQLite reads a `LIMIT` from its bound parameter into the plan, and marks the
+/// statement to be prepared again whenever that parameter is bound, that is on every run:
+/// sea-orm binds `LIMIT 1` for each `.one()` (a membership, a chat, a message by id). Under
+/// REST load that re-parsing was 12 % of the server's CPU (BENCHMARKS.md, twelfth session).
+/// Nothing here needs a plan made for a value: no partial index, no `LIKE` on an index, no
+/// STAT4 statistics.
+async fn stable_plans(conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
+    let mut handle = conn.lock_handle().await?;
+    match planner_stability(handle.as_raw_handle(), Some(true)) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(sqlx::Error::Protocol(
+            "SQLite did not turn on its query planner stability guarantee".into(),
+        )),
+        Err(rc) => Err(sqlx::Error::Protocol(format!(
+            "SQLite refused SQLITE_DBCONFIG_ENABLE_QPSG: error {rc}"
+        ))),
+    }
+}
+
+/// Sets (`Some`) or only reads (`None`) whether a connection's plans ignore bound values;
+/// returns the setting in force after the call, or SQLite's error code.
+#[allow(unsafe_code)]
+fn planner_stability(
+    db: std::ptr::NonNull<rusqlite::ffi::sqlite3>,
+    set: Option<bool>,
+) -> Result<bool, std::ffi::c_int> {
+    use rusqlite::ffi;
+    let request = set.map_or(-1, std::ffi::c_int::from);
+    let mut now: std::ffi::c_int = 0;
+    // SAFETY: `db` is an open connection handle that its owner keeps to itself for the call
+    // (sqlx's `LockedSqliteHandle`: FFI calls are sound while it is held, short of closing
+    // the handle). `SQLITE_DBCONFIG_ENABLE_QPSG` takes an int (negative: leave it) and an
+    // `int *` for the setting now, which lives through the call.
+    let rc = unsafe {
+        ffi::sqlite3_db_config(
+            db.as_ptr(),
+            ffi::SQLITE_DBCONFIG_ENABLE_QPSG,
+            request,
+            &raw mut now,
+        )
+    };
+    if rc == ffi::SQLITE_OK {
+        Ok(now != 0)
+    } else {
+        Err(rc)
+    }
+}
+
 /// The store over a connection `C`: the pool, or a transaction.
 pub struct Sql<C> {
     conn: C,
@@ -252,6 +303,9 @@ impl SqlStore {
                         // this many; past it, each row the caller takes wakes the worker for
                         // the next one (the `events` worker reads ~200 members a batch).
                         .row_buffer_size(ROW_BUFFER)
+                });
+                options.map_sqlx_sqlite_pool_opts(|o| {
+                    o.after_connect(|conn, _| Box::pin(stable_plans(conn)))
                 });
                 let conn = Database::connect(options).await.map_err(store_err)?;
                 let queue = Arc::new(QueueLink::default());
@@ -490,7 +544,39 @@ impl StoreTx for SqlTx {
 
 #[cfg(test)]
 mod tests {
-    use super::{Backend, PoolConfig, check_not_newer, options};
+    use super::{Backend, DatabaseConfig, PoolConfig, SqlStore, check_not_newer, options};
+
+    /// Every connection to a SQLite database, pooled or the writer's, keeps its plans whatever
+    /// is bound: otherwise each `.one()` (a bound `LIMIT 1`) is prepared again on every run.
+    #[tokio::test]
+    async fn every_sqlite_connection_plans_without_the_values_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqlStore::connect(&DatabaseConfig::default(), dir.path())
+            .await
+            .unwrap();
+        let pool = store.connection().get_sqlite_connection_pool().clone();
+        // All of the pool's connections at once: each was made by the pool, none reused.
+        let mut held = Vec::new();
+        for _ in 0..PoolConfig::SQLITE_MAX {
+            held.push(pool.acquire().await.unwrap());
+        }
+        for conn in &mut held {
+            let mut handle = conn.lock_handle().await.unwrap();
+            assert_eq!(
+                super::planner_stability(handle.as_raw_handle(), None),
+                Ok(true)
+            );
+        }
+        let writer = store.sqlite_writer().expect("SQLite has a writer thread");
+        let on_writer = writer
+            .run(|conn| {
+                conn.db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG)
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+        assert!(on_writer);
+    }
 
     #[test]
     fn a_pool_size_of_zero_takes_the_backends_default_and_any_other_is_kept() {

@@ -25,6 +25,7 @@ use confab_core::domain::{ChatKind, Message, OutboxEntry, UserId, now};
 use confab_core::ports::store::{Append, Appended, StoreError};
 use confab_core::priority::Background;
 use confab_core::services::chats::{BUSY_WITHIN, MAX_BATCH};
+use rusqlite::config::DbConfig;
 use rusqlite::{
     CachedStatement, Connection, OpenFlags, OptionalExtension, Row, Transaction, params,
 };
@@ -52,6 +53,9 @@ fn connect(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreErr
     )
     .map_err(unavailable)?;
     conn.busy_timeout(Duration::from_secs(5))
+        .map_err(unavailable)?;
+    // Plans that do not depend on bound values, as on the pool (`sql_store::stable_plans`).
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
         .map_err(unavailable)?;
     let synchronous = match synchronous {
         Synchronous::Normal => "NORMAL",
