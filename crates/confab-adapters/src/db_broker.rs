@@ -156,18 +156,25 @@ impl DbBroker {
 
     async fn claim(&self, queue: &str, max: u32) -> Result<Vec<Delivery>, BrokerError> {
         let backend = self.db.get_database_backend();
-        let sql = claim_statement(backend, max);
+        let sql = claim_statement(backend);
         let lease = span(self.visibility_timeout);
+        let max = max.max(1);
         let mut claimed = if let Some(writer) = self.writer.get() {
             let queue = queue.to_owned();
             writer
-                .run(move |conn| on_writer::claim(conn, &sql, &queue, lease))
+                .run(move |conn| on_writer::claim(conn, &sql, &queue, lease, max))
                 .await
                 .map_err(from_store)??
         } else {
             let at = now();
             let token = Uuid::now_v7();
-            let values = vec![(at + lease).into(), token.into(), queue.into(), at.into()];
+            let values = vec![
+                (at + lease).into(),
+                token.into(),
+                queue.into(),
+                at.into(),
+                i64::from(max).into(),
+            ];
             let rows = self
                 .db
                 .query_all_raw(statement(backend, &sql, values))
@@ -183,22 +190,20 @@ impl DbBroker {
     }
 }
 
-/// Claims up to `max` messages of queue `$3` available at `$4`, leasing them to `$2` until
-/// `$1`. The limit is in the text, not a parameter: SQLite compiles a `LIMIT` it can read
-/// from a bound parameter into the plan, and then prepares the statement again whenever that
-/// parameter is bound, that is on every claim (with few distinct limits, few texts).
-fn claim_statement(backend: DbBackend, max: u32) -> String {
+/// Claims up to `$5` messages of queue `$3` available at `$4`, leasing them to `$2` until
+/// `$1`. (A bound `LIMIT` is prepared once on SQLite too: every connection there plans
+/// without the values bound, `sql_store::stable_plans`.)
+fn claim_statement(backend: DbBackend) -> String {
     let skip_locked = if backend == DbBackend::Postgres {
         "FOR UPDATE SKIP LOCKED"
     } else {
         ""
     };
-    let max = max.max(1);
     format!(
         "UPDATE queue_messages SET attempt = attempt + 1, locked_until = $1, lock_token = $2 \
          WHERE id IN (SELECT id FROM queue_messages WHERE queue = $3 AND dead_at IS NULL \
          AND available_at <= $4 AND (locked_until IS NULL OR locked_until <= $4) \
-         ORDER BY available_at, id LIMIT {max} {skip_locked}) \
+         ORDER BY available_at, id LIMIT $5 {skip_locked}) \
          RETURNING {CLAIMED_COLUMNS}"
     )
 }

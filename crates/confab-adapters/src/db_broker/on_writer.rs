@@ -28,12 +28,19 @@ pub(super) fn claim(
     claim_sql: &str,
     queue: &str,
     lease: TimeDelta,
+    max: u32,
 ) -> Result<Vec<Claimed>, BrokerError> {
     let at = now();
     let token = Uuid::now_v7();
     let mut statement = conn.prepare_cached(&numbered(claim_sql)).map_err(failed)?;
     let mut rows = statement
-        .query(params![time(at + lease), token.as_bytes(), queue, time(at)])
+        .query(params![
+            time(at + lease),
+            token.as_bytes(),
+            queue,
+            time(at),
+            i64::from(max)
+        ])
         .map_err(failed)?;
     let mut claimed = Vec::new();
     while let Some(row) = rows.next().map_err(failed)? {
