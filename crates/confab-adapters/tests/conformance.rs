@@ -1066,3 +1066,113 @@ async fn on_postgres_the_outbox_is_the_queue() {
     the_outbox_is_the_queue(&postgres_config(&db.url)).await;
     db.drop().await;
 }
+
+/// A database from before `m0004_sparse_client_ids` (every message in the client-id index)
+/// upgrades with its messages in place: a client id used before is still a duplicate after
+/// it, and messages without one are stored as before. The store also writes against the old
+/// index (an `ON CONFLICT … WHERE` names a full index too), as a node not yet upgraded must.
+async fn client_ids_stay_unique_across_the_sparse_index(config: &DatabaseConfig) {
+    use confab_core::domain::{ChatKind, EventId, MessageId, OutboxEntry, now};
+    use confab_core::ports::store::{Append, Appended, MessageStore};
+    use sea_orm::ConnectionTrait;
+    let store = SqlStore::connect(config, std::path::Path::new("."))
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let conn = store.connection();
+    for back in [
+        "DROP INDEX uq_messages_sender_id_client_id",
+        "CREATE UNIQUE INDEX uq_messages_sender_id_client_id ON messages (sender_id, client_id)",
+        "DELETE FROM seaql_migrations WHERE version = 'm0004_sparse_client_ids'",
+    ] {
+        conn.execute_unprepared(back).await.unwrap();
+    }
+    let with_id = a_message_from_a_member(&store).await;
+    let append = |client_id: Option<&str>| Append {
+        message: confab_core::domain::Message {
+            id: MessageId::new(),
+            client_id: client_id.map(Into::into),
+            created_at: now(),
+            ..with_id.clone()
+        },
+        event: OutboxEntry {
+            id: EventId::new(),
+            queue: "events".into(),
+            kind: "message.created".into(),
+            payload: serde_json::json!({}),
+            trace_id: None,
+            created_at: now(),
+        },
+    };
+    let first = append(Some("c-1"));
+    let before = store
+        .append_messages(&[first.clone(), append(None), append(None)])
+        .await
+        .unwrap();
+    assert!(
+        before
+            .iter()
+            .all(|a| matches!(a, Appended::Stored(ChatKind::Group))),
+        "{before:?}"
+    );
+
+    assert_eq!(store.migrate().await.unwrap(), ["m0004_sparse_client_ids"]);
+    let index: Vec<String> = conn
+        .query_all_raw(sea_orm::Statement::from_string(
+            conn.get_database_backend(),
+            if conn.get_database_backend() == sea_orm::DbBackend::Postgres {
+                "SELECT indexdef AS sql FROM pg_indexes WHERE indexname = 'uq_messages_sender_id_client_id'"
+            } else {
+                "SELECT sql FROM sqlite_master WHERE name = 'uq_messages_sender_id_client_id'"
+            },
+        ))
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.try_get::<String>("", "sql").unwrap())
+        .collect();
+    assert!(
+        index.len() == 1 && index[0].contains("IS NOT NULL"),
+        "{index:?}"
+    );
+
+    let after = store
+        .append_messages(&[append(Some("c-1")), append(None), append(Some("c-2"))])
+        .await
+        .unwrap();
+    match &after[..] {
+        [
+            Appended::Duplicate { existing, .. },
+            Appended::Stored(ChatKind::Group),
+            Appended::Stored(ChatKind::Group),
+        ] => assert_eq!(existing.id, first.message.id, "the message stored before"),
+        other => panic!("{other:?}"),
+    }
+    let stored = store
+        .messages(with_id.chat_id, confab_core::domain::Page::newest(10))
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 5, "three before, two after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_client_ids_stay_unique_across_the_sparse_index() {
+    let dir = tempfile::tempdir().unwrap();
+    client_ids_stay_unique_across_the_sparse_index(&DatabaseConfig::Sqlite {
+        path: Some(dir.path().join("sparse.db")),
+        synchronous: Synchronous::Normal,
+        commit_linger_us: 0,
+        pool: PoolConfig::default(),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_client_ids_stay_unique_across_the_sparse_index() {
+    let Some(admin) = testing::service_url("TEST_DATABASE_URL", "PostgreSQL store") else {
+        return;
+    };
+    let db = TempDatabase::create(&admin).await;
+    client_ids_stay_unique_across_the_sparse_index(&postgres_config(&db.url)).await;
+    db.drop().await;
+}

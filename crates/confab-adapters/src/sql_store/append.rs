@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use confab_core::domain::{ChatId, ChatKind, Message, MessageId, OutboxEntry, UserId};
 use confab_core::ports::broker::Envelope;
 use confab_core::ports::store::{Append, Appended, MessageStore, StoreError};
-use sea_orm::sea_query::{Expr, ExprTrait, Query};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TransactionTrait, TryInsertResult,
 };
@@ -201,7 +201,14 @@ impl SqlStore {
             .map(|a| values::<_, messages::ActiveModel>(message_model(&a.message)));
         // The ids that went in (a client id taken meanwhile is skipped, not returned).
         let inserted = messages::Entity::insert_many(rows)
-            .on_conflict_do_nothing_on([messages::Column::SenderId, messages::Column::ClientId])
+            .on_conflict(
+                // The client-id index holds only messages with one (its `WHERE` names it).
+                OnConflict::columns([messages::Column::SenderId, messages::Column::ClientId])
+                    .target_and_where(Expr::col(messages::Column::ClientId).is_not_null())
+                    .do_nothing_on([messages::Column::Id])
+                    .to_owned(),
+            )
+            .try_insert()
             .exec_with_returning_keys(&tx)
             .await
             .map_err(store_err)?;

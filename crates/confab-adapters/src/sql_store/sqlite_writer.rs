@@ -406,7 +406,7 @@ impl<'c> Statements<'c> {
             ))?,
             insert: tx.prepare_cached(&format!(
                 "INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
-                 ON CONFLICT (sender_id, client_id) DO NOTHING"
+                 ON CONFLICT (sender_id, client_id) WHERE client_id IS NOT NULL DO NOTHING"
             ))?,
             event,
         })
