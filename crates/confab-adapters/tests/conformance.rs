@@ -1074,19 +1074,23 @@ async fn on_postgres_the_outbox_is_the_queue() {
 async fn client_ids_stay_unique_across_the_sparse_index(config: &DatabaseConfig) {
     use confab_core::domain::{ChatKind, EventId, MessageId, OutboxEntry, now};
     use confab_core::ports::store::{Append, Appended, MessageStore};
-    use sea_orm::ConnectionTrait;
+    use sea_orm::{ConnectionTrait, TransactionTrait};
     let store = SqlStore::connect(config, std::path::Path::new("."))
         .await
         .unwrap();
     store.migrate().await.unwrap();
     let conn = store.connection();
-    for back in [
+    // Back to the schema before, on one connection (SQLite's other pooled connections may
+    // still hold the old schema, and would find the index "already exists").
+    let back = conn.begin().await.unwrap();
+    for statement in [
         "DROP INDEX uq_messages_sender_id_client_id",
         "CREATE UNIQUE INDEX uq_messages_sender_id_client_id ON messages (sender_id, client_id)",
         "DELETE FROM seaql_migrations WHERE version = 'm0004_sparse_client_ids'",
     ] {
-        conn.execute_unprepared(back).await.unwrap();
+        back.execute_unprepared(statement).await.unwrap();
     }
+    back.commit().await.unwrap();
     let with_id = a_message_from_a_member(&store).await;
     let append = |client_id: Option<&str>| Append {
         message: confab_core::domain::Message {
