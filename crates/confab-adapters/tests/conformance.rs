@@ -67,6 +67,17 @@ async fn redis_pub_sub_crosses_nodes() {
     node_a.delete_prefix("").await.unwrap();
 }
 
+/// A SQLite database at `path`, as the embedded default runs it; concurrent batches of
+/// messages are gathered into one commit, so that is exercised too.
+fn sqlite_at(path: std::path::PathBuf) -> DatabaseConfig {
+    DatabaseConfig::Sqlite {
+        path: Some(path),
+        synchronous: Synchronous::Normal,
+        commit_linger_us: 500,
+        pool: PoolConfig::default(),
+    }
+}
+
 async fn migrated(config: &DatabaseConfig, data_dir: &std::path::Path) -> Arc<dyn Store> {
     let store = SqlStore::connect(config, data_dir).await.unwrap();
     store.migrate().await.unwrap();
@@ -78,16 +89,7 @@ async fn sqlite_store_passes_the_store_suite() {
     let dir = tempfile::tempdir().unwrap();
     testing::store::run_all(|| {
         let path = dir.path().join(format!("{}.db", unique("suite")));
-        async move {
-            let config = DatabaseConfig::Sqlite {
-                path: Some(path),
-                synchronous: Synchronous::Normal,
-                // Gathering concurrent batches into one commit is exercised.
-                commit_linger_us: 500,
-                pool: PoolConfig::default(),
-            };
-            migrated(&config, std::path::Path::new(".")).await
-        }
+        async move { migrated(&sqlite_at(path), std::path::Path::new(".")).await }
     })
     .await;
 }
@@ -245,13 +247,7 @@ async fn linked_db_broker(config: &DatabaseConfig) -> Arc<dyn Broker> {
 
 /// A migrated SQLite database for the queue, in `dir`.
 async fn sqlite_queue(dir: &std::path::Path) -> DatabaseConfig {
-    let config = DatabaseConfig::Sqlite {
-        path: Some(dir.join("queue.db")),
-        synchronous: Synchronous::Normal,
-        // Gathering concurrent batches into one commit is exercised.
-        commit_linger_us: 500,
-        pool: PoolConfig::default(),
-    };
+    let config = sqlite_at(dir.join("queue.db"));
     migrated(&config, dir).await;
     config
 }
@@ -1047,14 +1043,7 @@ async fn the_outbox_is_the_queue(config: &DatabaseConfig) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_sqlite_the_outbox_is_the_queue() {
     let dir = tempfile::tempdir().unwrap();
-    the_outbox_is_the_queue(&DatabaseConfig::Sqlite {
-        path: Some(dir.path().join("direct.db")),
-        synchronous: Synchronous::Normal,
-        // Gathering concurrent batches into one commit is exercised.
-        commit_linger_us: 500,
-        pool: PoolConfig::default(),
-    })
-    .await;
+    the_outbox_is_the_queue(&sqlite_at(dir.path().join("direct.db"))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1162,13 +1151,7 @@ async fn client_ids_stay_unique_across_the_sparse_index(config: &DatabaseConfig)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_sqlite_client_ids_stay_unique_across_the_sparse_index() {
     let dir = tempfile::tempdir().unwrap();
-    client_ids_stay_unique_across_the_sparse_index(&DatabaseConfig::Sqlite {
-        path: Some(dir.path().join("sparse.db")),
-        synchronous: Synchronous::Normal,
-        commit_linger_us: 0,
-        pool: PoolConfig::default(),
-    })
-    .await;
+    client_ids_stay_unique_across_the_sparse_index(&sqlite_at(dir.path().join("sparse.db"))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
