@@ -38,6 +38,53 @@ use super::ops::{message_kind, to_message};
 use crate::db_broker::{INSERT_COLUMNS, QueueLink};
 
 type Reply = oneshot::Sender<Result<Vec<Appended>, StoreError>>;
+/// A commit's answers, one per batch, in the order the batches were handed over.
+type Answers = Vec<(Reply, Result<Vec<Appended>, StoreError>)>;
+
+/// Who answers the batches of a commit. Each answer sent from the writer thread wakes the
+/// Tokio thread waiting for it (a write to the runtime's eventfd), and a thread woken on the
+/// writer's core preempts the writer there (it runs `SCHED_BATCH`): a commit of four batches
+/// cost four such round trips. So the writer hands a commit's answers to a task on the
+/// runtime in one go, one wake-up per commit, and that task answers each batch.
+enum Answerer {
+    /// The task on the runtime the writer was opened on.
+    Runtime(tokio::sync::mpsc::UnboundedSender<Answers>),
+    /// Opened outside a runtime: the thread answers each batch itself.
+    Thread,
+}
+
+impl Answerer {
+    fn start() -> Self {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Self::Thread;
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Answers>();
+        runtime.spawn(async move {
+            while let Some(answers) = rx.recv().await {
+                answer(answers);
+            }
+        });
+        Self::Runtime(tx)
+    }
+
+    fn send(&self, answers: Answers) {
+        match self {
+            Self::Runtime(task) => {
+                // The runtime is gone (shutting down): answer from here.
+                if let Err(unsent) = task.send(answers) {
+                    answer(unsent.0);
+                }
+            }
+            Self::Thread => answer(answers),
+        }
+    }
+}
+
+fn answer(answers: Answers) {
+    for (reply, answer) in answers {
+        let _ = reply.send(answer);
+    }
+}
 
 /// The handle: sends work to the writer thread, which ends when every handle is gone.
 pub(crate) struct SqliteWriter {
@@ -176,6 +223,7 @@ impl SqliteWriter {
         conn.busy_handler(Some(nap_while_busy))
             .map_err(unavailable)?;
         let (jobs, queue) = mpsc::channel::<Job>();
+        let answerer = Answerer::start();
         let restart = Arc::new(AtomicBool::new(false));
         let restart_wal = restart.clone();
         std::thread::Builder::new()
@@ -200,7 +248,9 @@ impl SqliteWriter {
                     };
                     // A panic fails the job it happened in (its caller's reply is dropped:
                     // "stopped"), not every write after it; an open transaction was rolled
-                    // back as it unwound.
+                    // back as it unwound. Batches answered before it (each committed alone
+                    // after a failed commit) keep their answers.
+                    let mut answers = Answers::new();
                     let done =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match first {
                             Job::Run(work) => work(&mut conn),
@@ -209,10 +259,13 @@ impl SqliteWriter {
                                 let linger = if busy { linger } else { Duration::ZERO };
                                 let (batches, after) = gather(first, &queue, linger);
                                 next = after;
-                                commit_jobs(&mut conn, batches, &link);
+                                commit_jobs(&mut conn, batches, &link, &mut answers);
                                 last_commit = Some(Instant::now());
                             }
                         }));
+                    if !answers.is_empty() {
+                        answerer.send(answers);
+                    }
                     if done.is_err() {
                         tracing::error!("A job of the SQLite writer panicked; it failed alone.");
                     }
@@ -303,38 +356,41 @@ fn gather(
     (batches, None)
 }
 
-/// Commits the batches in one transaction and answers each. When that fails for another
-/// reason than the database being busy, each batch is tried alone, so that one batch cannot
-/// fail the others (the caller then retries a failed batch message by message).
-fn commit_jobs(conn: &mut Connection, jobs: Vec<Batch>, link: &QueueLink) {
+/// Commits the batches in one transaction and adds each one's answer to `out`. When that
+/// fails for another reason than the database being busy, each batch is tried alone, so that
+/// one batch cannot fail the others (the caller then retries a failed batch message by
+/// message).
+fn commit_jobs(conn: &mut Connection, jobs: Vec<Batch>, link: &QueueLink, out: &mut Answers) {
     let all: Vec<&Append> = jobs.iter().flat_map(|j| &j.messages).collect();
     let outcome = append(conn, &all, link.direct());
     match outcome {
-        Ok((mut answers, queues)) => {
+        Ok((answers, queues)) => {
             // Answers in batch order: split them back.
-            for job in jobs.into_iter().rev() {
-                let own = answers.split_off(answers.len() - job.messages.len());
-                let _ = job.reply.send(Ok(own));
+            let mut answers = answers.into_iter();
+            for job in jobs {
+                let own = answers.by_ref().take(job.messages.len()).collect();
+                out.push((job.reply, Ok(own)));
             }
             link.committed(queues.iter().map(String::as_str));
         }
         Err(e) if jobs.len() == 1 => {
             if let Some(job) = jobs.into_iter().next() {
-                let _ = job.reply.send(Err(store_err(e)));
+                out.push((job.reply, Err(store_err(e))));
             }
         }
         Err(e) => match store_err(e) {
             StoreError::Unavailable(e) => {
                 let message = e.to_string();
                 for job in jobs {
-                    let _ = job
-                        .reply
-                        .send(Err(StoreError::Unavailable(message.clone().into())));
+                    out.push((
+                        job.reply,
+                        Err(StoreError::Unavailable(message.clone().into())),
+                    ));
                 }
             }
             _ => {
                 for job in jobs {
-                    commit_jobs(conn, vec![job], link);
+                    commit_jobs(conn, vec![job], link, out);
                 }
             }
         },
@@ -623,6 +679,56 @@ mod tests {
     use super::SqliteWriter;
     use crate::db_broker::QueueLink;
     use crate::sql_store::Synchronous;
+
+    fn writer_in(dir: &tempfile::TempDir) -> SqliteWriter {
+        let path = dir.path().join("writer.db");
+        rusqlite::Connection::open(&path).unwrap();
+        SqliteWriter::open(
+            &path,
+            Synchronous::Normal,
+            Arc::new(QueueLink::default()),
+            Duration::ZERO,
+        )
+        .unwrap()
+    }
+
+    /// A batch is answered, whichever way the answers travel; a lost answer would hang, so
+    /// each wait is bounded.
+    async fn answered(writer: &SqliteWriter) {
+        let answer = tokio::time::timeout(Duration::from_secs(5), writer.append(&[]))
+            .await
+            .expect("the batch is answered");
+        assert!(answer.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_commit_is_answered_through_the_runtime_it_was_opened_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = writer_in(&dir);
+        answered(&writer).await;
+        answered(&writer).await;
+    }
+
+    #[test]
+    fn a_writer_opened_outside_a_runtime_or_outliving_it_answers_from_its_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = writer_in(&dir);
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // Opened on `first`, which is then gone with its answering task.
+        let outlived = first.block_on(async { writer_in(&dir) });
+        drop(first);
+        let second = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        second.block_on(async {
+            answered(&outside).await;
+            answered(&outlived).await;
+        });
+    }
 
     #[tokio::test]
     async fn work_that_panics_fails_alone_and_the_writer_goes_on() {
