@@ -733,15 +733,7 @@ mod tests {
     #[tokio::test]
     async fn work_that_panics_fails_alone_and_the_writer_goes_on() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("writer.db");
-        rusqlite::Connection::open(&path).unwrap();
-        let writer = SqliteWriter::open(
-            &path,
-            Synchronous::Normal,
-            Arc::new(QueueLink::default()),
-            Duration::ZERO,
-        )
-        .unwrap();
+        let writer = writer_in(&dir);
         let failed = writer.run(|_| -> i64 { panic!("a bug in a job") }).await;
         assert!(failed.is_err(), "its caller hears of it");
         let answer = writer
