@@ -21,14 +21,16 @@ use std::time::{Duration, Instant};
 use common::percentile;
 
 use confab_adapters::cache::{CacheConfig, build_backend};
+use confab_adapters::db_broker::DbBroker;
 use confab_adapters::sql_store::{DatabaseConfig, PoolConfig, SqlStore, Synchronous};
 use confab_adapters::testing::TempDatabase;
 use confab_core::domain::{
     ChatId, ChatKind, EventId, MemberRole, Message, MessageId, MessageKind, NewChat, NewUser,
     OutboxEntry, Page, UserId, now,
 };
+use confab_core::ports::broker::RetryPolicy;
 use confab_core::ports::cache::{Cache, RateLimit};
-use confab_core::ports::store::Store;
+use confab_core::ports::store::{Append, Appended, Store};
 use confab_core::settings::SecretUrl;
 
 /// CPU time (user + system) this process has used so far.
@@ -111,6 +113,52 @@ async fn writers(
     )
 }
 
+/// The chat send path's commit (`append_messages`, the SQLite writer thread): `total` messages
+/// in batches of two, each batch's messages in two of `chats` in turn, one batch after the
+/// other, as the group commit hands them over at ~2k msg/s (BENCHMARKS.md, fourteenth session:
+/// ~2.2 messages per commit). CPU per message (this process, the writer thread included).
+async fn group_commit(
+    store: &dyn Store,
+    chats: &[ChatId],
+    senders: &[UserId],
+    total: usize,
+) -> Duration {
+    let message = |n: usize| {
+        let chat = chats[n % chats.len()];
+        let sender = senders[n % senders.len()];
+        let id = MessageId::new();
+        Append {
+            message: Message {
+                id,
+                chat_id: chat,
+                sender_id: Some(sender),
+                kind: MessageKind::Text,
+                text: Some(format!("message {n} with a little text in it")),
+                client_id: Some(format!("g{n}")),
+                image: None,
+                created_at: now(),
+                edited_at: None,
+                deleted_at: None,
+            },
+            event: OutboxEntry {
+                id: EventId::new(),
+                queue: "events".into(),
+                kind: "message.created".into(),
+                payload: serde_json::json!({"messageId": id, "chatId": chat, "senderId": sender}),
+                trace_id: None,
+                created_at: now(),
+            },
+        }
+    };
+    let cpu = cpu_time();
+    for n in (0..total).step_by(2) {
+        let batch = [message(n), message(n + 1)];
+        let appended = store.append_messages(&batch).await.unwrap();
+        assert!(appended.iter().all(|a| matches!(a, Appended::Stored(_))));
+    }
+    cpu_time().saturating_sub(cpu) / u32::try_from(total).unwrap()
+}
+
 async fn rate_limit_latency(cache: &dyn Cache, n: usize) -> (Duration, Duration) {
     let rate = RateLimit::per_second(1_000_000);
     let mut samples = Vec::with_capacity(n);
@@ -153,9 +201,9 @@ async fn main() {
             pool: PoolConfig::default(),
         },
     };
-    let sql = SqlStore::connect(&config, dir.path()).await.unwrap();
+    let sql = Arc::new(SqlStore::connect(&config, dir.path()).await.unwrap());
     sql.migrate().await.unwrap();
-    let store: Arc<dyn Store> = Arc::new(sql);
+    let store: Arc<dyn Store> = sql.clone();
 
     let mut senders = Vec::new();
     for i in 0..8 {
@@ -193,6 +241,33 @@ async fn main() {
     let (rate, cpu) = writers(&store, chat, &senders[1..], total).await;
     println!(
         "| {backend} | 7 concurrent writers | {rate:.0} msg/s | CPU {} per message |",
+        micros(cpu)
+    );
+
+    let mut chats = Vec::new();
+    for i in 0..20 {
+        let chat = store
+            .create_chat(NewChat {
+                id: ChatId::new(),
+                kind: ChatKind::Group,
+                name: Some(format!("room {i}")),
+                created_by: senders[0],
+                members: senders.iter().map(|u| (*u, MemberRole::Member)).collect(),
+            })
+            .await
+            .unwrap();
+        chats.push(chat.id);
+    }
+    // As `serve` runs it: the queue in the store's database takes its outbox entries from now.
+    let broker = DbBroker::new(
+        sql.connection(),
+        RetryPolicy::default(),
+        Duration::from_secs(30),
+    );
+    broker.take_outbox_of(&sql);
+    let cpu = group_commit(&*store, &chats, &senders, total).await;
+    println!(
+        "| {backend} | group commit, batches of 2 in 20 chats | CPU {} per message |",
         micros(cpu)
     );
 

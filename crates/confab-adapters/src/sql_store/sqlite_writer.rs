@@ -26,9 +26,7 @@ use confab_core::ports::store::{Append, Appended, StoreError};
 use confab_core::priority::Background;
 use confab_core::services::chats::{BUSY_WITHIN, MAX_BATCH};
 use rusqlite::config::DbConfig;
-use rusqlite::{
-    CachedStatement, Connection, OpenFlags, OptionalExtension, Row, Transaction, params,
-};
+use rusqlite::{CachedStatement, Connection, OpenFlags, OptionalExtension, Row, params};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -429,6 +427,76 @@ pub(crate) fn sqlite_err(e: rusqlite::Error) -> StoreError {
 const MESSAGE_COLUMNS: &str =
     "id, chat_id, sender_id, kind, text, client_id, image, created_at, edited_at, deleted_at";
 
+const MEMBER_KIND: &str = "SELECT c.kind FROM chat_members m JOIN chats c ON c.id = m.chat_id \
+     WHERE m.chat_id = ?1 AND m.user_id = ?2";
+
+const OUTBOX_EVENT: &str = "INSERT INTO outbox (id, queue, kind, payload, trace_id, created_at, published_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)";
+
+/// Every touched chat points at its newest message, never backwards (see [`append`]).
+const POINTER: &str = "UPDATE chats SET last_message_id = ?2, last_message_at = ?3, activity_at = ?3 \
+     WHERE id = ?1 AND (last_message_id IS NULL OR last_message_id < ?2)";
+
+/// The batch's statements built from the column lists, once: the statement cache is looked
+/// up by the text, which was otherwise formatted again for every batch.
+struct Sql {
+    by_client_id: String,
+    insert: String,
+    /// `queue_messages` as `db_broker::insert_envelopes` writes it.
+    queue_event: String,
+}
+
+impl Sql {
+    fn get() -> &'static Self {
+        static SQL: std::sync::OnceLock<Sql> = std::sync::OnceLock::new();
+        SQL.get_or_init(|| Self {
+            by_client_id: format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = ?1 AND client_id = ?2"
+            ),
+            insert: format!(
+                "INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                 ON CONFLICT (sender_id, client_id) WHERE client_id IS NOT NULL DO NOTHING"
+            ),
+            queue_event: format!(
+                "INSERT INTO queue_messages ({INSERT_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8) ON CONFLICT (queue, envelope_id) DO NOTHING"
+            ),
+        })
+    }
+}
+
+/// A `BEGIN IMMEDIATE` transaction whose `BEGIN` and `COMMIT` are prepared once on the
+/// connection: rusqlite's `Transaction` parses both again on every run, which at two or three
+/// messages per commit was ~3 % of the writer's time (BENCHMARKS.md, fifteenth session).
+/// Dropped without a commit (an error, a failed `COMMIT`, a panic): rolled back.
+struct Immediate<'c> {
+    conn: &'c Connection,
+    open: bool,
+}
+
+impl<'c> Immediate<'c> {
+    fn begin(conn: &'c Connection) -> rusqlite::Result<Self> {
+        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        Ok(Self { conn, open: true })
+    }
+
+    fn commit(mut self) -> rusqlite::Result<()> {
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl Drop for Immediate<'_> {
+    fn drop(&mut self) {
+        // A failed statement may have ended the transaction already (SQLite rolls back on
+        // some errors by itself).
+        if self.open && !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
 /// The batch's prepared statements (cached on the connection across batches).
 struct Statements<'c> {
     member: CachedStatement<'c>,
@@ -439,32 +507,17 @@ struct Statements<'c> {
 
 impl<'c> Statements<'c> {
     /// `direct`: events go straight into the database queue, else into the outbox.
-    fn prepare(tx: &'c Transaction<'_>, direct: bool) -> rusqlite::Result<Self> {
-        let event = if direct {
-            // `queue_messages` as `db_broker::insert_envelopes` writes it.
-            tx.prepare_cached(&format!(
-                "INSERT INTO queue_messages ({INSERT_COLUMNS}) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8) ON CONFLICT (queue, envelope_id) DO NOTHING"
-            ))?
-        } else {
-            tx.prepare_cached(
-                "INSERT INTO outbox (id, queue, kind, payload, trace_id, created_at, published_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
-            )?
-        };
+    fn prepare(conn: &'c Connection, direct: bool) -> rusqlite::Result<Self> {
+        let sql = Sql::get();
         Ok(Self {
-            member: tx.prepare_cached(
-                "SELECT c.kind FROM chat_members m JOIN chats c ON c.id = m.chat_id \
-                 WHERE m.chat_id = ?1 AND m.user_id = ?2",
-            )?,
-            by_client_id: tx.prepare_cached(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = ?1 AND client_id = ?2"
-            ))?,
-            insert: tx.prepare_cached(&format!(
-                "INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
-                 ON CONFLICT (sender_id, client_id) WHERE client_id IS NOT NULL DO NOTHING"
-            ))?,
-            event,
+            member: conn.prepare_cached(MEMBER_KIND)?,
+            by_client_id: conn.prepare_cached(&sql.by_client_id)?,
+            insert: conn.prepare_cached(&sql.insert)?,
+            event: conn.prepare_cached(if direct {
+                &sql.queue_event
+            } else {
+                OUTBOX_EVENT
+            })?,
         })
     }
 
@@ -551,14 +604,14 @@ fn append(
     if batch.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let tx = Immediate::begin(conn)?;
     let mut kinds: HashMap<(Uuid, Uuid), Option<ChatKind>> = HashMap::new();
     let mut answers = Vec::with_capacity(batch.len());
     let mut queues = Vec::new();
     // Each touched chat's newest message of the batch.
     let mut touched: HashMap<Uuid, &Message> = HashMap::new();
     {
-        let mut statements = Statements::prepare(&tx, direct)?;
+        let mut statements = Statements::prepare(conn, direct)?;
         for append in batch {
             let m = &append.message;
             let Some(sender) = m.sender_id else {
@@ -607,10 +660,7 @@ fn append(
         // Every touched chat points at its newest message, never backwards. Under the write
         // lock the pointer is the chat's newest message so far: comparing with it replaces
         // looking the newest up again in `messages` (ids are UUIDv7, whose bytes sort by time).
-        let mut pointer = tx.prepare_cached(
-            "UPDATE chats SET last_message_id = ?2, last_message_at = ?3, activity_at = ?3 \
-             WHERE id = ?1 AND (last_message_id IS NULL OR last_message_id < ?2)",
-        )?;
+        let mut pointer = conn.prepare_cached(POINTER)?;
         for (chat, newest) in &touched {
             pointer.execute(params![
                 chat.as_bytes(),
