@@ -500,8 +500,8 @@ async fn known_and_unknown_emails_get_identical_answers_and_similar_timing(backe
     // One password check at the server's cost, timed here between the sign-ins (so under the
     // same load): what an unknown email must cost at least.
     let passwords = std::sync::Arc::new(app.state.config.auth.passwords().unwrap());
-    let mut hash_times = Vec::new();
-    let mut unknown_times = Vec::new();
+    let mut hash_times: Vec<Duration> = Vec::new();
+    let mut unknown_times: Vec<Duration> = Vec::new();
     for _ in 0..4 {
         let a = comparable(login(&app, &known, "wrong password").await).await;
         let started = Instant::now();
@@ -549,13 +549,15 @@ async fn known_and_unknown_emails_get_identical_answers_and_similar_timing(backe
     }
     // An unknown email costs a password hash too: no timing shortcut. (Compared with a known
     // email's sign-in instead, the ratio measured the load: the known one's extra database
-    // round trips waited 60 ms on CI's two busy cores, 38 against 125 ms.)
-    hash_times.sort();
-    unknown_times.sort();
-    let (h, u) = (hash_times[2], unknown_times[2]);
+    // round trips waited 60 ms on CI's two busy cores, 38 against 125 ms.) The fastest of
+    // each are compared: other tests running beside this one only ever add time, and the
+    // medians of four once read 36 against 72 ms when a burst of them fell on the checks.
+    let h = hash_times.iter().min().unwrap();
+    let u = unknown_times.iter().min().unwrap();
     assert!(
-        u * 2 > h,
-        "unknown {u:?} vs one password check {h:?} (median)"
+        *u * 2 > *h,
+        "unknown {u:?} vs one password check {h:?} (fastest of {})",
+        hash_times.len()
     );
     nth_mail(&app, &known, "Reset your password", 1).await;
     assert!(
