@@ -51,19 +51,39 @@ fn micros(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
-async fn post(store: &dyn Store, chat: ChatId, sender: UserId, n: usize) {
-    let message = Message {
+/// The `n`th text message of a run, with client id `client_id`.
+fn text_message(chat: ChatId, sender: UserId, n: usize, client_id: String) -> Message {
+    Message {
         id: MessageId::new(),
         chat_id: chat,
         sender_id: Some(sender),
         kind: MessageKind::Text,
         text: Some(format!("message {n} with a little text in it")),
-        client_id: Some(format!("c{n}")),
+        client_id: Some(client_id),
         image: None,
         created_at: now(),
         edited_at: None,
         deleted_at: None,
-    };
+    }
+}
+
+/// A group chat of all `senders`, created by the first.
+async fn group(store: &dyn Store, name: String, senders: &[UserId]) -> ChatId {
+    store
+        .create_chat(NewChat {
+            id: ChatId::new(),
+            kind: ChatKind::Group,
+            name: Some(name),
+            created_by: senders[0],
+            members: senders.iter().map(|u| (*u, MemberRole::Member)).collect(),
+        })
+        .await
+        .unwrap()
+        .id
+}
+
+async fn post(store: &dyn Store, chat: ChatId, sender: UserId, n: usize) {
+    let message = text_message(chat, sender, n, format!("c{n}"));
     let tx = store.begin().await.unwrap();
     tx.insert_message(&message).await.unwrap();
     tx.set_latest_message(chat, message.id, message.created_at)
@@ -126,29 +146,16 @@ async fn group_commit(
     let message = |n: usize| {
         let chat = chats[n % chats.len()];
         let sender = senders[n % senders.len()];
-        let id = MessageId::new();
-        Append {
-            message: Message {
-                id,
-                chat_id: chat,
-                sender_id: Some(sender),
-                kind: MessageKind::Text,
-                text: Some(format!("message {n} with a little text in it")),
-                client_id: Some(format!("g{n}")),
-                image: None,
-                created_at: now(),
-                edited_at: None,
-                deleted_at: None,
-            },
-            event: OutboxEntry {
-                id: EventId::new(),
-                queue: "events".into(),
-                kind: "message.created".into(),
-                payload: serde_json::json!({"messageId": id, "chatId": chat, "senderId": sender}),
-                trace_id: None,
-                created_at: now(),
-            },
-        }
+        let message = text_message(chat, sender, n, format!("g{n}"));
+        let event = OutboxEntry {
+            id: EventId::new(),
+            queue: "events".into(),
+            kind: "message.created".into(),
+            payload: serde_json::json!({"messageId": message.id, "chatId": chat, "senderId": sender}),
+            trace_id: None,
+            created_at: now(),
+        };
+        Append { message, event }
     };
     let cpu = cpu_time();
     for n in (0..total).step_by(2) {
@@ -217,17 +224,7 @@ async fn main() {
             .unwrap();
         senders.push(user.id);
     }
-    let chat = store
-        .create_chat(NewChat {
-            id: ChatId::new(),
-            kind: ChatKind::Group,
-            name: Some("bench".into()),
-            created_by: senders[0],
-            members: senders.iter().map(|u| (*u, MemberRole::Member)).collect(),
-        })
-        .await
-        .unwrap()
-        .id;
+    let chat = group(&*store, "bench".into(), &senders).await;
 
     println!(
         "backend: {backend}, {total} messages per run; each message = insert + latest pointer + outbox row in one transaction"
@@ -246,17 +243,7 @@ async fn main() {
 
     let mut chats = Vec::new();
     for i in 0..20 {
-        let chat = store
-            .create_chat(NewChat {
-                id: ChatId::new(),
-                kind: ChatKind::Group,
-                name: Some(format!("room {i}")),
-                created_by: senders[0],
-                members: senders.iter().map(|u| (*u, MemberRole::Member)).collect(),
-            })
-            .await
-            .unwrap();
-        chats.push(chat.id);
+        chats.push(group(&*store, format!("room {i}"), &senders).await);
     }
     // As `serve` runs it: the queue in the store's database takes its outbox entries from now.
     let broker = DbBroker::new(
